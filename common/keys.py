@@ -1,0 +1,40 @@
+"""Every Redis key genq uses. No other module spells a key."""
+
+from __future__ import annotations
+
+PREFIX = "genq"
+
+
+def job(job_id: str) -> str:
+    """Hash: the job record (status, model, timestamps, result, error)."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def events(job_id: str) -> str:
+    """Stream: the job's `token` events, then one `done` or `error`."""
+    return f"{PREFIX}:events:{job_id}"
+
+
+def queue(pool: str) -> str:
+    """arq queue (sorted set of job ids scored by due time) of one worker pool."""
+    return f"{PREFIX}:queue:{pool}"
+
+
+def models() -> str:
+    """Hash: served model name -> JSON description (pool, source), written by workers."""
+    return f"{PREFIX}:models"
+
+
+def workers(pool: str) -> str:
+    """Sorted set: worker id -> time of its last heartbeat (epoch seconds)."""
+    return f"{PREFIX}:workers:{pool}"
+
+
+def worker(worker_id: str) -> str:
+    """String: JSON heartbeat of one worker (models, running jobs); expires if it dies."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+def worker_health(worker_id: str) -> str:
+    """arq's per-process health-check key."""
+    return f"{PREFIX}:worker-health:{worker_id}"

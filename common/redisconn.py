@@ -1,0 +1,44 @@
+"""Redis clients and the arq job codec, built the same way on both sides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+from arq.connections import ArqRedis, RedisSettings
+from redis.asyncio import ConnectionPool
+
+from common import keys
+from common.settings import Settings
+
+
+def serialize_job(obj: dict[str, Any]) -> bytes:
+    """arq payloads are msgpack: data only, never pickle (a payload must not execute code)."""
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def deserialize_job(data: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(data, raw=False)  # type: ignore[no-any-return]
+
+
+def arq_redis_settings(settings: Settings) -> RedisSettings:
+    rs = RedisSettings.from_dsn(settings.redis_url.get_secret_value())
+    rs.conn_timeout = int(max(1, settings.redis_connect_timeout_s))
+    return rs
+
+
+def create_redis(settings: Settings) -> ArqRedis:
+    """A client that never pings at construction: the process starts even while Redis is down
+    and recovers by itself when it returns; commands fail fast meanwhile."""
+    pool = ConnectionPool.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        socket_timeout=settings.redis_socket_timeout_s,
+        health_check_interval=30,
+    )
+    return ArqRedis(
+        pool,
+        job_serializer=serialize_job,
+        job_deserializer=deserialize_job,
+        default_queue_name=keys.queue(settings.pool),
+    )

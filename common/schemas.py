@@ -1,0 +1,151 @@
+"""Pydantic types of the public contract, shared by gateway and worker."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerationRequest(Strict):
+    """What a client asks for. Static bounds live here; configurable limits in `RequestLimits`."""
+
+    prompt: str | None = Field(None, description="Raw prompt text; give this or `messages`.")
+    messages: list[ChatMessage] | None = Field(
+        None, description="Chat turns; the model's chat template is applied by the worker."
+    )
+    model: str | None = Field(None, description="Served model name; unset means the default.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=1000, description="0 turns top-k off.")
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Generation ends before the first of these strings."
+    )
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    priority: Literal["high", "normal", "low"] = "normal"
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerationRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        if self.messages is not None and not self.messages:
+            raise ValueError("`messages` must hold at least one message")
+        return self
+
+
+class SyncGenerationRequest(GenerationRequest):
+    """`POST /v1/generate`: a generation request plus how to answer it."""
+
+    timeout_s: float | None = Field(
+        None, gt=0, description="How long to wait for the result before answering 202."
+    )
+    stream: bool = Field(False, description="Answer with the job's SSE event stream.")
+
+    def generation(self) -> GenerationRequest:
+        return GenerationRequest.model_validate(self.model_dump(exclude={"timeout_s", "stream"}))
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class JobResult(BaseModel):
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Timings(BaseModel):
+    queued_s: float | None = Field(None, description="From submission to the start of generation.")
+    time_to_first_token_s: float | None = None
+    generation_s: float | None = None
+    total_s: float | None = Field(None, description="From submission to the end.")
+    tokens_per_s: float | None = None
+
+
+class Job(BaseModel):
+    id: str
+    status: JobStatus
+    model: str
+    created_at: float = Field(description="Epoch seconds.")
+    started_at: float | None = None
+    finished_at: float | None = None
+    position: int | None = Field(None, description="0-based place in the queue while queued.")
+    attempt: int = Field(0, description="How many times a worker has started the job.")
+    result: JobResult | None = None
+    error: JobError | None = None
+    timings: Timings = Field(default_factory=Timings)
+
+
+class TokenEvent(BaseModel):
+    index: int = Field(description="0-based position of this event among the job's token events.")
+    text: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "genq"
+    pool: str
+    source: str
+    workers: int = Field(description="Live workers serving the model.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class PoolStats(BaseModel):
+    pool: str
+    depth: int = Field(description="Jobs in the queue, due or deferred.")
+    ready: int = Field(description="Jobs due to run now.")
+    running: int
+    oldest_age_s: float | None
+    workers_alive: int
+
+
+class QueueStats(BaseModel):
+    pools: list[PoolStats]

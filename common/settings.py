@@ -1,0 +1,106 @@
+"""Process settings: one object per process, read from `GENQ_*` environment variables at startup."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    """Every knob of genq. Gateway and worker read the same class; each uses its own part."""
+
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", frozen=True)
+
+    # Redis
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis URL; may carry a password, so it is never logged.",
+    )
+    redis_url_file: Path | None = Field(
+        None, description="File holding the Redis URL (a mounted secret); wins over GENQ_REDIS_URL."
+    )
+    redis_connect_timeout_s: float = Field(1.0, gt=0)
+    redis_socket_timeout_s: float = Field(5.0, gt=0)
+
+    # Gateway
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted (413).")
+    max_prompt_chars: int = Field(32_000, gt=0)
+    max_messages: int = Field(256, gt=0)
+    max_new_tokens_limit: int = Field(2048, gt=0, description="Upper bound of max_new_tokens.")
+    default_max_new_tokens: int = Field(128, gt=0)
+    max_stop_sequences: int = Field(4, ge=0)
+    max_stop_chars: int = Field(64, gt=0)
+    max_queue_depth: int = Field(10_000, gt=0, description="Queued jobs per pool before 429.")
+    sync_timeout_s: float = Field(60.0, gt=0, description="Default wait of POST /v1/generate.")
+    max_sync_timeout_s: float = Field(300.0, gt=0)
+    sse_ping_s: float = Field(15.0, gt=0, description="Keep-alive comment interval on SSE streams.")
+    queue_full_retry_after_s: int = Field(5, ge=1)
+    priority_step_s: int = Field(
+        30, ge=0, description="Queue head start of each priority level over the next one."
+    )
+
+    # Jobs, shared by both sides
+    pool: str = Field("default", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    result_ttl_s: int = Field(
+        86_400, gt=0, description="How long finished jobs and events are kept."
+    )
+    events_maxlen: int = Field(10_000, gt=0, description="Approximate cap of a job's event stream.")
+    job_timeout_s: int = Field(600, gt=0)
+    max_tries: int = Field(3, ge=1)
+
+    # Worker
+    model: str | None = Field(
+        None,
+        description="Checkpoint directory, GGUF file or hub id; unset means the default model.",
+    )
+    model_name: str | None = Field(None, description="Name the model is served under.")
+    model_cache_dir: Path = Field(Path.home() / ".cache" / "genq")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    worker_max_jobs: int = Field(1, ge=1)
+    worker_queue_read_limit: int = Field(1000, ge=1)
+    worker_poll_delay_s: float = Field(0.05, gt=0)
+    worker_job_completion_wait_s: int = Field(30, ge=0)
+    worker_heartbeat_s: float = Field(5.0, gt=0)
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="0 turns the endpoint off.")
+
+    # Dev stack (`genq run`)
+    var_dir: Path = Field(Path("var"), description="Where the embedded Redis keeps its data.")
+    embedded_redis_port: int = Field(6399, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _read_secret_files(self) -> Settings:
+        if self.redis_url_file is not None:
+            try:
+                url = self.redis_url_file.read_text().strip()
+            except OSError as e:
+                raise ValueError(f"GENQ_REDIS_URL_FILE {self.redis_url_file}: {e.strerror}") from e
+            object.__setattr__(self, "redis_url", SecretStr(url))
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                "GENQ_DEFAULT_MAX_NEW_TOKENS must not exceed GENQ_MAX_NEW_TOKENS_LIMIT"
+            )
+        return self
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.model is None:
+            return DEFAULT_MODEL_NAME
+        return Path(self.model.rstrip("/")).stem.lower()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

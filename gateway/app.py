@@ -1,0 +1,38 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from common.settings import Settings
+from gateway.deps import Services
+from gateway.errors import install_error_handlers
+from gateway.metrics import MetricsMiddleware
+from gateway.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from gateway.routes import generate, health, jobs, models
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services.build(settings)
+        app.state.services = services
+        yield
+        await services.redis.aclose()
+
+    app = FastAPI(
+        title="genq",
+        summary="Queue-backed text generation with transformer language models.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(AccessLogMiddleware)
+    for router in (jobs.router, generate.router, models.router, health.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,57 @@
+"""Long-lived services, built once at startup and reached from `app.state`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from arq.connections import ArqRedis
+from fastapi import Depends, Request
+
+from common.jobstore import JobStore
+from common.redisconn import create_redis
+from common.settings import Settings
+from gateway.services.jobs import JobService
+from gateway.services.models import ModelService
+from gateway.services.queue import QueueService
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    redis: ArqRedis
+    jobs: JobService
+    models: ModelService
+    queue: QueueService
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        redis = create_redis(settings)
+        store = JobStore(redis, ttl_s=settings.result_ttl_s, events_maxlen=settings.events_maxlen)
+        models = ModelService(redis, settings)
+        queue = QueueService(redis, store, settings)
+        jobs = JobService(redis, store, models, queue, settings)
+        return cls(settings=settings, redis=redis, jobs=jobs, models=models, queue=queue)
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _jobs(request: Request) -> JobService:
+    return _services(request).jobs
+
+
+def _models(request: Request) -> ModelService:
+    return _services(request).models
+
+
+def _queue(request: Request) -> QueueService:
+    return _services(request).queue
+
+
+ServicesDep = Annotated[Services, Depends(_services)]
+JobsDep = Annotated[JobService, Depends(_jobs)]
+ModelsDep = Annotated[ModelService, Depends(_models)]
+QueueDep = Annotated[QueueService, Depends(_queue)]

@@ -1,0 +1,120 @@
+"""One error envelope, `{"error": {"code", "message"}}`, and one mapping of exceptions to it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class JobNotFound(ApiError):
+    status_code = 404
+    code = "job_not_found"
+
+
+class ModelNotFound(ApiError):
+    status_code = 404
+    code = "model_not_found"
+
+
+class LimitExceeded(ApiError):
+    status_code = 422
+    code = "limit_exceeded"
+
+
+class BadRequest(ApiError):
+    status_code = 422
+    code = "invalid_request"
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class QueueFull(ApiError):
+    status_code = 429
+    code = "queue_full"
+
+
+class Unavailable(ApiError):
+    status_code = 503
+    code = "redis_unavailable"
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def error_response(
+    status: int, code: str, message: str, *, retry_after_s: int | None = None, **extra: Any
+) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts)
+
+
+def map_exception(exc: Exception) -> ApiError:
+    """The ApiError a route answers for `exc`; streams use it to build their error event."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return Unavailable("the job store (Redis) is unreachable; retry shortly", retry_after_s=1)
+    return ApiError("internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        err = map_exception(exc)
+        if err.status_code >= 500 and not isinstance(err, Unavailable):
+            logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        elif isinstance(err, Unavailable):
+            logger.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            err.status_code, err.code, err.message, retry_after_s=err.retry_after_s
+        )
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return error_response(
+            422, "invalid_request", _validation_message(errors) or "invalid request", details=errors
+        )
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    for exc_type in (ApiError, RedisConnectionError, RedisTimeoutError, Exception):
+        app.add_exception_handler(exc_type, on_api_error)

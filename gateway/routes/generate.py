@@ -1,0 +1,49 @@
+"""Synchronous generation: wait for the result, or stream it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+from sse_starlette import EventSourceResponse
+
+from common.schemas import Job, SyncGenerationRequest
+from gateway.deps import ServicesDep
+from gateway.errors import LimitExceeded
+from gateway.routes.jobs import ERRORS
+from gateway.services.sse import job_event_stream
+
+router = APIRouter(tags=["generate"])
+
+
+@router.post(
+    "/v1/generate",
+    response_model=None,
+    responses={
+        200: {
+            "model": Job,
+            "content": {"text/event-stream": {}},
+            "description": "The finished job, or its SSE stream with `stream: true`",
+        },
+        202: {"model": Job, "description": "Still running after `timeout_s`; see Location"},
+        **ERRORS,
+    },
+)
+async def generate(
+    body: SyncGenerationRequest, services: ServicesDep, response: Response
+) -> Job | EventSourceResponse:
+    """Run a job and answer with it finished (200), or still running at `timeout_s` (202)."""
+    settings = services.settings
+    timeout_s = body.timeout_s or settings.sync_timeout_s
+    if timeout_s > settings.max_sync_timeout_s:
+        raise LimitExceeded(
+            f"timeout_s={timeout_s}; the limit is {settings.max_sync_timeout_s} "
+            "(GENQ_MAX_SYNC_TIMEOUT_S)"
+        )
+    job = await services.jobs.submit(body.generation())
+    if body.stream:
+        stream = await job_event_stream(services.jobs, job.id, None)
+        return EventSourceResponse(stream, ping=int(settings.sse_ping_s))
+    job = await services.jobs.wait(job.id, timeout_s)
+    if not job.status.finished:
+        response.status_code = status.HTTP_202_ACCEPTED
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job

@@ -1,0 +1,47 @@
+"""Submit-and-poll job API and its event stream."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response, status
+from sse_starlette import EventSourceResponse
+
+from common.schemas import ErrorBody, GenerationRequest, Job
+from gateway.deps import JobsDep, ServicesDep
+from gateway.services.sse import job_event_stream
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorBody} for code in (404, 413, 422, 429, 503)
+}
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=ERRORS)
+async def submit_job(body: GenerationRequest, jobs: JobsDep, response: Response) -> Job:
+    """Queue a generation job; poll it at `Location` or stream its events."""
+    job = await jobs.submit(body)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
+
+
+@router.get("/{job_id}", responses=ERRORS)
+async def get_job(job_id: str, jobs: JobsDep) -> Job:
+    """The job's status; `position` while queued, `result` once succeeded."""
+    return await jobs.get(job_id)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+)
+async def job_events(
+    job_id: str,
+    services: ServicesDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
+    """`token` events, then `done` (data: the Job) or `error`. Resume with `Last-Event-ID`."""
+    stream = await job_event_stream(services.jobs, job_id, last_event_id)
+    return EventSourceResponse(stream, ping=int(services.settings.sse_ping_s))

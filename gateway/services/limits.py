@@ -1,0 +1,44 @@
+"""Configurable request limits, checked before anything is written; each message names its limit."""
+
+from __future__ import annotations
+
+from common.schemas import GenerationRequest
+from common.settings import Settings
+from gateway.errors import LimitExceeded
+
+
+def check_limits(request: GenerationRequest, settings: Settings) -> None:
+    s = settings
+    if request.prompt is not None and len(request.prompt) > s.max_prompt_chars:
+        raise LimitExceeded(
+            f"prompt is {len(request.prompt)} characters; the limit is {s.max_prompt_chars} "
+            "(GENQ_MAX_PROMPT_CHARS)"
+        )
+    if request.messages is not None:
+        if len(request.messages) > s.max_messages:
+            raise LimitExceeded(
+                f"{len(request.messages)} messages; the limit is {s.max_messages} "
+                "(GENQ_MAX_MESSAGES)"
+            )
+        chars = sum(len(m.content) for m in request.messages)
+        if chars > s.max_prompt_chars:
+            raise LimitExceeded(
+                f"messages hold {chars} characters; the limit is {s.max_prompt_chars} "
+                "(GENQ_MAX_PROMPT_CHARS)"
+            )
+    if request.max_new_tokens is not None and request.max_new_tokens > s.max_new_tokens_limit:
+        raise LimitExceeded(
+            f"max_new_tokens={request.max_new_tokens}; the limit is {s.max_new_tokens_limit} "
+            "(GENQ_MAX_NEW_TOKENS_LIMIT)"
+        )
+    if len(request.stop) > s.max_stop_sequences:
+        raise LimitExceeded(
+            f"{len(request.stop)} stop strings; the limit is {s.max_stop_sequences} "
+            "(GENQ_MAX_STOP_SEQUENCES)"
+        )
+    for stop in request.stop:
+        if len(stop) > s.max_stop_chars:
+            raise LimitExceeded(
+                f"stop string of {len(stop)} characters; the limit is {s.max_stop_chars} "
+                "(GENQ_MAX_STOP_CHARS)"
+            )

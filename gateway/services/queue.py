@@ -1,0 +1,52 @@
+"""Queue statistics per worker pool."""
+
+from __future__ import annotations
+
+import time
+
+from redis.asyncio import Redis
+
+from common import keys, registry
+from common.jobstore import JobStore
+from common.schemas import PoolStats, QueueStats
+from common.settings import Settings
+
+
+class QueueService:
+    def __init__(self, redis: Redis, store: JobStore, settings: Settings) -> None:
+        self.redis = redis
+        self.store = store
+        self.settings = settings
+
+    async def depth(self, pool: str) -> int:
+        return int(await self.redis.zcard(keys.queue(pool)))
+
+    async def position(self, pool: str, job_id: str) -> int | None:
+        rank = await self.redis.zrank(keys.queue(pool), job_id)
+        return None if rank is None else int(rank)
+
+    async def stats(self) -> QueueStats:
+        pools = sorted(await registry.pools(self.redis) | {self.settings.pool})
+        return QueueStats(pools=[await self._pool_stats(p) for p in pools])
+
+    async def _pool_stats(self, pool: str) -> PoolStats:
+        now = time.time()
+        queue = keys.queue(pool)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(queue)
+            pipe.zcount(queue, "-inf", int(now * 1000))
+            pipe.zrange(queue, 0, 0)
+            depth, ready, head = await pipe.execute()
+        workers = await registry.live_workers(self.redis, pool)
+        oldest_age_s = None
+        if head:
+            job = await self.store.load(head[0].decode())
+            oldest_age_s = None if job is None else max(0.0, now - job.created_at)
+        return PoolStats(
+            pool=pool,
+            depth=depth,
+            ready=ready,
+            running=sum(w.running for w in workers),
+            oldest_age_s=oldest_age_s,
+            workers_alive=len(workers),
+        )

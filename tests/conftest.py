@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from common.settings import Settings
+from genq.redis_server import RedisServer, free_port
+from tests.procs import Proc, genq_env, start_gateway, start_worker
+from tests.tiny_model import build_tiny_model
+from worker.loading import LoadedModel, load_model
+
+TINY_NAME = "tiny"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), free_port(), persist=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(Settings(model=str(tiny_model_dir), model_name=TINY_NAME, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def stack_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis of its own for the running stack, which keeps state across tests."""
+    server = RedisServer(tmp_path_factory.mktemp("stack-redis"), free_port(), persist=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(stack_redis: RedisServer, tiny_model_dir: Path, log_dir: Path) -> Iterator[str]:
+    """Gateway + one worker serving the tiny model; yields the gateway's base URL."""
+    env = genq_env(stack_redis.url, GENQ_MODEL=str(tiny_model_dir), GENQ_MODEL_NAME=TINY_NAME)
+    gateway, base = start_gateway(env, log_dir)
+    procs: list[Proc] = [gateway]
+    try:
+        procs.append(start_worker(env, log_dir, base, TINY_NAME))
+        yield base
+    finally:
+        for proc in procs:
+            proc.stop()

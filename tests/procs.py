@@ -1,0 +1,87 @@
+"""Real genq processes for tests: a worker and a gateway on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from genq.redis_server import free_port
+
+
+class Proc:
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log = log_dir / f"{name}-{time.monotonic_ns()}.log"
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "genq", name], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"genq {self.name} exited:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+def genq_env(redis_url: str, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env.update(
+        GENQ_REDIS_URL=redis_url,
+        GENQ_LOG_FORMAT="text",
+        GENQ_WORKER_HEARTBEAT_S="1",
+        GENQ_WORKER_JOB_COMPLETION_WAIT_S="2",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(overrides)
+    return env
+
+
+def start_gateway(env: dict[str, str], log_dir: Path, timeout_s: float = 60) -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc("gateway", {**env, "GENQ_PORT": str(port)}, log_dir)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc.check_alive()
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(f"gateway not up after {timeout_s}s:\n{proc.log.read_text()}")
+        time.sleep(0.1)
+
+
+def start_worker(
+    env: dict[str, str], log_dir: Path, base: str, model: str, timeout_s: float = 300
+) -> Proc:
+    """Start a worker and wait until the gateway lists it as serving `model`."""
+    proc = Proc("worker", env, log_dir)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc.check_alive()
+        live = httpx.get(f"{base}/v1/models", timeout=5).json()["data"]
+        if any(m["id"] == model and m["workers"] > 0 for m in live):
+            return proc
+        if time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(f"worker not ready after {timeout_s}s:\n{proc.log.read_text()}")
+        time.sleep(0.2)

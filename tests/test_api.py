@@ -1,0 +1,259 @@
+"""The public HTTP contract, against a running gateway and worker (tiny model, real Redis)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import TINY_NAME
+from tests.sse import read_stream, token_text
+
+
+@pytest.fixture
+def client(stack: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack, timeout=30) as c:
+        yield c
+
+
+def submit(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    resp = client.post("/v1/jobs", json={"prompt": "Once upon a time", **body})
+    assert resp.status_code == 202, resp.text
+    job: dict[str, Any] = resp.json()
+    assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
+    return job
+
+
+def poll(client: httpx.Client, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_submit_then_poll_until_succeeded(client: httpx.Client) -> None:
+    job = submit(client, max_new_tokens=12, temperature=0)
+    assert job["status"] == "queued"
+    assert job["model"] == TINY_NAME
+    done = poll(client, job["id"])
+    assert done["status"] == "succeeded"
+    assert done["result"]["finish_reason"] in ("length", "stop")
+    assert done["result"]["usage"]["completion_tokens"] <= 12
+    assert done["result"]["usage"]["prompt_tokens"] > 0
+    assert done["timings"]["total_s"] >= done["timings"]["generation_s"] > 0
+    assert done["attempt"] == 1
+
+
+def test_sync_generate_returns_the_finished_job(client: httpx.Client) -> None:
+    resp = client.post(
+        "/v1/generate", json={"prompt": "Hello", "max_new_tokens": 8, "temperature": 0}
+    )
+    assert resp.status_code == 200
+    assert resp.json()["status"] == "succeeded"
+
+
+def test_sync_generate_answers_202_when_the_job_outlives_the_timeout(
+    client: httpx.Client,
+) -> None:
+    resp = client.post(
+        "/v1/generate",
+        json={"prompt": "Hello", "max_new_tokens": 200, "timeout_s": 0.01, "temperature": 0},
+    )
+    assert resp.status_code == 202
+    job = resp.json()
+    assert job["status"] in ("queued", "running")
+    assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert poll(client, job["id"])["status"] == "succeeded"
+
+
+def test_greedy_is_deterministic_across_jobs(client: httpx.Client) -> None:
+    body = {"prompt": "The capital of France is", "max_new_tokens": 16, "temperature": 0}
+    first = client.post("/v1/generate", json=body).json()
+    second = client.post("/v1/generate", json=body).json()
+    assert first["result"]["text"] == second["result"]["text"]
+
+
+def test_sse_events_are_ordered_with_ids_and_add_up_to_the_result(client: httpx.Client) -> None:
+    job = submit(client, max_new_tokens=30, temperature=0.8, seed=5)
+    events = read_stream(client, "GET", f"/v1/jobs/{job['id']}/events")
+    assert [e.event for e in events[:-1]] == ["token"] * (len(events) - 1)
+    assert events[-1].event == "done"
+    ids = [e.id for e in events]
+    assert all(ids)
+    assert len(set(ids)) == len(ids)
+    indexes = [orjson.loads(e.data)["index"] for e in events[:-1]]
+    assert indexes == list(range(len(indexes)))
+    final = orjson.loads(events[-1].data)
+    assert final["status"] == "succeeded"
+    assert token_text(events) == final["result"]["text"]
+
+
+def test_last_event_id_resumes_after_that_event(client: httpx.Client) -> None:
+    job = submit(client, max_new_tokens=20, temperature=0)
+    everything = read_stream(client, "GET", f"/v1/jobs/{job['id']}/events")
+    assert len(everything) > 4
+    cut = everything[3].id
+    rest = read_stream(
+        client, "GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": cut}
+    )
+    assert [(e.id, e.event, e.data) for e in rest] == [
+        (e.id, e.event, e.data) for e in everything[4:]
+    ]
+
+
+def test_generate_with_stream_true_answers_with_sse(client: httpx.Client) -> None:
+    events = read_stream(
+        client,
+        "POST",
+        "/v1/generate",
+        json={"prompt": "Hello", "max_new_tokens": 10, "temperature": 0, "stream": True},
+    )
+    assert events[-1].event == "done"
+    assert token_text(events) == orjson.loads(events[-1].data)["result"]["text"]
+
+
+def test_stop_string_ends_generation_before_it(client: httpx.Client) -> None:
+    body = {"prompt": "Once upon a time", "max_new_tokens": 30, "temperature": 0}
+    full = client.post("/v1/generate", json=body).json()["result"]["text"]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), f"pick another prompt: no usable stop string in {full!r}"
+    cut = client.post("/v1/generate", json={**body, "stop": [stop]}).json()["result"]
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full[: full.index(stop)]
+
+
+def test_chat_messages_are_accepted(client: httpx.Client) -> None:
+    resp = client.post(
+        "/v1/generate",
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 5},
+    )
+    assert resp.json()["status"] == "succeeded"
+
+
+def test_unknown_job_is_404_with_the_envelope(client: httpx.Client) -> None:
+    for path in ("/v1/jobs/nope", "/v1/jobs/nope/events"):
+        resp = client.get(path)
+        assert resp.status_code == 404
+        assert resp.json()["error"]["code"] == "job_not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"prompt": "x", "colour": "blue"}, "colour"),
+        ({"prompt": "x", "temperature": 5}, "temperature"),
+        ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
+        ({}, "exactly one of"),
+        ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one of"),
+        ({"messages": [{"role": "wizard", "content": "y"}]}, "role"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": 3}, "prompt"),
+    ],
+)
+def test_bad_fields_are_422_with_the_envelope(
+    client: httpx.Client, body: dict[str, Any], needle: str
+) -> None:
+    resp = client.post("/v1/jobs", json=body)
+    assert resp.status_code == 422
+    error = resp.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert needle in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "limit"),
+    [
+        ({"prompt": "x" * 40_000}, "GENQ_MAX_PROMPT_CHARS"),
+        ({"prompt": "x", "max_new_tokens": 100_000}, "GENQ_MAX_NEW_TOKENS_LIMIT"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "GENQ_MAX_STOP_SEQUENCES"),
+        ({"prompt": "x", "stop": ["z" * 100]}, "GENQ_MAX_STOP_CHARS"),
+    ],
+)
+def test_limits_are_422_naming_the_limit(
+    client: httpx.Client, body: dict[str, Any], limit: str
+) -> None:
+    resp = client.post("/v1/jobs", json=body)
+    assert resp.status_code == 422
+    assert resp.json()["error"]["code"] == "limit_exceeded"
+    assert limit in resp.json()["error"]["message"]
+
+
+def test_sync_timeout_over_the_limit_is_422(client: httpx.Client) -> None:
+    resp = client.post("/v1/generate", json={"prompt": "x", "timeout_s": 10_000})
+    assert resp.status_code == 422
+    assert "GENQ_MAX_SYNC_TIMEOUT_S" in resp.json()["error"]["message"]
+
+
+def test_oversized_body_is_413(client: httpx.Client) -> None:
+    resp = client.post(
+        "/v1/jobs",
+        content=b'{"prompt": "' + b"x" * 1_100_000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 413
+    assert "GENQ_MAX_BODY_BYTES" in resp.json()["error"]["message"]
+
+
+def test_malformed_json_and_bad_resume_id_are_422(client: httpx.Client) -> None:
+    resp = client.post("/v1/jobs", content=b"{nope", headers={"content-type": "application/json"})
+    assert resp.status_code == 422
+    job = submit(client, max_new_tokens=2)
+    resp = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "garbage"})
+    assert resp.status_code == 422
+    assert "Last-Event-ID" in resp.json()["error"]["message"]
+
+
+def test_context_window_overflow_fails_the_job_with_a_reason(client: httpx.Client) -> None:
+    job = client.post("/v1/generate", json={"prompt": "word " * 300, "max_new_tokens": 10}).json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "context_length_exceeded"
+    assert "context window" in job["error"]["message"]
+
+
+def test_unknown_model_is_404_listing_the_served_ones(client: httpx.Client) -> None:
+    resp = client.post("/v1/jobs", json={"prompt": "x", "model": "gpt-17"})
+    assert resp.status_code == 404
+    assert TINY_NAME in resp.json()["error"]["message"]
+
+
+def test_models_lists_the_served_model_with_its_worker(client: httpx.Client) -> None:
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    (card,) = models["data"]
+    assert card["id"] == TINY_NAME
+    assert card["workers"] == 1
+
+
+def test_queue_reports_pool_statistics(client: httpx.Client) -> None:
+    (pool,) = client.get("/v1/queue").json()["pools"]
+    assert pool["pool"] == "default"
+    assert pool["workers_alive"] == 1
+    assert pool["depth"] >= pool["ready"] >= 0
+
+
+def test_queued_jobs_report_their_position(client: httpx.Client) -> None:
+    jobs = [submit(client, max_new_tokens=200, temperature=0) for _ in range(4)]
+    positions = [client.get(f"/v1/jobs/{j['id']}").json().get("position") for j in jobs]
+    queued = [p for p in positions if p is not None]
+    assert queued == sorted(queued)
+    assert len(queued) >= 2
+    for job in jobs:
+        poll(client, job["id"])
+
+
+def test_probes_metrics_and_docs(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    metrics = client.get("/metrics").text
+    assert "genq_jobs_submitted_total" in metrics
+    assert 'genq_workers_alive{pool="default"} 1.0' in metrics
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/generate", "/v1/queue"} <= set(spec["paths"])

@@ -1,0 +1,59 @@
+"""End to end with the default model (SmolLM2-135M-Instruct from its GGUF file)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from common.settings import DEFAULT_MODEL_NAME
+from genq.redis_server import RedisServer, free_port
+from tests.procs import genq_env, start_gateway, start_worker
+from tests.sse import read_stream, token_text
+
+CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+
+@pytest.fixture(scope="module")
+def default_stack(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[str]:
+    server = RedisServer(tmp_path_factory.mktemp("e2e-redis"), free_port(), persist=False)
+    server.start()
+    env = genq_env(server.url)
+    gateway, base = start_gateway(env, log_dir)
+    worker = None
+    try:
+        worker = start_worker(env, log_dir, base, DEFAULT_MODEL_NAME)
+        yield base
+    finally:
+        for proc in (worker, gateway):
+            if proc is not None:
+                proc.stop()
+        server.stop()
+
+
+def test_greedy_chat_knows_the_capital_of_france(default_stack: str) -> None:
+    body = {**CAPITAL, "temperature": 0, "max_new_tokens": 32}
+    job = httpx.post(f"{default_stack}/v1/generate", json=body, timeout=120).json()
+    assert job["status"] == "succeeded"
+    assert job["model"] == DEFAULT_MODEL_NAME
+    assert "Paris" in job["result"]["text"]
+    assert job["result"]["finish_reason"] == "stop"  # the model ends its turn itself
+
+
+def test_streamed_text_equals_the_result(default_stack: str) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Write a haiku about the sea, with an emoji."}],
+        "temperature": 0.7,
+        "seed": 11,
+        "max_new_tokens": 48,
+        "stream": True,
+    }
+    with httpx.Client(base_url=default_stack, timeout=120) as client:
+        events = read_stream(client, "POST", "/v1/generate", json=body)
+    final = orjson.loads(events[-1].data)
+    assert events[-1].event == "done"
+    assert token_text(events) == final["result"]["text"]
+    assert final["result"]["text"]

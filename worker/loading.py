@@ -1,0 +1,115 @@
+"""Load a causal LM and its tokenizer from a checkpoint directory, a GGUF file or a hub id."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from common.settings import Settings
+from worker.model_fetch import ensure_default_model
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"cannot load model {source!r}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    source: str
+    model: Any  # a transformers PreTrainedModel; typed loosely since transformers ships no stubs
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: frozenset[int]
+    max_context: int
+    load_s: float
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("-", "GENQ_DEVICE=cuda but no CUDA device is visible")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        return getattr(torch, setting)  # type: ignore[no-any-return]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _source_args(source: str) -> tuple[str, dict[str, Any]]:
+    """from_pretrained's first argument and extra kwargs for a source."""
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(source, "GGUF file not found")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        return str(path), {}
+    if path.exists() or source.startswith((".", "/", "~")):
+        raise ModelLoadError(source, "not a checkpoint directory or a .gguf file")
+    return source, {}  # a hub id
+
+
+def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(value)
+    return frozenset(ids)
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    source = settings.model or str(ensure_default_model(settings.model_cache_dir))
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    where, extra = _source_args(source)
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, attn_implementation="sdpa", **extra
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(source, str(e)) from e
+    model = model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = LoadedModel(
+        name=settings.served_model_name,
+        source=source,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        eos_token_ids=_eos_ids(model, tokenizer),
+        max_context=int(getattr(model.config, "max_position_embeddings", 2048)),
+        load_s=time.perf_counter() - started,
+    )
+    logger.info(
+        "loaded model %s from %s on %s (%s) in %.1fs",
+        loaded.name,
+        source,
+        device,
+        dtype,
+        loaded.load_s,
+    )
+    return loaded

@@ -1,0 +1,134 @@
+"""The worker process: an arq worker whose one job function runs generation requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+from arq import Worker
+from arq.worker import func
+from prometheus_client import start_http_server
+
+from common import keys, registry
+from common.jobstore import JobStore
+from common.logs import setup_logging
+from common.redisconn import create_redis, deserialize_job, serialize_job
+from common.schemas import GenerationRequest
+from common.settings import Settings
+from worker.loading import LoadedModel, ModelLoadError, load_model
+from worker.model_fetch import ModelFetchError
+from worker.service import JobPayload, JobRunner
+
+logger = logging.getLogger(__name__)
+
+JOB_FUNCTION = "generate"
+
+
+async def generate(
+    ctx: dict[str, Any], job_id: str, request: dict[str, Any], seed: int, max_new_tokens: int
+) -> str:
+    runner: JobRunner = ctx["runner"]
+    payload = JobPayload(
+        job_id=job_id,
+        request=GenerationRequest.model_validate(request),
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+    )
+    job = await runner.run(payload, attempt=ctx["job_try"])
+    return job.status.value
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings, lm: LoadedModel) -> None:
+        self.settings = settings
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.started_at = time.time()
+        self.redis = create_redis(settings)
+        store = JobStore(
+            self.redis, ttl_s=settings.result_ttl_s, events_maxlen=settings.events_maxlen
+        )
+        self.runner = JobRunner(lm, store, settings)
+        self._beating: asyncio.Task[None] | None = None
+
+    def info(self) -> registry.WorkerInfo:
+        return registry.WorkerInfo(
+            id=self.id,
+            pool=self.settings.pool,
+            models=[self.runner.lm.name],
+            running=self.runner.running,
+            started_at=self.started_at,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
+
+    async def startup(self, ctx: dict[str, Any]) -> None:
+        ctx["runner"] = self.runner
+        lm = self.runner.lm
+        await registry.register_model(
+            self.redis,
+            registry.ModelEntry(
+                name=lm.name, pool=self.settings.pool, source=lm.source, registered_at=time.time()
+            ),
+        )
+        await registry.heartbeat(self.redis, self.info(), self.settings.worker_heartbeat_s)
+        self._beating = asyncio.create_task(self._beat_forever())
+        logger.info("worker %s ready: model %s, pool %s", self.id, lm.name, self.settings.pool)
+
+    async def shutdown(self, ctx: dict[str, Any]) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+        with contextlib.suppress(OSError):
+            await registry.remove_worker(self.redis, self.info())
+        self.runner.close()
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.worker_heartbeat_s)
+            try:
+                await registry.heartbeat(self.redis, self.info(), self.settings.worker_heartbeat_s)
+            except OSError as e:  # Redis away: arq itself reconnects; keep beating.
+                logger.warning("heartbeat failed: %s", e)
+
+    def build(self) -> Worker:
+        s = self.settings
+        return Worker(
+            # One try more than GENQ_MAX_TRIES so the job function itself records the failure.
+            functions=[func(generate, name=JOB_FUNCTION, max_tries=s.max_tries + 1)],
+            queue_name=keys.queue(s.pool),
+            redis_pool=self.redis,
+            on_startup=self.startup,
+            on_shutdown=self.shutdown,
+            max_jobs=s.worker_max_jobs,
+            # A backstop only: generation stops itself at GENQ_JOB_TIMEOUT_S with a recorded error.
+            job_timeout=s.job_timeout_s + 10,
+            job_completion_wait=s.worker_job_completion_wait_s,
+            keep_result=0,
+            poll_delay=s.worker_poll_delay_s,
+            queue_read_limit=s.worker_queue_read_limit,
+            health_check_key=keys.worker_health(self.id),
+            health_check_interval=max(1, int(s.worker_heartbeat_s)),
+            job_serializer=serialize_job,
+            job_deserializer=deserialize_job,
+            allow_abort_jobs=True,
+        )
+
+
+def run_worker(settings: Settings) -> None:
+    """Load the model, then serve jobs until SIGINT/SIGTERM. Exits 2 if the model cannot load."""
+    setup_logging(settings)
+    try:
+        lm = load_model(settings)
+    except (ModelLoadError, ModelFetchError) as e:
+        logger.error("%s", e)
+        raise SystemExit(2) from e
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port)
+    WorkerProcess(settings, lm).build().run()

@@ -1,0 +1,37 @@
+"""Worker-side Prometheus metrics, served on GENQ_WORKER_METRICS_PORT when it is set."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from worker.generation import Generation
+
+JOBS_FINISHED = Counter(
+    "genq_worker_jobs_total", "Jobs finished by this worker", ["model", "status"]
+)
+TOKENS_GENERATED = Counter("genq_worker_generated_tokens_total", "Tokens generated", ["model"])
+PROMPT_TOKENS = Counter("genq_worker_prompt_tokens_total", "Prompt tokens processed", ["model"])
+TIME_TO_FIRST_TOKEN = Histogram(
+    "genq_worker_time_to_first_token_seconds",
+    "From the start of generation to the first token",
+    ["model"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+GENERATION_SECONDS = Histogram(
+    "genq_worker_generation_seconds",
+    "Time spent generating one job",
+    ["model"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+RUNNING_JOBS = Gauge("genq_worker_running_jobs", "Jobs being generated now")
+
+
+def observe_generation(model: str, outcome: Generation) -> None:
+    TOKENS_GENERATED.labels(model).inc(outcome.completion_tokens)
+    PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
+    GENERATION_SECONDS.labels(model).observe(outcome.generation_s)
+    if outcome.time_to_first_token_s is not None:
+        TIME_TO_FIRST_TOKEN.labels(model).observe(outcome.time_to_first_token_s)

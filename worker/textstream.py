@@ -1,0 +1,81 @@
+"""Token ids -> text deltas: incremental detokenization with stop strings.
+
+The concatenation of every delta `push` and `flush` return is the final text, by construction:
+nothing emitted is ever taken back, which is what lets streamed text equal the result.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+# Prompt tokens decoded with the first generated ones, so that tokenizers which strip a leading
+# space from a lone token (SentencePiece) still produce it.
+_CONTEXT_TOKENS = 5
+
+
+class TextStream:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: list[str]
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._stop = stop
+        self._text = ""  # all text decoded so far, cut at a stop string once one is found
+        self._emitted = 0  # how much of _text has been handed out
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the text that is now safe to emit."""
+        self._ids.append(token_id)
+        self._decode_new(final=False)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """The end of generation: release everything held back, undecodable bytes included."""
+        if self.stopped:
+            return ""
+        self._decode_new(final=True)
+        return self._release(final=True)
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _decode_new(self, *, final: bool) -> None:
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        # A trailing U+FFFD means the token ends inside a multi-byte character: wait for the rest.
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+            return
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self._text += full[len(prefix) :]
+
+    def _release(self, *, final: bool) -> str:
+        if self._stop:
+            longest = max(map(len, self._stop))
+            search_from = max(0, self._emitted - longest + 1)
+            hits = [i for s in self._stop if (i := self._text.find(s, search_from)) >= 0]
+            if hits:
+                self._text = self._text[: min(hits)]
+                self.stopped = True
+                final = True
+        end = len(self._text) if final else len(self._text) - self._held_back()
+        out = self._text[self._emitted : end]
+        self._emitted = max(self._emitted, end)
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that may still grow into a stop string."""
+        best = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(self._text)), best, -1):
+                if self._text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
