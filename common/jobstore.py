@@ -85,18 +85,19 @@ class JobStore:
         }
         await cast("Awaitable[int]", self.redis.hset(keys.job(job_id), mapping=fields))
 
-    async def append_tokens(self, job_id: str, tokens: list[TokenEvent]) -> None:
-        """One round trip for all the tokens of a decode step."""
+    async def append_step(self, tokens: dict[str, list[TokenEvent]]) -> None:
+        """One round trip for every job's new tokens of one decode step."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for token in tokens:
-                pipe.xadd(
-                    keys.events(job_id),
-                    events.token_fields(token),
-                    maxlen=self.events_maxlen,
-                    approximate=True,
-                )
-            # A job whose worker vanished must not leave its stream behind forever.
-            pipe.expire(keys.events(job_id), self.ttl_s)
+            for job_id, events_ in tokens.items():
+                for token in events_:
+                    pipe.xadd(
+                        keys.events(job_id),
+                        events.token_fields(token),
+                        maxlen=self.events_maxlen,
+                        approximate=True,
+                    )
+                # A job whose worker vanished must not leave its stream behind forever.
+                pipe.expire(keys.events(job_id), self.ttl_s)
             await pipe.execute()
 
     async def published_tokens(self, job_id: str) -> int:

@@ -67,7 +67,18 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(Path.home() / ".cache" / "genq")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    worker_max_jobs: int = Field(1, ge=1)
+    compile: bool = Field(False, description="torch.compile the model (falls back if it fails).")
+    max_batch_size: int = Field(32, ge=1, description="Rows decoded together.")
+    max_batch_tokens: int = Field(
+        65_536, ge=1, description="KV-cache tokens all rows may reserve (prompt + max_new_tokens)."
+    )
+    max_prefill_tokens: int = Field(
+        4_096, ge=1, description="Padded prompt tokens prefilled in one step."
+    )
+    memory_limit_mb: int = Field(
+        0, ge=0, description="Admit no rows past this RSS (CPU) or GPU allocation; 0 is off."
+    )
+    worker_max_jobs: int = Field(64, ge=1, description="Jobs a worker holds (running + waiting).")
     worker_queue_read_limit: int = Field(1000, ge=1)
     worker_poll_delay_s: float = Field(0.05, gt=0)
     worker_job_completion_wait_s: int = Field(30, ge=0)

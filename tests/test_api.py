@@ -238,16 +238,6 @@ def test_queue_reports_pool_statistics(client: httpx.Client) -> None:
     assert pool["depth"] >= pool["ready"] >= 0
 
 
-def test_queued_jobs_report_their_position(client: httpx.Client) -> None:
-    jobs = [submit(client, max_new_tokens=200, temperature=0) for _ in range(4)]
-    positions = [client.get(f"/v1/jobs/{j['id']}").json().get("position") for j in jobs]
-    queued = [p for p in positions if p is not None]
-    assert queued == sorted(queued)
-    assert len(queued) >= 2
-    for job in jobs:
-        poll(client, job["id"])
-
-
 def test_probes_metrics_and_docs(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}

@@ -28,7 +28,7 @@ async def test_finish_writes_record_and_closing_event_with_ttl(redis: Redis) -> 
     store = JobStore(redis, ttl_s=100, events_maxlen=1000)
     job = new_job()
     await store.create(job, pool="p")
-    await store.append_tokens("j1", [TokenEvent(index=0, text="a"), TokenEvent(index=1, text="b")])
+    await store.append_step({"j1": [TokenEvent(index=0, text="a"), TokenEvent(index=1, text="b")]})
     assert await store.published_tokens("j1") == 2
     final = job.model_copy(
         update={

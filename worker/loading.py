@@ -77,6 +77,23 @@ def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _warm_up(model: Any, device: torch.device) -> None:
+    """One forward pass, so the first request does not pay for lazy initialisation."""
+    with torch.inference_mode():
+        model(input_ids=torch.zeros((1, 4), dtype=torch.long, device=device))
+
+
+def _compile(model: Any) -> None:
+    """torch.compile the forward pass; a model or platform it fails on runs eagerly."""
+    eager = model.forward
+    try:
+        model.forward = torch.compile(eager, dynamic=True)
+        _warm_up(model, next(model.parameters()).device)
+    except Exception as e:  # compilation fails in many ways (no compiler, unsupported op, ...)
+        model.forward = eager
+        logger.warning("torch.compile failed, running eagerly: %s", e)
+
+
 def load_model(settings: Settings) -> LoadedModel:
     source = settings.model or str(ensure_default_model(settings.model_cache_dir))
     device = resolve_device(settings.device)
@@ -93,6 +110,9 @@ def load_model(settings: Settings) -> LoadedModel:
     model = model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if settings.compile:
+        _compile(model)
+    _warm_up(model, device)
     loaded = LoadedModel(
         name=settings.served_model_name,
         source=source,

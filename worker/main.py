@@ -69,6 +69,7 @@ class WorkerProcess:
 
     async def startup(self, ctx: dict[str, Any]) -> None:
         ctx["runner"] = self.runner
+        await self.runner.start()
         lm = self.runner.lm
         await registry.register_model(
             self.redis,
@@ -87,7 +88,7 @@ class WorkerProcess:
                 await self._beating
         with contextlib.suppress(OSError):
             await registry.remove_worker(self.redis, self.info())
-        self.runner.close()
+        await self.runner.stop()
 
     async def _beat_forever(self) -> None:
         while True:

@@ -35,3 +35,10 @@ def observe_generation(model: str, outcome: Generation) -> None:
     GENERATION_SECONDS.labels(model).observe(outcome.generation_s)
     if outcome.time_to_first_token_s is not None:
         TIME_TO_FIRST_TOKEN.labels(model).observe(outcome.time_to_first_token_s)
+
+
+BATCH_SIZE = Gauge("genq_worker_batch_size", "Rows in the engine's running batch")
+WAITING_REQUESTS = Gauge("genq_worker_waiting_requests", "Requests waiting for a batch row")
+RSS_BYTES = Gauge("genq_worker_rss_bytes", "Resident memory of the worker process")
+CUDA_ALLOCATED_BYTES = Gauge("genq_worker_cuda_allocated_bytes", "GPU memory allocated by torch")
+CUDA_RESERVED_BYTES = Gauge("genq_worker_cuda_reserved_bytes", "GPU memory reserved by torch")

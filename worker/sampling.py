@@ -22,10 +22,14 @@ class SamplingParams:
     top_k: int = 0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks generate exactly max_new_tokens
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+_NO_IDS = torch.empty((1, 0), dtype=torch.long)
 
 
 class Sampler:
@@ -45,10 +49,11 @@ class Sampler:
         self._warpers = warpers
         self._generator = torch.Generator(device=device).manual_seed(params.seed)
 
-    def next_token(self, input_ids: torch.Tensor, logits: torch.Tensor) -> int:
-        """`input_ids` (1, seq) so far, `logits` (1, vocab) for the next position, in fp32."""
+    def next_token(self, logits: torch.Tensor) -> int:
+        """`logits` (1, vocab) for the next position, in fp32."""
         if self.params.greedy:
             return int(logits.argmax(dim=-1).item())
-        scores = self._warpers(cast(torch.LongTensor, input_ids), cast(torch.FloatTensor, logits))
+        # These warpers never read the token history, so none is passed.
+        scores = self._warpers(cast(torch.LongTensor, _NO_IDS), cast(torch.FloatTensor, logits))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self._generator).item())

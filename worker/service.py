@@ -1,13 +1,15 @@
-"""Runs one job: record transitions, generation on the model thread, events to Redis."""
+"""Runs jobs through the engine: record transitions, and every step's text to Redis at once."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from common.jobstore import JobStore
 from common.schemas import (
@@ -22,13 +24,16 @@ from common.schemas import (
 )
 from common.settings import Settings
 from worker import metrics
-from worker.generation import Generation, GenerationError, build_prompt_ids, generate
+from worker.batch import RowOutput
+from worker.engine import Engine, EngineLimits, EngineRequest
+from worker.generation import Generation, GenerationError
 from worker.loading import LoadedModel
 from worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_DONE = object()
+# How long a step's tokens are retried against an unreachable Redis before its jobs give up.
+_PUBLISH_RETRY_S = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,24 +61,53 @@ class JobPayload:
         )
 
 
-class JobRunner:
-    def __init__(self, lm: LoadedModel, store: JobStore, settings: Settings) -> None:
-        self.lm = lm
-        self.store = store
-        self.settings = settings
-        # torch runs on this one thread: the event loop never blocks on it, and jobs on one
-        # model never race each other for it.
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genq-model")
-        self.running = 0
+@dataclass(eq=False)
+class _Pending:
+    future: asyncio.Future[Generation]
+    skip: int  # token events an earlier attempt already published
+    next_index: int = 0
 
-    def close(self) -> None:
-        self.model_thread.shutdown(wait=False, cancel_futures=True)
+
+@dataclass
+class JobRunner:
+    lm: LoadedModel
+    store: JobStore
+    settings: Settings
+    _pending: dict[str, _Pending] = field(default_factory=dict)
+    _steps: asyncio.Queue[list[RowOutput]] = field(default_factory=asyncio.Queue)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _publisher: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        limits = EngineLimits(
+            max_batch_size=s.max_batch_size,
+            max_batch_tokens=s.max_batch_tokens,
+            max_prefill_tokens=s.max_prefill_tokens,
+            memory_limit_bytes=s.memory_limit_mb * 2**20,
+        )
+        self.engine = Engine(self.lm, limits, self._on_step)
+
+    @property
+    def running(self) -> int:
+        return len(self._pending)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.engine.start()
+        self._publisher = asyncio.create_task(self._publish_forever())
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.engine.stop)
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
 
     async def run(self, payload: JobPayload, attempt: int) -> Job:
         job = await self.store.load(payload.job_id)
         if job is None:
-            logger.warning("job %s has no record (expired?); skipping it", payload.job_id)
-            raise LookupError(payload.job_id)
+            raise LookupError(f"job {payload.job_id} has no record (expired?)")
         if job.status.finished:
             return job
         if attempt > self.settings.max_tries:
@@ -91,69 +125,86 @@ class JobRunner:
                 "started_at": time.time(),
             }
         )
-        self.running += 1
+        assert self._loop is not None, "start() first"
+        pending = _Pending(self._loop.create_future(), await self.store.published_tokens(job.id))
+        self._pending[job.id] = pending
         metrics.RUNNING_JOBS.inc()
+        self.engine.submit(
+            EngineRequest(
+                id=job.id,
+                request=payload.request,
+                params=payload.sampling(),
+                deadline=time.monotonic() + self.settings.job_timeout_s,
+            )
+        )
         try:
-            outcome = await self._generate(payload, skip=await self.store.published_tokens(job.id))
+            outcome = await pending.future
         except GenerationError as e:
             return await self._finish(job, error=JobError(code=e.code, message=str(e)))
+        except asyncio.CancelledError:
+            # Shutdown or abort: free the row at the next step; arq re-queues the job.
+            self.engine.cancel(job.id)
+            raise
         finally:
-            self.running -= 1
+            del self._pending[job.id]
             metrics.RUNNING_JOBS.dec()
         return await self._finish(job, outcome=outcome)
 
-    async def _generate(self, payload: JobPayload, skip: int) -> Generation:
-        """Run generation on the model thread and publish its text as it comes.
+    def _on_step(self, outputs: list[RowOutput]) -> None:
+        """Called on the engine thread; hands the step to the event loop."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._steps.put_nowait, outputs)
 
-        `skip` token events were published by an earlier attempt; the same seed makes this
-        attempt produce them again, so they are not repeated.
-        """
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[object] = asyncio.Queue()
-        cancelled = threading.Event()
-        deadline = time.monotonic() + self.settings.job_timeout_s
+    async def _publish_forever(self) -> None:
+        while True:
+            outputs = await self._steps.get()
+            # Steps that piled up while Redis was slow go out together.
+            while not self._steps.empty():
+                outputs += self._steps.get_nowait()
+            await self._publish(outputs)
 
-        def publish(text: str) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, text)
-
-        def work() -> Generation:
-            try:
-                lm = self.lm
-                prompt_ids = build_prompt_ids(lm, payload.request)
-                return generate(
-                    lm,
-                    prompt_ids,
-                    payload.sampling(),
-                    publish,
-                    cancelled,
-                    deadline,
-                )
-            finally:
-                loop.call_soon_threadsafe(pieces.put_nowait, _DONE)
-
-        future = loop.run_in_executor(self.model_thread, work)
-        index = 0
+    async def _publish(self, outputs: list[RowOutput]) -> None:
+        """Write the steps' tokens in one pipeline, then settle the jobs that ended in them:
+        a job's `done` event must follow its last token."""
+        tokens: dict[str, list[TokenEvent]] = {}
+        for out in outputs:
+            pending = self._pending.get(out.request_id)
+            if pending is None or not out.text:
+                continue
+            index = pending.next_index
+            pending.next_index += 1
+            if index >= pending.skip:
+                tokens.setdefault(out.request_id, []).append(TokenEvent(index=index, text=out.text))
         try:
-            finished = False
-            while not finished:
-                batch = [await pieces.get()]
-                while not pieces.empty():
-                    batch.append(pieces.get_nowait())
-                tokens: list[TokenEvent] = []
-                for item in batch:
-                    if item is _DONE:
-                        finished = True
-                    else:
-                        if index >= skip:
-                            tokens.append(TokenEvent(index=index, text=str(item)))
-                        index += 1
-                if tokens:
-                    await self.store.append_tokens(payload.job_id, tokens)
-            return await future
-        except asyncio.CancelledError:
-            # Shutdown or abort: stop the model thread at its next step; arq re-queues the job.
-            cancelled.set()
-            raise
+            if tokens:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(RedisError),
+                    wait=wait_exponential(multiplier=0.1, max=2),
+                    stop=stop_after_delay(_PUBLISH_RETRY_S),
+                    reraise=True,
+                ):
+                    with attempt:
+                        await self.store.append_step(tokens)
+        except RedisError as e:
+            logger.error("cannot publish tokens of %d jobs: %s", len(tokens), e)
+            for request_id in {out.request_id for out in outputs}:
+                self._settle(request_id, e)
+                self.engine.cancel(request_id)
+            return
+        for out in outputs:
+            if out.error is not None:
+                self._settle(out.request_id, out.error)
+            elif out.finished is not None:
+                self._settle(out.request_id, out.finished)
+
+    def _settle(self, request_id: str, outcome: Generation | Exception) -> None:
+        pending = self._pending.get(request_id)
+        if pending is None or pending.future.done():
+            return
+        if isinstance(outcome, Exception):
+            pending.future.set_exception(outcome)
+        else:
+            pending.future.set_result(outcome)
 
     async def _finish(
         self, job: Job, *, outcome: Generation | None = None, error: JobError | None = None

@@ -1,0 +1,245 @@
+"""The continuous-batching engine, driven step by step on real models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from common.schemas import ChatMessage, GenerationRequest
+from worker.batch import RowOutput
+from worker.engine import Engine, EngineLimits, EngineRequest
+from worker.generation import Generation, GenerationError, build_prompt_ids
+from worker.loading import LoadedModel
+from worker.sampling import SamplingParams
+
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a small model that",
+]
+
+
+@dataclass
+class Collector:
+    text: dict[str, str] = field(default_factory=dict)
+    done: dict[str, Generation] = field(default_factory=dict)
+    errors: dict[str, GenerationError] = field(default_factory=dict)
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def __call__(self, outputs: list[RowOutput]) -> None:
+        for out in outputs:
+            self.text[out.request_id] = self.text.get(out.request_id, "") + out.text
+            if out.finished is not None:
+                self.done[out.request_id] = out.finished
+            if out.error is not None:
+                self.errors[out.request_id] = out.error
+
+
+@dataclass
+class Job:
+    id: str
+    prompt: str
+    params: SamplingParams
+    at_step: int = 0  # the step before which it is submitted
+    chat: bool = False
+
+
+def run(
+    lm: LoadedModel,
+    jobs: list[Job],
+    limits: EngineLimits | None = None,
+    cancel: dict[int, str] | None = None,
+    before_step: Callable[[int], None] | None = None,
+) -> Collector:
+    out = Collector()
+    engine = Engine(lm, limits or EngineLimits(), out)
+    step = 0
+    while len(out.done) + len(out.errors) < len(jobs):
+        for job in jobs:
+            if job.at_step == step:
+                request = (
+                    GenerationRequest(messages=[ChatMessage(role="user", content=job.prompt)])
+                    if job.chat
+                    else GenerationRequest(prompt=job.prompt)
+                )
+                engine.submit(EngineRequest(job.id, request, job.params, deadline=float("inf")))
+        if cancel and step in cancel:
+            engine.cancel(cancel[step])
+        if before_step:
+            before_step(step)
+        engine.step()
+        out.batch_sizes.append(engine.running)
+        step += 1
+        assert step < 10_000, "engine made no progress"
+    return out
+
+
+def reference(lm: LoadedModel, prompt: str, max_new_tokens: int, chat: bool = False) -> list[int]:
+    """model.generate on the prompt alone: what the batched engine must reproduce."""
+    request = (
+        GenerationRequest(messages=[ChatMessage(role="user", content=prompt)])
+        if chat
+        else GenerationRequest(prompt=prompt)
+    )
+    ids = torch.tensor([build_prompt_ids(lm, request)], device=lm.device)
+    out = lm.model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+    )
+    return list(out[0, ids.shape[1] :].tolist())
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0)
+
+
+def test_greedy_batch_of_different_lengths_equals_model_generate(tiny_lm: LoadedModel) -> None:
+    jobs = [Job(str(i), p, greedy(20 + 5 * i)) for i, p in enumerate(PROMPTS)]
+    out = run(tiny_lm, jobs)
+    assert max(out.batch_sizes) == len(PROMPTS)
+    for job in jobs:
+        expected = reference(tiny_lm, job.prompt, job.params.max_new_tokens)
+        assert out.done[job.id].token_ids == expected
+
+
+def test_rows_admitted_mid_flight_equal_model_generate(tiny_lm: LoadedModel) -> None:
+    jobs = [Job(str(i), p, greedy(30), at_step=4 * i) for i, p in enumerate(PROMPTS)]
+    out = run(tiny_lm, jobs)
+    for job in jobs:
+        assert out.done[job.id].token_ids == reference(tiny_lm, job.prompt, 30)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny_lm: LoadedModel) -> None:
+    sampled = SamplingParams(max_new_tokens=25, temperature=0.9, top_p=0.95, top_k=40, seed=42)
+    alone = run(tiny_lm, [Job("s", "Once upon", sampled)])
+    crowd = [Job(f"g{i}", p, greedy(30), at_step=i) for i, p in enumerate(PROMPTS)]
+    together = run(tiny_lm, [*crowd, Job("s", "Once upon", sampled, at_step=2)])
+    assert together.done["s"].token_ids == alone.done["s"].token_ids
+    other_seed = SamplingParams(max_new_tokens=25, temperature=0.9, seed=43)
+    assert run(tiny_lm, [Job("s", "Once upon", other_seed)]).done["s"].text != alone.text["s"]
+
+
+def test_streamed_text_equals_final_text_multibyte_included(tiny_lm: LoadedModel) -> None:
+    jobs = [
+        Job(str(seed), "emoji 🎉 and 日本語", SamplingParams(max_new_tokens=40, seed=seed))
+        for seed in range(6)
+    ]
+    out = run(tiny_lm, jobs)
+    for job in jobs:
+        assert out.text[job.id] == out.done[job.id].text
+    # The random model does produce multi-byte characters, so the check above covers them.
+    assert any(any(ord(c) > 127 for c in g.text) for g in out.done.values())
+
+
+def test_stop_string_ends_the_row_before_it(tiny_lm: LoadedModel) -> None:
+    full = run(tiny_lm, [Job("a", PROMPTS[1], greedy(30))]).done["a"].text
+    stop = full[10:13]
+    params = SamplingParams(max_new_tokens=30, temperature=0.0, stop=(stop,))
+    out = run(tiny_lm, [Job("a", PROMPTS[1], params), Job("b", PROMPTS[2], greedy(30))])
+    assert out.done["a"].finish_reason == "stop"
+    assert out.done["a"].text == full[: full.index(stop)]
+    assert out.text["a"] == out.done["a"].text
+
+
+def test_cancelling_a_row_leaves_the_others_unchanged(tiny_lm: LoadedModel) -> None:
+    jobs = [Job(str(i), p, greedy(30)) for i, p in enumerate(PROMPTS)]
+    full = run(tiny_lm, jobs)
+    cut = run(tiny_lm, jobs, cancel={6: "1"})
+    assert cut.done["1"].finish_reason == "cancelled"
+    assert 0 < cut.done["1"].completion_tokens < 30
+    assert full.done["1"].token_ids[: cut.done["1"].completion_tokens] == cut.done["1"].token_ids
+    for other in ("0", "2"):
+        assert cut.done[other].token_ids == full.done[other].token_ids
+
+
+def test_cancelling_a_waiting_request_never_runs_it(tiny_lm: LoadedModel) -> None:
+    jobs = [Job("a", PROMPTS[0], greedy(10)), Job("b", PROMPTS[1], greedy(10))]
+    out = run(tiny_lm, jobs, limits=EngineLimits(max_batch_size=1), cancel={1: "b"})
+    assert out.done["b"].finish_reason == "cancelled"
+    assert out.done["b"].token_ids == []
+
+
+def test_batch_size_and_token_budget_bound_the_batch(tiny_lm: LoadedModel) -> None:
+    jobs = [Job(str(i), PROMPTS[i % 3], greedy(12)) for i in range(5)]
+    out = run(tiny_lm, jobs, limits=EngineLimits(max_batch_size=2))
+    assert max(out.batch_sizes) == 2
+    assert len(out.done) == 5
+    reserved = [len(build_prompt_ids(tiny_lm, GenerationRequest(prompt=p))) + 12 for p in PROMPTS]
+    budget = run(tiny_lm, jobs, limits=EngineLimits(max_batch_tokens=2 * max(reserved)))
+    assert max(budget.batch_sizes) < 5
+    assert len(budget.done) == 5
+
+
+def test_memory_limit_makes_rows_wait_instead_of_failing(tiny_lm: LoadedModel) -> None:
+    jobs = [Job(str(i), PROMPTS[i % 3], greedy(8)) for i in range(3)]
+    out = run(tiny_lm, jobs, limits=EngineLimits(memory_limit_bytes=1))
+    assert max(out.batch_sizes) == 1  # an empty engine still takes one row at a time
+    assert len(out.done) == 3
+
+
+def test_requests_that_cannot_fit_fail_with_a_reason(tiny_lm: LoadedModel) -> None:
+    jobs = [
+        Job("long", "word " * 300, greedy(10)),
+        Job("budget", PROMPTS[0], greedy(200)),
+        Job("fine", PROMPTS[0], greedy(5)),
+    ]
+    out = run(tiny_lm, jobs, limits=EngineLimits(max_batch_tokens=100))
+    assert "context window" in str(out.errors["long"])
+    assert "GENQ_MAX_BATCH_TOKENS" in str(out.errors["budget"])
+    assert out.done["fine"].completion_tokens == 5
+
+
+def test_out_of_memory_fails_only_the_newest_row(
+    tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A CUDA out-of-memory error cannot happen on this CPU machine: simulate the one forward
+    # pass that raises it, and check the engine's recovery for real.
+    jobs = [Job(str(i), p, greedy(20)) for i, p in enumerate(PROMPTS)]
+    expected = run(tiny_lm, jobs)
+    forward = tiny_lm.model.forward
+
+    def arm(step: int) -> None:
+        if step == 5:
+
+            def failing(*args: object, **kwargs: object) -> object:
+                monkeypatch.setattr(tiny_lm.model, "forward", forward)
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+            monkeypatch.setattr(tiny_lm.model, "forward", failing)
+
+    out = run(tiny_lm, jobs, before_step=arm)
+    assert out.errors["2"].code == "out_of_memory"
+    for survivor in ("0", "1"):
+        assert out.done[survivor].token_ids == expected.done[survivor].token_ids
+
+
+def test_chat_messages_use_the_chat_template(tiny_lm: LoadedModel) -> None:
+    request = GenerationRequest(messages=[ChatMessage(role="user", content="Hi")])
+    ids = build_prompt_ids(tiny_lm, request)
+    assert (
+        tiny_lm.tokenizer.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def default_lm() -> LoadedModel:
+    from common.settings import Settings
+    from worker.loading import load_model
+
+    return load_model(Settings(device="cpu"))
+
+
+def test_default_model_greedy_batch_equals_model_generate(default_lm: LoadedModel) -> None:
+    questions = [
+        "What is the capital of France?",
+        "Name three primary colours.",
+        "Write one sentence about the sea, please, in a calm tone.",
+    ]
+    jobs = [Job(str(i), q, greedy(24), at_step=3 * i, chat=True) for i, q in enumerate(questions)]
+    out = run(default_lm, jobs)
+    for job in jobs:
+        assert out.done[job.id].token_ids == reference(default_lm, job.prompt, 24, chat=True)
+        assert out.text[job.id] == out.done[job.id].text
+    assert "Paris" in out.done["0"].text

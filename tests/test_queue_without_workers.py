@@ -1,0 +1,71 @@
+"""The queue as clients see it while no worker is up (a pool scaled to zero, say)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from genq.redis_server import RedisServer, free_port
+from tests.procs import genq_env, start_gateway
+
+MAX_DEPTH = 6
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[httpx.Client]:
+    server = RedisServer(tmp_path_factory.mktemp("idle-redis"), free_port(), persist=False)
+    server.start()
+    gateway, base = start_gateway(
+        genq_env(server.url, GENQ_MAX_QUEUE_DEPTH=str(MAX_DEPTH)), log_dir
+    )
+    try:
+        with httpx.Client(base_url=base, timeout=10) as c:
+            yield c
+    finally:
+        gateway.stop()
+        server.stop()
+
+
+def submit(client: httpx.Client, priority: str = "normal") -> str:
+    resp = client.post("/v1/jobs", json={"prompt": "hi", "priority": priority})
+    assert resp.status_code == 202, resp.text
+    job_id: str = resp.json()["id"]
+    return job_id
+
+
+def position(client: httpx.Client, job_id: str) -> int:
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "queued"
+    value: int = job["position"]
+    return value
+
+
+def test_positions_stats_priorities_and_admission(client: httpx.Client) -> None:
+    normal = [submit(client) for _ in range(3)]
+    assert [position(client, j) for j in normal] == [0, 1, 2]
+    # Jobs are accepted for the default pool before any worker registered a model.
+    assert client.get(f"/v1/jobs/{normal[0]}").json()["model"] == "default"
+
+    low = submit(client, "low")
+    high = submit(client, "high")
+    assert position(client, high) == 0  # ahead of every normal job
+    assert position(client, low) == 4  # behind them
+    assert [position(client, j) for j in normal] == [1, 2, 3]
+
+    (pool,) = client.get("/v1/queue").json()["pools"]
+    assert pool["depth"] == pool["ready"] == 5
+    assert pool["running"] == pool["workers_alive"] == 0
+    assert pool["oldest_age_s"] >= 0
+
+    waited = client.post("/v1/generate", json={"prompt": "hi", "timeout_s": 0.2})
+    assert waited.status_code == 202
+    assert waited.json()["status"] == "queued"
+
+    full = client.post("/v1/jobs", json={"prompt": "hi"})
+    assert full.status_code == 429
+    assert full.json()["error"]["code"] == "queue_full"
+    assert "GENQ_MAX_QUEUE_DEPTH" in full.json()["error"]["message"]
+    assert int(full.headers["retry-after"]) > 0

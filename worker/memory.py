@@ -1,0 +1,56 @@
+"""Process and GPU memory: sampled into metrics, and checked before rows are admitted."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import torch
+
+from worker import metrics
+from worker.loading import LoadedModel
+
+_SAMPLE_EVERY_S = 1.0
+
+
+def kv_bytes_per_token(lm: LoadedModel) -> int:
+    """Bytes one token occupies in the KV cache: keys and values of every layer."""
+    config = lm.model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.empty((), dtype=lm.dtype).element_size()
+    return 2 * int(config.num_hidden_layers) * int(heads) * int(head_dim) * itemsize
+
+
+class MemoryMonitor:
+    """Usage is GPU memory allocated by torch on CUDA, the process's resident set on the CPU."""
+
+    def __init__(self, device: torch.device, limit_bytes: int) -> None:
+        self.device = device
+        self.limit_bytes = limit_bytes
+        self._process = psutil.Process()
+        self._last_sample = 0.0
+
+    def usage_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return int(self._process.memory_info().rss)
+
+    def can_admit(self, extra_bytes: int) -> bool:
+        """Whether `extra_bytes` more keep usage under the limit (always, without a limit)."""
+        return not self.limit_bytes or self.usage_bytes() + extra_bytes <= self.limit_bytes
+
+    def release(self) -> None:
+        """Hand cached GPU blocks back to the driver (nothing to do on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sample < _SAMPLE_EVERY_S:
+            return
+        self._last_sample = now
+        metrics.RSS_BYTES.set(self._process.memory_info().rss)
+        if self.device.type == "cuda":
+            metrics.CUDA_ALLOCATED_BYTES.set(torch.cuda.memory_allocated(self.device))
+            metrics.CUDA_RESERVED_BYTES.set(torch.cuda.memory_reserved(self.device))
