@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -55,15 +56,27 @@ def stack_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServe
     server.stop()
 
 
+@dataclass(frozen=True)
+class Stack:
+    base: str  # the gateway
+    worker_metrics: str  # the worker's own /metrics
+
+
 @pytest.fixture(scope="session")
-def stack(stack_redis: RedisServer, tiny_model_dir: Path, log_dir: Path) -> Iterator[str]:
-    """Gateway + one worker serving the tiny model; yields the gateway's base URL."""
-    env = genq_env(stack_redis.url, GENQ_MODEL=str(tiny_model_dir), GENQ_MODEL_NAME=TINY_NAME)
+def stack(stack_redis: RedisServer, tiny_model_dir: Path, log_dir: Path) -> Iterator[Stack]:
+    """Gateway + one worker serving the tiny model."""
+    metrics_port = free_port()
+    env = genq_env(
+        stack_redis.url,
+        GENQ_MODEL=str(tiny_model_dir),
+        GENQ_MODEL_NAME=TINY_NAME,
+        GENQ_WORKER_METRICS_PORT=str(metrics_port),
+    )
     gateway, base = start_gateway(env, log_dir)
     procs: list[Proc] = [gateway]
     try:
         procs.append(start_worker(env, log_dir, base, TINY_NAME))
-        yield base
+        yield Stack(base, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         for proc in procs:
             proc.stop()

@@ -10,13 +10,13 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import TINY_NAME
+from tests.conftest import TINY_NAME, Stack
 from tests.sse import read_stream, token_text
 
 
 @pytest.fixture
-def client(stack: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack, timeout=30) as c:
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.base, timeout=30) as c:
         yield c
 
 
@@ -247,3 +247,27 @@ def test_probes_metrics_and_docs(client: httpx.Client) -> None:
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/generate", "/v1/queue"} <= set(spec["paths"])
+
+
+def test_worker_exposes_engine_and_memory_metrics(client: httpx.Client, stack: Stack) -> None:
+    client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 4})
+    text = httpx.get(stack.worker_metrics, timeout=10).text
+    for name in (
+        "genq_worker_batch_size",
+        "genq_worker_rss_bytes",
+        f'genq_worker_generated_tokens_total{{model="{TINY_NAME}"}}',
+        "genq_worker_time_to_first_token_seconds_bucket",
+    ):
+        assert name in text
+
+
+def test_concurrent_jobs_are_batched_and_match_their_solo_results(client: httpx.Client) -> None:
+    prompts = ["Hello", "The capital of France is", "Once upon a time there", "a b c", "x y"]
+    body = {"max_new_tokens": 24, "temperature": 0}
+    solo = [
+        client.post("/v1/generate", json={"prompt": p, **body}).json()["result"]["text"]
+        for p in prompts
+    ]
+    jobs = [submit(client, prompt=p, **body) for p in prompts]
+    batched = [poll(client, j["id"])["result"]["text"] for j in jobs]
+    assert batched == solo

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -243,3 +245,36 @@ def test_default_model_greedy_batch_equals_model_generate(default_lm: LoadedMode
         assert out.done[job.id].token_ids == reference(default_lm, job.prompt, 24, chat=True)
         assert out.text[job.id] == out.done[job.id].text
     assert "Paris" in out.done["0"].text
+
+
+def test_engine_thread_survives_a_failing_step(
+    tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = Collector()
+    finished = threading.Event()
+
+    def on_step(outputs: list[RowOutput]) -> None:
+        out(outputs)
+        if len(out.done) + len(out.errors) == 3:
+            finished.set()
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("kaboom")
+
+    engine = Engine(tiny_lm, EngineLimits(), on_step)
+    monkeypatch.setattr(tiny_lm.model, "forward", broken)
+    engine.start()
+    try:
+        for rid in ("a", "b"):
+            engine.submit(EngineRequest(rid, GenerationRequest(prompt="Hi"), greedy(5), 1e18))
+        deadline = time.monotonic() + 30
+        while len(out.errors) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        monkeypatch.undo()
+        engine.submit(EngineRequest("c", GenerationRequest(prompt="Hi"), greedy(5), 1e18))
+        assert finished.wait(30)
+    finally:
+        engine.stop()
+    assert "internal engine error: kaboom" in str(out.errors["a"])
+    assert "internal engine error" in str(out.errors["b"])
+    assert out.done["c"].completion_tokens == 5

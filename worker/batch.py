@@ -113,8 +113,7 @@ class Batch:
             n = len(row.prompt_ids)
             ids[i, longest - n :] = torch.tensor(row.prompt_ids)
             mask[i, longest - n :] = 1
-        cache = DynamicCache(config=lm.model.config)
-        return cls(rows, ids.to(lm.device), mask.to(lm.device), cache)
+        return cls(rows, ids.to(lm.device), mask.to(lm.device), new_cache(lm))
 
     @classmethod
     def concatenate(cls, batches: list[Batch]) -> Batch:
@@ -157,6 +156,66 @@ class Batch:
     def restore_cache_length(self, length: int) -> None:
         """Undo a forward pass that failed half way (some layers appended, others not)."""
         _slice_cache(self.cache, 0, length)
+
+
+class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # untyped base
+    """A DynamicLayer that appends into spare capacity.
+
+    DynamicLayer concatenates the whole cache with each step's keys and values; at batch 16 on a
+    CPU that copy costs as much as the model's matmuls. Here a step writes into a buffer with
+    room to spare, and `keys`/`values` are views of it. Batch surgery (concatenate, filter)
+    replaces `keys`/`values` with new tensors; the next update notices and re-buffers once.
+    """
+
+    SLACK_TOKENS = 128
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._key_buf: torch.Tensor | None = None
+        self._value_buf: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[2]
+        if not self._owns_views(key_states.shape[0], end):
+            self._rebuffer(key_states, value_states, length, end)
+        assert self._key_buf is not None
+        assert self._value_buf is not None
+        self._key_buf[:, :, length:end] = key_states
+        self._value_buf[:, :, length:end] = value_states
+        self.keys = self._key_buf[:, :, :end]
+        self.values = self._value_buf[:, :, :end]
+        return self.keys, self.values
+
+    def _owns_views(self, batch_size: int, end: int) -> bool:
+        buf = self._key_buf
+        keys = self.keys
+        return (
+            buf is not None
+            and keys is not None
+            and buf.data_ptr() == keys.data_ptr()
+            and buf.shape[0] == batch_size
+            and buf.shape[2] >= end
+        )
+
+    def _rebuffer(self, k: torch.Tensor, v: torch.Tensor, length: int, end: int) -> None:
+        shape = (k.shape[0], k.shape[1], end + self.SLACK_TOKENS, k.shape[3])
+        key_buf, value_buf = k.new_empty(shape), v.new_empty(shape)
+        if length:
+            keys, values = _kv(self)
+            key_buf[:, :, :length] = keys
+            value_buf[:, :, :length] = values
+        self._key_buf, self._value_buf = key_buf, value_buf
+
+
+def new_cache(lm: LoadedModel) -> DynamicCache:
+    cache = DynamicCache(config=lm.model.config)
+    cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
@@ -209,6 +268,7 @@ def generate_token(lm: LoadedModel, batch: Batch) -> tuple[list[RowOutput], Batc
             position_ids=positions,
             cache=batch.cache,
             use_cache=True,
+            logits_to_keep=1,  # the LM head over whole prompts would cost more than the layers
         )
         .logits[:, -1, :]
         .float()

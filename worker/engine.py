@@ -72,6 +72,7 @@ class Engine:
         self._waiting: deque[Row] = deque()
         self._deadlines: dict[str, float] = {}
         self._batch: Batch | None = None
+        self._admitted: list[Row] = []  # taken off the queue, not yet in the batch
         # Set by an out-of-memory prefill; admitting again waits until a running row finishes.
         self._admission_paused = False
         self._stop = threading.Event()
@@ -95,22 +96,25 @@ class Engine:
     def running(self) -> int:
         return len(self._batch) if self._batch else 0
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.step()
+            try:
+                self.step()
+            except Exception as e:
+                # A bug must not leave jobs waiting forever on a dead thread: fail what the
+                # engine holds and carry on with an empty batch.
+                logger.exception("engine step failed; failing every row it held")
+                self.on_step(self._fail_all(GenerationError(f"internal engine error: {e}")))
 
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: take new work, prefill what fits, decode one token for every row."""
         outputs = self._take_inbox(block=self._batch is None and not self._waiting)
         outputs += self._expire()
-        admitted = self._admit()
-        if admitted:
-            outputs += self._prefill(admitted)
+        self._admitted = self._admit()
+        if self._admitted:
+            outputs += self._prefill(self._admitted)
+        self._admitted = []
         if self._batch is not None:
             outputs += self._decode()
         if outputs:
@@ -261,6 +265,15 @@ class Engine:
         if self._batch is None:
             self.memory.release()  # the batch drained: hand cached GPU blocks back
         return outputs
+
+    def _fail_all(self, error: GenerationError) -> list[RowOutput]:
+        rows = [*self._waiting, *self._admitted, *(self._batch.rows if self._batch else [])]
+        self._waiting.clear()
+        self._admitted = []
+        self._batch = None
+        self._deadlines.clear()
+        self.memory.release()
+        return [RowOutput(row.request_id, error=error) for row in rows]
 
     def _drop_rows(self, indexes: list[int]) -> None:
         assert self._batch is not None
