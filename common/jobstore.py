@@ -76,6 +76,14 @@ class JobStore:
         raw = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "pool"))
         return None if raw is None else raw.decode()
 
+    async def request_cancel(self, job_id: str) -> None:
+        """Flag a job for cancellation; a worker that picks it up later sees the flag."""
+        await cast("Awaitable[int]", self.redis.hset(keys.job(job_id), "cancel", "1"))
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        flag = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "cancel"))
+        return flag is not None
+
     async def mark_running(self, job_id: str, *, model: str, attempt: int) -> None:
         fields = {
             "status": JobStatus.running.value,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from arq.constants import in_progress_key_prefix, job_key_prefix
+
 PREFIX = "genq"
 
 
@@ -38,3 +40,18 @@ def worker(worker_id: str) -> str:
 def worker_health(worker_id: str) -> str:
     """arq's per-process health-check key."""
     return f"{PREFIX}:worker-health:{worker_id}"
+
+
+def cancellations() -> str:
+    """Pub/sub channel: ids of running jobs to cancel; every worker listens."""
+    return f"{PREFIX}:cancel"
+
+
+def arq_job(job_id: str) -> str:
+    """arq's payload of a queued job."""
+    return f"{job_key_prefix}{job_id}"
+
+
+def arq_in_progress(job_id: str) -> str:
+    """arq's claim on a job a worker has started (it stays in the queue until it finishes)."""
+    return f"{in_progress_key_prefix}{job_id}"

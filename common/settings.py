@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(10_000, gt=0, description="Queued jobs per pool before 429.")
     sync_timeout_s: float = Field(60.0, gt=0, description="Default wait of POST /v1/generate.")
     max_sync_timeout_s: float = Field(300.0, gt=0)
+    cancel_wait_s: float = Field(
+        5.0, gt=0, description="How long DELETE /v1/jobs/{id} waits for a running job to stop."
+    )
     sse_ping_s: float = Field(15.0, gt=0, description="Keep-alive comment interval on SSE streams.")
     queue_full_retry_after_s: int = Field(5, ge=1)
     priority_step_s: int = Field(

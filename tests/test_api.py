@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from httpx_sse import connect_sse
 
 from tests.conftest import TINY_NAME, Stack
 from tests.sse import read_stream, token_text
@@ -271,3 +272,23 @@ def test_concurrent_jobs_are_batched_and_match_their_solo_results(client: httpx.
     jobs = [submit(client, prompt=p, **body) for p in prompts]
     batched = [poll(client, j["id"])["result"]["text"] for j in jobs]
     assert batched == solo
+
+
+def test_cancelling_a_running_job_stops_it_and_spares_the_others(client: httpx.Client) -> None:
+    body = {"max_new_tokens": 220, "temperature": 0}
+    prompts = ["Once", "Hello", "The capital"]
+    solo = {p: client.post("/v1/generate", json={"prompt": p, **body}).json() for p in prompts}
+    jobs = [submit(client, prompt=p, **body) for p in prompts]
+    victim = jobs[0]["id"]
+    with connect_sse(client, "GET", f"/v1/jobs/{victim}/events") as source:
+        assert next(source.iter_sse()).event == "token"  # it is running
+    cancelled = client.delete(f"/v1/jobs/{victim}").json()
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["result"]["finish_reason"] == "cancelled"
+    assert cancelled["result"]["usage"]["completion_tokens"] < 220
+    events = read_stream(client, "GET", f"/v1/jobs/{victim}/events")
+    assert events[-1].event == "done"
+    assert token_text(events) == cancelled["result"]["text"]
+    assert solo["Once"]["result"]["text"].startswith(cancelled["result"]["text"])
+    for job, prompt in zip(jobs[1:], prompts[1:], strict=True):
+        assert poll(client, job["id"])["result"] == solo[prompt]["result"]

@@ -10,6 +10,7 @@ import pytest
 
 from genq.redis_server import RedisServer, free_port
 from tests.procs import genq_env, start_gateway
+from tests.sse import read_stream
 
 MAX_DEPTH = 6
 
@@ -41,6 +42,21 @@ def position(client: httpx.Client, job_id: str) -> int:
     assert job["status"] == "queued"
     value: int = job["position"]
     return value
+
+
+def test_cancelling_a_queued_job_takes_it_off_the_queue(client: httpx.Client) -> None:
+    depth = client.get("/v1/queue").json()["pools"][0]["depth"]
+    job_id = client.post("/v1/jobs", json={"prompt": "never", "priority": "low"}).json()["id"]
+    resp = client.delete(f"/v1/jobs/{job_id}")
+    assert resp.status_code == 200
+    job = resp.json()
+    assert job["status"] == "cancelled"
+    assert job["result"]["finish_reason"] == "cancelled"
+    assert client.get("/v1/queue").json()["pools"][0]["depth"] == depth
+    assert client.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"  # idempotent
+    events = read_stream(client, "GET", f"/v1/jobs/{job_id}/events")
+    assert [e.event for e in events] == ["done"]
+    assert client.delete("/v1/jobs/unknown").status_code == 404
 
 
 def test_positions_stats_priorities_and_admission(client: httpx.Client) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from arq import Worker
 from arq.worker import func
 from prometheus_client import start_http_server
+from redis.exceptions import RedisError
 
 from common import keys, registry
 from common.jobstore import JobStore
@@ -55,6 +56,7 @@ class WorkerProcess:
         )
         self.runner = JobRunner(lm, store, settings)
         self._beating: asyncio.Task[None] | None = None
+        self._listening: asyncio.Task[None] | None = None
 
     def info(self) -> registry.WorkerInfo:
         return registry.WorkerInfo(
@@ -79,13 +81,15 @@ class WorkerProcess:
         )
         await registry.heartbeat(self.redis, self.info(), self.settings.worker_heartbeat_s)
         self._beating = asyncio.create_task(self._beat_forever())
+        self._listening = asyncio.create_task(self._listen_for_cancellations())
         logger.info("worker %s ready: model %s, pool %s", self.id, lm.name, self.settings.pool)
 
     async def shutdown(self, ctx: dict[str, Any]) -> None:
-        if self._beating is not None:
-            self._beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._beating
+        for task in (self._beating, self._listening):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         with contextlib.suppress(OSError):
             await registry.remove_worker(self.redis, self.info())
         await self.runner.stop()
@@ -95,8 +99,22 @@ class WorkerProcess:
             await asyncio.sleep(self.settings.worker_heartbeat_s)
             try:
                 await registry.heartbeat(self.redis, self.info(), self.settings.worker_heartbeat_s)
-            except OSError as e:  # Redis away: arq itself reconnects; keep beating.
+            except (OSError, RedisError) as e:  # Redis away: arq reconnects; keep beating.
                 logger.warning("heartbeat failed: %s", e)
+
+    async def _listen_for_cancellations(self) -> None:
+        """Relay cancel requests to the runner; resubscribes after a Redis outage (a request
+        missed meanwhile is still honoured by the flag on the job record when it starts)."""
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(keys.cancellations())
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self.runner.cancel(message["data"].decode())
+            except (OSError, RedisError) as e:
+                logger.warning("cancellation channel lost, resubscribing: %s", e)
+                await asyncio.sleep(1)
 
     def build(self) -> Worker:
         s = self.settings

@@ -137,6 +137,8 @@ class JobRunner:
                 deadline=time.monotonic() + self.settings.job_timeout_s,
             )
         )
+        if await self.store.cancel_requested(job.id):
+            self.engine.cancel(job.id)  # asked for while the job was being picked up
         try:
             outcome = await pending.future
         except GenerationError as e:
@@ -149,6 +151,11 @@ class JobRunner:
             del self._pending[job.id]
             metrics.RUNNING_JOBS.dec()
         return await self._finish(job, outcome=outcome)
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a job this worker is running (a no-op for any other job)."""
+        if job_id in self._pending:
+            self.engine.cancel(job_id)
 
     def _on_step(self, outputs: list[RowOutput]) -> None:
         """Called on the engine thread; hands the step to the event loop."""

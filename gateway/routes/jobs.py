@@ -32,6 +32,12 @@ async def get_job(job_id: str, jobs: JobsDep) -> Job:
     return await jobs.get(job_id)
 
 
+@router.delete("/{job_id}", responses=ERRORS)
+async def cancel_job(job_id: str, jobs: JobsDep) -> Job:
+    """Cancel: a queued job never runs; a running one stops within a step or two."""
+    return await jobs.cancel(job_id)
+
+
 @router.get(
     "/{job_id}/events",
     response_class=EventSourceResponse,

@@ -12,7 +12,7 @@ from arq.connections import ArqRedis
 from common import events, keys
 from common.events import Event
 from common.jobstore import JobStore
-from common.schemas import GenerationRequest, Job, JobStatus
+from common.schemas import GenerationRequest, Job, JobResult, JobStatus, Usage
 from common.settings import Settings
 from gateway import metrics
 from gateway.errors import BadRequest, JobNotFound, QueueFull
@@ -87,6 +87,34 @@ class JobService:
             if pool is not None:
                 job.position = await self.queue.position(pool, job_id)
         return job
+
+    async def cancel(self, job_id: str) -> Job:
+        """A queued job is taken off its queue and never runs; a running one is stopped by its
+        worker within a decode step or two and ends `cancelled` with its partial text."""
+        job = await self.get(job_id)
+        if job.status.finished:
+            return job
+        pool = await self.store.pool(job_id)
+        if pool is not None and await self.queue.remove_waiting(pool, job_id):
+            final = job.model_copy(
+                update={
+                    "status": JobStatus.cancelled,
+                    "finished_at": time.time(),
+                    "position": None,
+                    "result": JobResult(
+                        text="",
+                        finish_reason="cancelled",
+                        usage=Usage(prompt_tokens=0, completion_tokens=0),
+                    ),
+                }
+            )
+            await self.store.finish(final)
+            return final
+        # Running, or claimed by a worker an instant ago: the flag covers a worker that has not
+        # started it yet, the message one that has.
+        await self.store.request_cancel(job_id)
+        await self.redis.publish(keys.cancellations(), job_id)
+        return await self.wait(job_id, self.settings.cancel_wait_s)
 
     async def wait(self, job_id: str, timeout_s: float) -> Job:
         """The job once finished, or as it stands when `timeout_s` runs out."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from common import keys, registry
 from common.jobstore import JobStore
@@ -24,6 +25,23 @@ class QueueService:
     async def position(self, pool: str, job_id: str) -> int | None:
         rank = await self.redis.zrank(keys.queue(pool), job_id)
         return None if rank is None else int(rank)
+
+    async def remove_waiting(self, pool: str, job_id: str) -> bool:
+        """Take a job off its queue if no worker has claimed it; atomic with arq's claim, which
+        watches the same in-progress key."""
+        claim = keys.arq_in_progress(job_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(claim)
+                if await pipe.exists(claim):
+                    return False
+                pipe.multi()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                pipe.zrem(keys.queue(pool), job_id)
+                pipe.delete(keys.arq_job(job_id))
+                removed, _ = await pipe.execute()
+            except WatchError:
+                return False
+        return bool(removed)
 
     async def stats(self) -> QueueStats:
         pools = sorted(await registry.pools(self.redis) | {self.settings.pool})
