@@ -13,6 +13,7 @@ from common.redisconn import create_redis
 from common.settings import Settings
 from gateway.services.jobs import JobService
 from gateway.services.models import ModelService
+from gateway.services.openai import OpenAIService
 from gateway.services.queue import QueueService
 
 
@@ -23,6 +24,7 @@ class Services:
     jobs: JobService
     models: ModelService
     queue: QueueService
+    openai: OpenAIService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -31,7 +33,14 @@ class Services:
         models = ModelService(redis, settings)
         queue = QueueService(redis, store, settings)
         jobs = JobService(redis, store, models, queue, settings)
-        return cls(settings=settings, redis=redis, jobs=jobs, models=models, queue=queue)
+        return cls(
+            settings=settings,
+            redis=redis,
+            jobs=jobs,
+            models=models,
+            queue=queue,
+            openai=OpenAIService(jobs),
+        )
 
 
 def _services(request: Request) -> Services:

@@ -60,6 +60,29 @@ class Unavailable(ApiError):
     code = "redis_unavailable"
 
 
+class GatewayTimeout(ApiError):
+    status_code = 504
+    code = "timeout"
+
+
+# HTTP status of a failed generation, by the job's error code, where a route must answer with
+# one (OpenAI routes); bad input is the client's, the rest the server's.
+_FAILED_JOB_STATUS = {
+    "context_length_exceeded": 400,
+    "generation_failed": 400,
+    "out_of_memory": 503,
+    "worker_lost": 503,
+    "job_timeout": 504,
+}
+
+
+class GenerationFailed(ApiError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status_code = _FAILED_JOB_STATUS.get(code, 500)
+
+
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
@@ -67,8 +90,11 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
 def error_response(
     status: int, code: str, message: str, *, retry_after_s: int | None = None, **extra: Any
 ) -> JSONResponse:
+    """`type` and `param` make the envelope an OpenAI error object too, for its clients."""
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = error_body(code, message, type=kind, param=extra.pop("param", None), **extra)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:

@@ -1,0 +1,233 @@
+"""OpenAI-compatible completions and chat completions, served as genq jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+from sse_starlette import ServerSentEvent
+
+from common.events import EventType, decode_job
+from common.schemas import GenerationRequest, Job, JobResult, TokenEvent
+from gateway.errors import (
+    BadRequest,
+    GatewayTimeout,
+    GenerationFailed,
+    error_body,
+    map_exception,
+)
+from gateway.openai.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessageOut,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    FinishReason,
+    OpenAIUsage,
+    _Sampling,
+)
+from gateway.services.jobs import JobService
+
+logger = logging.getLogger(__name__)
+
+DONE = "[DONE]"
+
+# Builds a stream chunk: new text, or the finish reason, or (alone) the usage.
+Chunker = Callable[[str, FinishReason | None, OpenAIUsage | None], BaseModel]
+
+
+def _usage(result: JobResult) -> OpenAIUsage:
+    u = result.usage
+    return OpenAIUsage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.prompt_tokens + u.completion_tokens,
+    )
+
+
+def _finish_reason(result: JobResult) -> FinishReason:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def _data(model: BaseModel) -> ServerSentEvent:
+    return ServerSentEvent(data=model.model_dump_json())
+
+
+def _error(code: str, message: str) -> ServerSentEvent:
+    """Once a stream has started, an error is a chunk holding an OpenAI error object."""
+    return ServerSentEvent(
+        data=orjson.dumps(error_body(code, message, type="server_error")).decode()
+    )
+
+
+def _generation(**fields: object) -> GenerationRequest:
+    try:
+        return GenerationRequest.model_validate(fields)
+    except ValidationError as e:
+        raise BadRequest(str(e)) from e
+
+
+class OpenAIService:
+    def __init__(self, jobs: JobService) -> None:
+        self.jobs = jobs
+        # Cancellations of abandoned streams run detached; kept here so they are not collected.
+        self._cancelling: set[asyncio.Task[Job]] = set()
+
+    async def completion(self, body: CompletionRequest) -> Completion:
+        job = await self._run(body, self._completion_request(body))
+        assert job.result is not None
+        return Completion(
+            id=f"cmpl-{job.id}",
+            created=int(job.created_at),
+            model=job.model,
+            choices=[
+                CompletionChoice(text=job.result.text, finish_reason=_finish_reason(job.result))
+            ],
+            usage=_usage(job.result),
+        )
+
+    async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
+        job = await self._run(body, self._chat_request(body))
+        assert job.result is not None
+        return ChatCompletion(
+            id=f"chatcmpl-{job.id}",
+            created=int(job.created_at),
+            model=job.model,
+            choices=[
+                ChatChoice(
+                    message=ChatMessageOut(content=job.result.text),
+                    finish_reason=_finish_reason(job.result),
+                )
+            ],
+            usage=_usage(job.result),
+        )
+
+    async def completion_stream(self, body: CompletionRequest) -> AsyncIterator[ServerSentEvent]:
+        job = await self.jobs.submit(self._completion_request(body))
+
+        def chunk(text: str, finish: FinishReason | None, usage: OpenAIUsage | None) -> BaseModel:
+            return Completion(
+                id=f"cmpl-{job.id}",
+                created=int(job.created_at),
+                model=job.model,
+                choices=[] if usage else [CompletionChoice(text=text, finish_reason=finish)],
+                usage=usage,
+            )
+
+        return await self._stream(job, body, chunk, first=None)
+
+    async def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[ServerSentEvent]:
+        job = await self.jobs.submit(self._chat_request(body))
+
+        def chunk(text: str, finish: FinishReason | None, usage: OpenAIUsage | None) -> BaseModel:
+            choices = [
+                ChatChunkChoice(
+                    delta=ChatDelta(content=text) if text else ChatDelta(),
+                    finish_reason=finish,
+                )
+            ]
+            return ChatCompletionChunk(
+                id=f"chatcmpl-{job.id}",
+                created=int(job.created_at),
+                model=job.model,
+                choices=[] if usage else choices,
+                usage=usage,
+            )
+
+        first = ChatCompletionChunk(
+            id=f"chatcmpl-{job.id}",
+            created=int(job.created_at),
+            model=job.model,
+            choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
+        )
+        return await self._stream(job, body, chunk, first=first)
+
+    async def _run(self, body: _Sampling, request: GenerationRequest) -> Job:
+        job = await self.jobs.submit(request)
+        job = await self.jobs.wait(job.id, self.jobs.settings.max_sync_timeout_s)
+        if not job.status.finished:
+            await self.jobs.cancel(job.id)
+            raise GatewayTimeout(
+                f"the job did not finish within {self.jobs.settings.max_sync_timeout_s}s "
+                "(GENQ_MAX_SYNC_TIMEOUT_S); use stream=true for long generations"
+            )
+        if job.error is not None:
+            raise GenerationFailed(job.error.code, job.error.message)
+        return job
+
+    async def _stream(
+        self,
+        job: Job,
+        body: _Sampling,
+        chunk: Chunker,
+        first: BaseModel | None,
+    ) -> AsyncIterator[ServerSentEvent]:
+        events = await self.jobs.events(job.id, None)
+
+        async def relay() -> AsyncIterator[ServerSentEvent]:
+            finished = False
+            try:
+                if first is not None:
+                    yield _data(first)
+                async for event in events:
+                    if event.type is EventType.token:
+                        text = TokenEvent.model_validate_json(event.data).text
+                        yield _data(chunk(text, None, None))
+                        continue
+                    finished = True
+                    final = decode_job(event)
+                    if final.error is not None or final.result is None:
+                        code = final.error.code if final.error else "failed"
+                        message = final.error.message if final.error else "the job failed"
+                        yield _error(code, message)
+                    else:
+                        yield _data(chunk("", _finish_reason(final.result), None))
+                        if body.include_usage:
+                            yield _data(chunk("", None, _usage(final.result)))
+                    yield ServerSentEvent(data=DONE)
+            except RedisError as e:
+                err = map_exception(e)
+                yield _error(err.code, err.message)
+            finally:
+                if not finished:
+                    # The client went away (or the stream broke): stop spending the GPU on it.
+                    task = asyncio.create_task(self.jobs.cancel(job.id))
+                    self._cancelling.add(task)
+                    task.add_done_callback(self._cancelling.discard)
+
+        return relay()
+
+    def _completion_request(self, body: CompletionRequest) -> GenerationRequest:
+        return _generation(
+            prompt=body.prompt_text(),
+            model=body.model,
+            max_new_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop_list(),
+            seed=body.seed,
+        )
+
+    def _chat_request(self, body: ChatCompletionRequest) -> GenerationRequest:
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
+        return _generation(
+            messages=messages,
+            model=body.model,
+            max_new_tokens=body.new_tokens(),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop_list(),
+            seed=body.seed,
+        )
