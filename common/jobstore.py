@@ -11,6 +11,7 @@ from typing import cast
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from common import events, keys
 from common.schemas import Job, JobError, JobResult, JobStatus, Timings, TokenEvent
@@ -63,9 +64,13 @@ class JobStore:
 
     async def create(self, job: Job, *, pool: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.job(job.id), mapping={**_to_hash(job), "pool": pool})
-            pipe.expire(keys.job(job.id), self.ttl_s)
+            self.stage_create(pipe, job, pool=pool)
             await pipe.execute()
+
+    def stage_create(self, pipe: Pipeline, job: Job, *, pool: str) -> None:
+        """Add the record's creation to `pipe`, so it can share a round trip with the enqueue."""
+        pipe.hset(keys.job(job.id), mapping={**_to_hash(job), "pool": pool})
+        pipe.expire(keys.job(job.id), self.ttl_s)
 
     async def load(self, job_id: str) -> Job | None:
         raw = await cast("Awaitable[dict[bytes, bytes]]", self.redis.hgetall(keys.job(job_id)))

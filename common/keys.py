@@ -55,3 +55,13 @@ def arq_job(job_id: str) -> str:
 def arq_in_progress(job_id: str) -> str:
     """arq's claim on a job a worker has started (it stays in the queue until it finishes)."""
     return f"{in_progress_key_prefix}{job_id}"
+
+
+def idempotency(key: str) -> str:
+    """String: `{job id} {request fingerprint}` for a client's Idempotency-Key."""
+    return f"{PREFIX}:idem:{key}"
+
+
+def result_cache(fingerprint: str) -> str:
+    """String: id of the job that serves identical deterministic requests."""
+    return f"{PREFIX}:cache:{fingerprint}"

@@ -107,6 +107,10 @@ class Job(BaseModel):
     result: JobResult | None = None
     error: JobError | None = None
     timings: Timings = Field(default_factory=Timings)
+    cached: bool = Field(
+        False,
+        description="This is an earlier identical job (finished or running), not a new one.",
+    )
 
 
 class TokenEvent(BaseModel):
@@ -149,3 +153,21 @@ class PoolStats(BaseModel):
 
 class QueueStats(BaseModel):
     pools: list[PoolStats]
+
+
+class BatchRequest(BaseModel):
+    """Items are validated one by one: a bad item is reported, the others still run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[dict[str, object]] = Field(min_length=1)
+
+
+class BatchItem(BaseModel):
+    index: int
+    job: Job | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchResponse(BaseModel):
+    items: list[BatchItem]

@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     )
     sse_ping_s: float = Field(15.0, gt=0, description="Keep-alive comment interval on SSE streams.")
     queue_full_retry_after_s: int = Field(5, ge=1)
+    max_batch_requests: int = Field(100, ge=1, description="Items in one POST /v1/jobs/batch.")
+    idempotency_ttl_s: int = Field(86_400, gt=0, description="How long an Idempotency-Key holds.")
+    cache_enabled: bool = Field(
+        True, description="Serve identical deterministic requests from one job (cache + dedup)."
+    )
+    cache_ttl_s: int = Field(
+        3_600, gt=0, description="How long a result serves identical requests."
+    )
     priority_step_s: int = Field(
         30, ge=0, description="Queue head start of each priority level over the next one."
     )

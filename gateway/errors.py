@@ -45,6 +45,11 @@ class BadRequest(ApiError):
     code = "invalid_request"
 
 
+class IdempotencyConflict(ApiError):
+    status_code = 409
+    code = "idempotency_conflict"
+
+
 class PayloadTooLarge(ApiError):
     status_code = 413
     code = "payload_too_large"

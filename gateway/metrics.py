@@ -19,6 +19,9 @@ HTTP_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 SUBMITTED = Counter("genq_jobs_submitted_total", "Jobs accepted", ["model"])
+CACHE_HITS = Counter(
+    "genq_cache_hits_total", "Requests served by an identical running or finished job"
+)
 REJECTED = Counter("genq_jobs_rejected_total", "Submissions refused", ["reason"])
 QUEUE_DEPTH = Gauge("genq_queue_depth", "Jobs waiting in a pool's queue", ["pool"])
 WORKERS_ALIVE = Gauge("genq_workers_alive", "Workers heartbeating in a pool", ["pool"])

@@ -21,6 +21,10 @@ def client(stack: Stack) -> Iterator[httpx.Client]:
         yield c
 
 
+# A stop string the tiny model never writes: it changes a request (no cache hit), not its text.
+NEVER = "\u00a7\u00a7\u00a7"
+
+
 def submit(client: httpx.Client, **body: Any) -> dict[str, Any]:
     resp = client.post("/v1/jobs", json={"prompt": "Once upon a time", **body})
     assert resp.status_code == 202, resp.text
@@ -77,7 +81,8 @@ def test_sync_generate_answers_202_when_the_job_outlives_the_timeout(
 def test_greedy_is_deterministic_across_jobs(client: httpx.Client) -> None:
     body = {"prompt": "The capital of France is", "max_new_tokens": 16, "temperature": 0}
     first = client.post("/v1/generate", json=body).json()
-    second = client.post("/v1/generate", json=body).json()
+    second = client.post("/v1/generate", json={**body, "stop": [NEVER]}).json()
+    assert not second["cached"]  # a job of its own, not a cache hit
     assert first["result"]["text"] == second["result"]["text"]
 
 
@@ -269,7 +274,7 @@ def test_concurrent_jobs_are_batched_and_match_their_solo_results(client: httpx.
         client.post("/v1/generate", json={"prompt": p, **body}).json()["result"]["text"]
         for p in prompts
     ]
-    jobs = [submit(client, prompt=p, **body) for p in prompts]
+    jobs = [submit(client, prompt=p, stop=[NEVER], **body) for p in prompts]
     batched = [poll(client, j["id"])["result"]["text"] for j in jobs]
     assert batched == solo
 
@@ -278,7 +283,7 @@ def test_cancelling_a_running_job_stops_it_and_spares_the_others(client: httpx.C
     body = {"max_new_tokens": 220, "temperature": 0}
     prompts = ["Once", "Hello", "The capital"]
     solo = {p: client.post("/v1/generate", json={"prompt": p, **body}).json() for p in prompts}
-    jobs = [submit(client, prompt=p, **body) for p in prompts]
+    jobs = [submit(client, prompt=p, stop=[NEVER], **body) for p in prompts]
     victim = jobs[0]["id"]
     with connect_sse(client, "GET", f"/v1/jobs/{victim}/events") as source:
         assert next(source.iter_sse()).event == "token"  # it is running
@@ -292,3 +297,57 @@ def test_cancelling_a_running_job_stops_it_and_spares_the_others(client: httpx.C
     assert solo["Once"]["result"]["text"].startswith(cancelled["result"]["text"])
     for job, prompt in zip(jobs[1:], prompts[1:], strict=True):
         assert poll(client, job["id"])["result"] == solo[prompt]["result"]
+
+
+def test_batch_submit_runs_valid_items_and_reports_bad_ones(client: httpx.Client) -> None:
+    items = [
+        {"prompt": "Hello", "max_new_tokens": 5, "stop": [NEVER, "b"]},
+        {"prompt": "Hello", "temperature": 7},
+        {"messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 5},
+        {"prompt": "Hello", "model": "gpt-17"},
+    ]
+    resp = client.post("/v1/jobs/batch", json={"requests": items})
+    assert resp.status_code == 202
+    out = resp.json()["items"]
+    assert [i["index"] for i in out] == [0, 1, 2, 3]
+    assert out[1]["job"] is None
+    assert out[1]["error"]["code"] == "invalid_request"
+    assert "temperature" in out[1]["error"]["message"]
+    assert out[3]["error"]["code"] == "model_not_found"
+    for item in (out[0], out[2]):
+        assert item["error"] is None
+        assert poll(client, item["job"]["id"])["status"] == "succeeded"
+    too_many = client.post("/v1/jobs/batch", json={"requests": [{"prompt": "x"}] * 101})
+    assert too_many.status_code == 422
+    assert "GENQ_MAX_BATCH_REQUESTS" in too_many.json()["error"]["message"]
+
+
+def test_idempotency_key_returns_the_same_job_and_conflicts_on_another_body(
+    client: httpx.Client,
+) -> None:
+    key = {"Idempotency-Key": f"order-{time.time_ns()}"}
+    body = {"prompt": "Hello", "max_new_tokens": 6, "temperature": 0.5}
+    first = client.post("/v1/jobs", json=body, headers=key).json()
+    again = client.post("/v1/jobs", json=body, headers=key).json()
+    assert again["id"] == first["id"]
+    synced = client.post("/v1/generate", json=body, headers=key)
+    assert synced.status_code == 200
+    assert synced.json()["id"] == first["id"]  # the sync route attaches to it
+    conflict = client.post("/v1/jobs", json={**body, "max_new_tokens": 7}, headers=key)
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "idempotency_conflict"
+
+
+def test_identical_deterministic_requests_share_one_job(client: httpx.Client) -> None:
+    body = {"prompt": "Cache me", "max_new_tokens": 120, "temperature": 0}
+    first = submit(client, **body)
+    twin = submit(client, **body)  # arrives while the first is queued or running
+    assert twin["id"] == first["id"]
+    assert twin["cached"] is True
+    done = poll(client, first["id"])
+    later = client.post("/v1/generate", json=body).json()
+    assert later["id"] == first["id"]
+    assert later["cached"] is True
+    assert later["result"] == done["result"]
+    sampled = {**body, "temperature": 0.9}  # no seed: not deterministic, never shared
+    assert submit(client, **sampled)["id"] != submit(client, **sampled)["id"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def client(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[
     server = RedisServer(tmp_path_factory.mktemp("idle-redis"), free_port(), persist=False)
     server.start()
     gateway, base = start_gateway(
-        genq_env(server.url, GENQ_MAX_QUEUE_DEPTH=str(MAX_DEPTH)), log_dir
+        genq_env(server.url, GENQ_MAX_QUEUE_DEPTH=str(MAX_DEPTH), GENQ_CACHE_ENABLED="false"),
+        log_dir,
     )
     try:
         with httpx.Client(base_url=base, timeout=10) as c:
@@ -31,7 +33,8 @@ def client(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[
 
 
 def submit(client: httpx.Client, priority: str = "normal") -> str:
-    resp = client.post("/v1/jobs", json={"prompt": "hi", "priority": priority})
+    body = {"prompt": "hi", "priority": priority, "temperature": 0}
+    resp = client.post("/v1/jobs", json=body)
     assert resp.status_code == 202, resp.text
     job_id: str = resp.json()["id"]
     return job_id
@@ -59,8 +62,22 @@ def test_cancelling_a_queued_job_takes_it_off_the_queue(client: httpx.Client) ->
     assert client.delete("/v1/jobs/unknown").status_code == 404
 
 
+def test_abandoned_openai_stream_cancels_its_job(client: httpx.Client) -> None:
+    body = {"model": "default", "prompt": "hi", "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as resp:
+        job_id = resp.headers["x-genq-job-id"]
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+    deadline = time.monotonic() + 10
+    while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] == "queued":
+        assert time.monotonic() < deadline, "the abandoned job was not cancelled"
+        time.sleep(0.05)
+    assert job["status"] == "cancelled"
+
+
 def test_positions_stats_priorities_and_admission(client: httpx.Client) -> None:
+    # Identical greedy requests: with the cache turned off, each is a job of its own.
     normal = [submit(client) for _ in range(3)]
+    assert len(set(normal)) == 3
     assert [position(client, j) for j in normal] == [0, 1, 2]
     # Jobs are accepted for the default pool before any worker registered a model.
     assert client.get(f"/v1/jobs/{normal[0]}").json()["model"] == "default"

@@ -8,7 +8,7 @@ from sse_starlette import EventSourceResponse
 from common.schemas import Job, SyncGenerationRequest
 from gateway.deps import ServicesDep
 from gateway.errors import LimitExceeded
-from gateway.routes.jobs import ERRORS
+from gateway.routes.jobs import ERRORS, IdempotencyKey
 from gateway.services.sse import job_event_stream
 
 router = APIRouter(tags=["generate"])
@@ -28,7 +28,10 @@ router = APIRouter(tags=["generate"])
     },
 )
 async def generate(
-    body: SyncGenerationRequest, services: ServicesDep, response: Response
+    body: SyncGenerationRequest,
+    services: ServicesDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
 ) -> Job | EventSourceResponse:
     """Run a job and answer with it finished (200), or still running at `timeout_s` (202)."""
     settings = services.settings
@@ -38,11 +41,11 @@ async def generate(
             f"timeout_s={timeout_s}; the limit is {settings.max_sync_timeout_s} "
             "(GENQ_MAX_SYNC_TIMEOUT_S)"
         )
-    job = await services.jobs.submit(body.generation())
+    job = await services.jobs.submit(body.generation(), idempotency_key=idempotency_key)
     if body.stream:
         stream = await job_event_stream(services.jobs, job.id, None)
         return EventSourceResponse(stream, ping=int(settings.sse_ping_s))
-    job = await services.jobs.wait(job.id, timeout_s)
+    job = (await services.jobs.wait(job.id, timeout_s)).model_copy(update={"cached": job.cached})
     if not job.status.finished:
         response.status_code = status.HTTP_202_ACCEPTED
         response.headers["Location"] = f"/v1/jobs/{job.id}"

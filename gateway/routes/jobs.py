@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Response, status
 from sse_starlette import EventSourceResponse
 
-from common.schemas import ErrorBody, GenerationRequest, Job
+from common.schemas import BatchRequest, BatchResponse, ErrorBody, GenerationRequest, Job
 from gateway.deps import JobsDep, ServicesDep
 from gateway.services.sse import job_event_stream
 
@@ -18,12 +18,34 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=ERRORS)
-async def submit_job(body: GenerationRequest, jobs: JobsDep, response: Response) -> Job:
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=255,
+        description="Retries with the same key and body get the same job for 24 h; "
+        "the same key with another body is a 409.",
+    ),
+]
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses={**ERRORS, 409: ERRORS[404]})
+async def submit_job(
+    body: GenerationRequest,
+    jobs: JobsDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> Job:
     """Queue a generation job; poll it at `Location` or stream its events."""
-    job = await jobs.submit(body)
+    job = await jobs.submit(body, idempotency_key=idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
+
+
+@router.post("/batch", status_code=status.HTTP_202_ACCEPTED, responses=ERRORS)
+async def submit_batch(body: BatchRequest, jobs: JobsDep) -> BatchResponse:
+    """One job per item, queued in one round trip, listed in order; an invalid item gets an
+    `error` instead of a `job` and does not stop the others."""
+    return await jobs.submit_batch(body.requests)
 
 
 @router.get("/{job_id}", responses=ERRORS)

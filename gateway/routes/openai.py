@@ -14,8 +14,8 @@ from gateway.openai.protocol import (
     Completion,
     CompletionRequest,
 )
-from gateway.routes.jobs import ERRORS
-from gateway.services.openai import OpenAIService
+from gateway.routes.jobs import ERRORS, IdempotencyKey
+from gateway.services.openai import JobStream, OpenAIService
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -30,18 +30,23 @@ def _openai(request: Request) -> OpenAIService:
 OpenAIDep = Annotated[OpenAIService, Depends(_openai)]
 
 
+def _sse(stream: JobStream) -> EventSourceResponse:
+    # The header names the genq job before the first chunk, which may be a while coming.
+    return EventSourceResponse(stream.events, headers={"X-Genq-Job-Id": stream.job.id})
+
+
 @router.post(
     "/completions",
     response_model=None,
     responses={**ERRORS, 200: {"model": Completion, **STREAMED}},
 )
 async def completions(
-    body: CompletionRequest, openai: OpenAIDep
+    body: CompletionRequest, openai: OpenAIDep, idempotency_key: IdempotencyKey = None
 ) -> Completion | EventSourceResponse:
     """OpenAI text completion; with `stream: true`, chunks ending with `data: [DONE]`."""
     if body.stream:
-        return EventSourceResponse(await openai.completion_stream(body))
-    return await openai.completion(body)
+        return _sse(await openai.completion_stream(body, idempotency_key))
+    return await openai.completion(body, idempotency_key)
 
 
 @router.post(
@@ -50,9 +55,9 @@ async def completions(
     responses={**ERRORS, 200: {"model": ChatCompletion, **STREAMED}},
 )
 async def chat_completions(
-    body: ChatCompletionRequest, openai: OpenAIDep
+    body: ChatCompletionRequest, openai: OpenAIDep, idempotency_key: IdempotencyKey = None
 ) -> ChatCompletion | EventSourceResponse:
     """OpenAI chat completion; the model's chat template is applied by the worker."""
     if body.stream:
-        return EventSourceResponse(await openai.chat_stream(body))
-    return await openai.chat(body)
+        return _sse(await openai.chat_stream(body, idempotency_key))
+    return await openai.chat(body, idempotency_key)

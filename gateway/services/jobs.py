@@ -2,31 +2,45 @@
 
 from __future__ import annotations
 
-import secrets
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
+from pydantic import ValidationError
 
 from common import events, keys
 from common.events import Event
 from common.jobstore import JobStore
-from common.schemas import GenerationRequest, Job, JobResult, JobStatus, Usage
+from common.schemas import (
+    BatchItem,
+    BatchResponse,
+    ErrorDetail,
+    GenerationRequest,
+    Job,
+    JobResult,
+    JobStatus,
+    Usage,
+)
 from common.settings import Settings
 from gateway import metrics
-from gateway.errors import BadRequest, JobNotFound, QueueFull
+from gateway.errors import (
+    ApiError,
+    BadRequest,
+    IdempotencyConflict,
+    JobNotFound,
+    LimitExceeded,
+    QueueFull,
+)
+from gateway.services.enqueue import fingerprint, is_deterministic, stage_enqueue
 from gateway.services.events import STREAM_ID, read_events
 from gateway.services.limits import check_limits
 from gateway.services.models import ModelService
 from gateway.services.queue import QueueService
 
-JOB_FUNCTION = "generate"
-
-# Score offsets (in priority steps) on the arq queue, which runs the lowest score first. A job's
-# score is its enqueue time plus this, so waiting ages a job: after one step a `low` job ranks
-# with a fresh `normal` one, and nothing waits forever behind a stream of `high` work.
-_PRIORITY_STEPS = {"high": -2, "normal": -1, "low": 0}
+# How long a request that lost an Idempotency-Key race waits for the winner's job record.
+_IDEMPOTENCY_WAIT_S = 2.0
 
 
 class JobService:
@@ -44,48 +58,135 @@ class JobService:
         self.queue = queue
         self.settings = settings
 
-    async def submit(self, request: GenerationRequest) -> Job:
+    async def submit(
+        self, request: GenerationRequest, *, idempotency_key: str | None = None
+    ) -> Job:
+        """Queue a job, or answer with the job that already serves this request: the one an
+        earlier request with the same Idempotency-Key created, or (for deterministic requests)
+        an identical one that is running or has finished (`cached: true`)."""
         check_limits(request, self.settings)
         route = await self.models.resolve(request.model)
-        if await self.queue.depth(route.pool) >= self.settings.max_queue_depth:
+        job = self._new_job(route.model)
+        if idempotency_key is not None:
+            earlier = await self._claim_idempotency(idempotency_key, route.model, request, job.id)
+            if earlier is not None:
+                return earlier
+        cache_key = None
+        if self.settings.cache_enabled and is_deterministic(request):
+            cache_key = keys.result_cache(fingerprint(route.model, request, exclude={"priority"}))
+            served = await self._from_cache(cache_key, job.id)
+            if served is not None:
+                metrics.CACHE_HITS.inc()
+                return served
+        await self._check_depth(route.pool, 1)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            stage_enqueue(pipe, self.store, self.settings, job, request, route.pool)
+            pipe.zrank(keys.queue(route.pool), job.id)
+            *_, position = await pipe.execute()
+        metrics.SUBMITTED.labels(route.model).inc()
+        return job.model_copy(update={"position": position})
+
+    async def submit_batch(self, items: list[dict[str, object]]) -> BatchResponse:
+        """One job per valid item, all queued in one round trip; bad items are reported."""
+        if len(items) > self.settings.max_batch_requests:
+            raise LimitExceeded(
+                f"{len(items)} requests; the limit is {self.settings.max_batch_requests} "
+                "(GENQ_MAX_BATCH_REQUESTS)"
+            )
+        out: list[BatchItem] = []
+        accepted: list[tuple[Job, GenerationRequest, str]] = []
+        for index, raw in enumerate(items):
+            try:
+                request = GenerationRequest.model_validate(raw)
+                check_limits(request, self.settings)
+                route = await self.models.resolve(request.model)
+            except ValidationError as e:
+                out.append(BatchItem(index=index, error=_item_error("invalid_request", e)))
+                continue
+            except ApiError as e:
+                out.append(
+                    BatchItem(index=index, error=ErrorDetail(code=e.code, message=e.message))
+                )
+                continue
+            job = self._new_job(route.model)
+            accepted.append((job, request, route.pool))
+            out.append(BatchItem(index=index, job=job))
+        for pool in {p for _, _, p in accepted}:
+            await self._check_depth(pool, sum(1 for _, _, p in accepted if p == pool))
+        if accepted:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for job, request, pool in accepted:
+                    stage_enqueue(pipe, self.store, self.settings, job, request, pool)
+                await pipe.execute()
+            for job, _, _ in accepted:
+                metrics.SUBMITTED.labels(job.model).inc()
+        return BatchResponse(items=out)
+
+    def _new_job(self, model: str) -> Job:
+        return Job(
+            id=uuid.uuid4().hex, status=JobStatus.queued, model=model, created_at=time.time()
+        )
+
+    async def _check_depth(self, pool: str, adding: int) -> None:
+        if await self.queue.depth(pool) + adding > self.settings.max_queue_depth:
             metrics.REJECTED.labels("queue_full").inc()
             raise QueueFull(
-                f"the queue of pool {route.pool!r} is full "
+                f"the queue of pool {pool!r} is full "
                 f"({self.settings.max_queue_depth} jobs, GENQ_MAX_QUEUE_DEPTH); retry later",
                 retry_after_s=self.settings.queue_full_retry_after_s,
             )
-        job = Job(
-            id=uuid.uuid4().hex,
-            status=JobStatus.queued,
-            model=route.model,
-            created_at=time.time(),
-        )
-        await self.store.create(job, pool=route.pool)
-        # Drawn here, not by the worker, so that a re-run after a worker dies reproduces the
-        # tokens already streamed.
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
-        max_new_tokens = request.max_new_tokens or self.settings.default_max_new_tokens
-        await self.redis.enqueue_job(
-            JOB_FUNCTION,
-            job.id,
-            request.model_dump(mode="json"),
-            seed,
-            max_new_tokens,
-            _job_id=job.id,
-            _queue_name=keys.queue(route.pool),
-            _defer_by=_PRIORITY_STEPS[request.priority] * self.settings.priority_step_s,
-        )
-        metrics.SUBMITTED.labels(route.model).inc()
-        return job.model_copy(update={"position": await self.queue.position(route.pool, job.id)})
+
+    async def _claim_idempotency(
+        self, key: str, model: str, request: GenerationRequest, job_id: str
+    ) -> Job | None:
+        """None if this request now owns `key`; else the job of the request that owns it."""
+        digest = fingerprint(model, request)
+        redis_key = keys.idempotency(key)
+        if await self.redis.set(
+            redis_key, f"{job_id} {digest}", nx=True, ex=self.settings.idempotency_ttl_s
+        ):
+            return None
+        owner = await self.redis.get(redis_key)
+        if owner is None:  # expired just now: claim it again
+            return await self._claim_idempotency(key, model, request, job_id)
+        owner_id, owner_digest = owner.decode().split(" ", 1)
+        if owner_digest != digest:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {key!r} was used with a different request body"
+            )
+        deadline = time.monotonic() + _IDEMPOTENCY_WAIT_S
+        while (job := await self.store.load(owner_id)) is None:
+            if time.monotonic() > deadline:
+                raise IdempotencyConflict(
+                    f"the request holding Idempotency-Key {key!r} has not created its job"
+                )
+            await asyncio.sleep(0.05)
+        return await self._with_position(job)
+
+    async def _from_cache(self, cache_key: str, job_id: str) -> Job | None:
+        """The job serving identical requests, unless it failed; else register `job_id`."""
+        ttl = self.settings.cache_ttl_s
+        if await self.redis.set(cache_key, job_id, nx=True, ex=ttl):
+            return None
+        owner = await self.redis.get(cache_key)
+        job = None if owner is None else await self.store.load(owner.decode())
+        if job is None or job.status in (JobStatus.failed, JobStatus.cancelled):
+            await self.redis.set(cache_key, job_id, ex=ttl)
+            return None
+        job = await self._with_position(job)
+        return job.model_copy(update={"cached": True})
 
     async def get(self, job_id: str) -> Job:
         job = await self.store.load(job_id)
         if job is None:
             raise JobNotFound(f"job {job_id!r} does not exist or has expired")
+        return await self._with_position(job)
+
+    async def _with_position(self, job: Job) -> Job:
         if job.status is JobStatus.queued:
-            pool = await self.store.pool(job_id)
+            pool = await self.store.pool(job.id)
             if pool is not None:
-                job.position = await self.queue.position(pool, job_id)
+                job.position = await self.queue.position(pool, job.id)
         return job
 
     async def cancel(self, job_id: str) -> Job:
@@ -145,3 +246,11 @@ class JobService:
     def _block_ms(self) -> int:
         # XREAD BLOCK must return before the client's socket timeout would fire.
         return max(100, int((self.settings.redis_socket_timeout_s - 1.0) * 1000))
+
+
+def _item_error(code: str, error: ValidationError) -> ErrorDetail:
+    parts = [
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+        for e in error.errors()
+    ]
+    return ErrorDetail(code=code, message="; ".join(parts))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -76,14 +77,20 @@ def _generation(**fields: object) -> GenerationRequest:
         raise BadRequest(str(e)) from e
 
 
+@dataclass(frozen=True)
+class JobStream:
+    job: Job
+    events: AsyncIterator[ServerSentEvent]
+
+
 class OpenAIService:
     def __init__(self, jobs: JobService) -> None:
         self.jobs = jobs
         # Cancellations of abandoned streams run detached; kept here so they are not collected.
         self._cancelling: set[asyncio.Task[Job]] = set()
 
-    async def completion(self, body: CompletionRequest) -> Completion:
-        job = await self._run(body, self._completion_request(body))
+    async def completion(self, body: CompletionRequest, idempotency_key: str | None) -> Completion:
+        job = await self._run(self._completion_request(body), idempotency_key)
         assert job.result is not None
         return Completion(
             id=f"cmpl-{job.id}",
@@ -95,8 +102,10 @@ class OpenAIService:
             usage=_usage(job.result),
         )
 
-    async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
-        job = await self._run(body, self._chat_request(body))
+    async def chat(
+        self, body: ChatCompletionRequest, idempotency_key: str | None
+    ) -> ChatCompletion:
+        job = await self._run(self._chat_request(body), idempotency_key)
         assert job.result is not None
         return ChatCompletion(
             id=f"chatcmpl-{job.id}",
@@ -111,8 +120,11 @@ class OpenAIService:
             usage=_usage(job.result),
         )
 
-    async def completion_stream(self, body: CompletionRequest) -> AsyncIterator[ServerSentEvent]:
-        job = await self.jobs.submit(self._completion_request(body))
+    async def completion_stream(
+        self, body: CompletionRequest, idempotency_key: str | None
+    ) -> JobStream:
+        request = self._completion_request(body)
+        job = await self.jobs.submit(request, idempotency_key=idempotency_key)
 
         def chunk(text: str, finish: FinishReason | None, usage: OpenAIUsage | None) -> BaseModel:
             return Completion(
@@ -125,8 +137,10 @@ class OpenAIService:
 
         return await self._stream(job, body, chunk, first=None)
 
-    async def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[ServerSentEvent]:
-        job = await self.jobs.submit(self._chat_request(body))
+    async def chat_stream(
+        self, body: ChatCompletionRequest, idempotency_key: str | None
+    ) -> JobStream:
+        job = await self.jobs.submit(self._chat_request(body), idempotency_key=idempotency_key)
 
         def chunk(text: str, finish: FinishReason | None, usage: OpenAIUsage | None) -> BaseModel:
             choices = [
@@ -151,8 +165,8 @@ class OpenAIService:
         )
         return await self._stream(job, body, chunk, first=first)
 
-    async def _run(self, body: _Sampling, request: GenerationRequest) -> Job:
-        job = await self.jobs.submit(request)
+    async def _run(self, request: GenerationRequest, idempotency_key: str | None) -> Job:
+        job = await self.jobs.submit(request, idempotency_key=idempotency_key)
         job = await self.jobs.wait(job.id, self.jobs.settings.max_sync_timeout_s)
         if not job.status.finished:
             await self.jobs.cancel(job.id)
@@ -170,7 +184,7 @@ class OpenAIService:
         body: _Sampling,
         chunk: Chunker,
         first: BaseModel | None,
-    ) -> AsyncIterator[ServerSentEvent]:
+    ) -> JobStream:
         events = await self.jobs.events(job.id, None)
 
         async def relay() -> AsyncIterator[ServerSentEvent]:
@@ -198,13 +212,14 @@ class OpenAIService:
                 err = map_exception(e)
                 yield _error(err.code, err.message)
             finally:
-                if not finished:
+                if not finished and not job.cached:
                     # The client went away (or the stream broke): stop spending the GPU on it.
+                    # A job shared with identical requests (`cached`) is not this client's.
                     task = asyncio.create_task(self.jobs.cancel(job.id))
                     self._cancelling.add(task)
                     task.add_done_callback(self._cancelling.discard)
 
-        return relay()
+        return JobStream(job, relay())
 
     def _completion_request(self, body: CompletionRequest) -> GenerationRequest:
         return _generation(

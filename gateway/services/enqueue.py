@@ -1,0 +1,68 @@
+"""Putting jobs on a pool's queue in arq's own format, several per Redis round trip."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+import orjson
+from arq.constants import expires_extra_ms
+from arq.jobs import serialize_job as arq_payload
+from redis.asyncio.client import Pipeline
+
+from common import keys
+from common.jobstore import JobStore
+from common.redisconn import serialize_job
+from common.schemas import GenerationRequest, Job
+from common.settings import Settings
+
+JOB_FUNCTION = "generate"
+
+# Score offsets (in priority steps) on the arq queue, which runs the lowest score first. A job's
+# score is its enqueue time plus this, so waiting ages a job: after one step a `low` job ranks
+# with a fresh `normal` one, and nothing waits forever behind a stream of `high` work.
+_PRIORITY_STEPS = {"high": -2, "normal": -1, "low": 0}
+
+
+def fingerprint(model: str, request: GenerationRequest, *, exclude: set[str] | None = None) -> str:
+    """Digest of the canonical request as the named model would serve it."""
+    body = request.model_dump(mode="json", exclude=exclude)
+    body["model"] = model
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def is_deterministic(request: GenerationRequest) -> bool:
+    return request.temperature == 0.0 or request.seed is not None
+
+
+def stage_enqueue(
+    pipe: Pipeline,
+    store: JobStore,
+    settings: Settings,
+    job: Job,
+    request: GenerationRequest,
+    pool: str,
+) -> None:
+    """Add a job's record, arq's payload for it and its place in the queue to `pipe`.
+
+    What arq's `enqueue_job` writes, minus its check for an existing id (ours are fresh UUIDs),
+    so that a batch of jobs costs one round trip.
+    """
+    # Drawn here, not by the worker, so that a re-run after a worker dies reproduces the tokens
+    # already streamed.
+    seed = request.seed if request.seed is not None else secrets.randbits(63)
+    max_new_tokens = request.max_new_tokens or settings.default_max_new_tokens
+    now_ms = int(time.time() * 1000)
+    score = now_ms + _PRIORITY_STEPS[request.priority] * settings.priority_step_s * 1000
+    payload = arq_payload(
+        JOB_FUNCTION,
+        (job.id, request.model_dump(mode="json"), seed, max_new_tokens),
+        {},
+        None,
+        now_ms,
+        serializer=serialize_job,
+    )
+    store.stage_create(pipe, job, pool=pool)
+    pipe.psetex(keys.arq_job(job.id), score - now_ms + expires_extra_ms, payload)
+    pipe.zadd(keys.queue(pool), {job.id: score})
