@@ -16,6 +16,9 @@ from redis.asyncio.client import Pipeline
 from common import events, keys
 from common.schemas import Job, JobError, JobResult, JobStatus, Timings, TokenEvent
 
+# How far back job starts count towards a pool's drain rate.
+DRAIN_WINDOW_S = 300
+
 # Hash fields holding nested models as JSON.
 _JSON_FIELDS: dict[str, type[BaseModel]] = {
     "result": JobResult,
@@ -89,14 +92,21 @@ class JobStore:
         flag = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "cancel"))
         return flag is not None
 
-    async def mark_running(self, job_id: str, *, model: str, attempt: int) -> None:
+    async def mark_running(self, job_id: str, *, model: str, attempt: int, pool: str) -> None:
+        """Record the start, and log it for the pool's drain rate (queue ETAs)."""
+        now = time.time()
         fields = {
             "status": JobStatus.running.value,
             "model": model,
-            "started_at": str(time.time()),
+            "started_at": str(now),
             "attempt": str(attempt),
         }
-        await cast("Awaitable[int]", self.redis.hset(keys.job(job_id), mapping=fields))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(keys.job(job_id), mapping=fields)
+            pipe.zadd(keys.starts(pool), {job_id: now})
+            pipe.zremrangebyscore(keys.starts(pool), "-inf", now - DRAIN_WINDOW_S)
+            pipe.expire(keys.starts(pool), DRAIN_WINDOW_S)
+            await pipe.execute()
 
     async def append_step(self, tokens: dict[str, list[TokenEvent]]) -> None:
         """One round trip for every job's new tokens of one decode step."""

@@ -57,6 +57,11 @@ def arq_in_progress(job_id: str) -> str:
     return f"{in_progress_key_prefix}{job_id}"
 
 
+def starts(pool: str) -> str:
+    """Sorted set: job id -> when a worker of the pool started it (recent ones only)."""
+    return f"{PREFIX}:starts:{pool}"
+
+
 def idempotency(key: str) -> str:
     """String: `{job id} {request fingerprint}` for a client's Idempotency-Key."""
     return f"{PREFIX}:idem:{key}"

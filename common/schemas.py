@@ -103,6 +103,11 @@ class Job(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     position: int | None = Field(None, description="0-based place in the queue while queued.")
+    estimated_start_at: float | None = Field(
+        None,
+        description="While queued: when it should start (epoch seconds), from the rate at which "
+        "the pool has been starting jobs; null until that rate is known.",
+    )
     attempt: int = Field(0, description="How many times a worker has started the job.")
     result: JobResult | None = None
     error: JobError | None = None

@@ -21,7 +21,12 @@ def client(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[
     server = RedisServer(tmp_path_factory.mktemp("idle-redis"), free_port(), persist=False)
     server.start()
     gateway, base = start_gateway(
-        genq_env(server.url, GENQ_MAX_QUEUE_DEPTH=str(MAX_DEPTH), GENQ_CACHE_ENABLED="false"),
+        genq_env(
+            server.url,
+            GENQ_MAX_QUEUE_DEPTH=str(MAX_DEPTH),
+            GENQ_CACHE_ENABLED="false",
+            GENQ_PRIORITY_STEP_S="1",
+        ),
         log_dir,
     )
     try:
@@ -72,6 +77,15 @@ def test_abandoned_openai_stream_cancels_its_job(client: httpx.Client) -> None:
         assert time.monotonic() < deadline, "the abandoned job was not cancelled"
         time.sleep(0.05)
     assert job["status"] == "cancelled"
+
+
+def test_waiting_ages_a_low_priority_job_past_fresh_normal_ones(client: httpx.Client) -> None:
+    low = submit(client, "low")
+    time.sleep(1.5)  # more than one priority step (GENQ_PRIORITY_STEP_S=1)
+    normal = submit(client)
+    assert position(client, low) < position(client, normal)
+    for job_id in (low, normal):
+        client.delete(f"/v1/jobs/{job_id}")
 
 
 def test_positions_stats_priorities_and_admission(client: httpx.Client) -> None:

@@ -116,7 +116,9 @@ class JobRunner:
                 message=f"the job was interrupted {attempt - 1} times (GENQ_MAX_TRIES)",
             )
             return await self._finish(job, error=error)
-        await self.store.mark_running(job.id, model=self.lm.name, attempt=attempt)
+        await self.store.mark_running(
+            job.id, model=self.lm.name, attempt=attempt, pool=self.settings.pool
+        )
         job = job.model_copy(
             update={
                 "status": JobStatus.running,

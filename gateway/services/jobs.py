@@ -187,6 +187,8 @@ class JobService:
             pool = await self.store.pool(job.id)
             if pool is not None:
                 job.position = await self.queue.position(pool, job.id)
+            if pool is not None and job.position is not None:
+                job.estimated_start_at = await self.queue.estimated_start(pool, job.position)
         return job
 
     async def cancel(self, job_id: str) -> Job:

@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from common import keys, registry
-from common.jobstore import JobStore
+from common.jobstore import DRAIN_WINDOW_S, JobStore
 from common.schemas import PoolStats, QueueStats
 from common.settings import Settings
 
@@ -25,6 +25,20 @@ class QueueService:
     async def position(self, pool: str, job_id: str) -> int | None:
         rank = await self.redis.zrank(keys.queue(pool), job_id)
         return None if rank is None else int(rank)
+
+    async def estimated_start(self, pool: str, position: int) -> float | None:
+        """When the job at `position` should start, at the pool's recent rate of starts."""
+        now = time.time()
+        recent = await self.redis.zrangebyscore(
+            keys.starts(pool), now - DRAIN_WINDOW_S, "+inf", withscores=True
+        )
+        if len(recent) < 2:
+            return None
+        first, last = float(recent[0][1]), float(recent[-1][1])
+        if last <= first:
+            return None
+        per_s = (len(recent) - 1) / (last - first)
+        return max(now, last + (position + 1) / per_s)
 
     async def remove_waiting(self, pool: str, job_id: str) -> bool:
         """Take a job off its queue if no worker has claimed it; atomic with arq's claim, which
