@@ -14,7 +14,15 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from common import events, keys
-from common.schemas import Job, JobError, JobResult, JobStatus, Timings, TokenEvent
+from common.schemas import (
+    Job,
+    JobError,
+    JobResult,
+    JobStatus,
+    Timings,
+    TokenEvent,
+    WebhookDelivery,
+)
 
 # How far back job starts count towards a pool's drain rate.
 DRAIN_WINDOW_S = 300
@@ -65,19 +73,39 @@ class JobStore:
         self.ttl_s = ttl_s
         self.events_maxlen = events_maxlen
 
-    async def create(self, job: Job, *, pool: str) -> None:
+    async def create(self, job: Job, *, pool: str, webhook: str | None = None) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            self.stage_create(pipe, job, pool=pool)
+            self.stage_create(pipe, job, pool=pool, webhook=webhook)
             await pipe.execute()
 
-    def stage_create(self, pipe: Pipeline, job: Job, *, pool: str) -> None:
+    def stage_create(
+        self, pipe: Pipeline, job: Job, *, pool: str, webhook: str | None = None
+    ) -> None:
         """Add the record's creation to `pipe`, so it can share a round trip with the enqueue."""
-        pipe.hset(keys.job(job.id), mapping={**_to_hash(job), "pool": pool})
+        extra = {"pool": pool, **({"webhook": webhook} if webhook else {})}
+        pipe.hset(keys.job(job.id), mapping={**_to_hash(job), **extra})
         pipe.expire(keys.job(job.id), self.ttl_s)
 
+    async def webhook(self, job_id: str) -> str | None:
+        raw = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "webhook"))
+        return None if raw is None else raw.decode()
+
     async def load(self, job_id: str) -> Job | None:
-        raw = await cast("Awaitable[dict[bytes, bytes]]", self.redis.hgetall(keys.job(job_id)))
-        return _from_hash(job_id, raw) if raw else None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.job(job_id))
+            pipe.lrange(keys.deliveries(job_id), 0, -1)
+            raw, deliveries = await pipe.execute()
+        if not raw:
+            return None
+        job = _from_hash(job_id, raw)
+        job.webhook_deliveries = [WebhookDelivery.model_validate_json(d) for d in deliveries]
+        return job
+
+    async def log_delivery(self, job_id: str, delivery: WebhookDelivery) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(keys.deliveries(job_id), delivery.model_dump_json())
+            pipe.expire(keys.deliveries(job_id), self.ttl_s)
+            await pipe.execute()
 
     async def pool(self, job_id: str) -> str | None:
         """The worker pool whose queue holds the job."""

@@ -62,6 +62,11 @@ def starts(pool: str) -> str:
     return f"{PREFIX}:starts:{pool}"
 
 
+def deliveries(job_id: str) -> str:
+    """List: JSON log of a job's webhook delivery attempts."""
+    return f"{PREFIX}:deliveries:{job_id}"
+
+
 def idempotency(key: str) -> str:
     """String: `{job id} {request fingerprint}` for a client's Idempotency-Key."""
     return f"{PREFIX}:idem:{key}"

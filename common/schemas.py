@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -49,6 +49,9 @@ class GenerationRequest(Strict):
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     priority: Literal["high", "normal", "low"] = "normal"
+    webhook: AnyHttpUrl | None = Field(
+        None, description="Receives the finished Job (POST, signed); host must be allowed."
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
@@ -95,6 +98,14 @@ class Timings(BaseModel):
     tokens_per_s: float | None = None
 
 
+class WebhookDelivery(BaseModel):
+    attempt: int
+    at: float = Field(description="Epoch seconds.")
+    delivered: bool
+    status_code: int | None = None
+    error: str | None = None
+
+
 class Job(BaseModel):
     id: str
     status: JobStatus
@@ -112,6 +123,9 @@ class Job(BaseModel):
     result: JobResult | None = None
     error: JobError | None = None
     timings: Timings = Field(default_factory=Timings)
+    webhook_deliveries: list[WebhookDelivery] = Field(
+        default_factory=list, description="Every attempt to deliver the job to its webhook."
+    )
     cached: bool = Field(
         False,
         description="This is an earlier identical job (finished or running), not a new one.",

@@ -56,6 +56,17 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(
         3_600, gt=0, description="How long a result serves identical requests."
     )
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='Hosts webhooks may target, as JSON: ["hooks.example.com"]. Empty: none.',
+    )
+    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key of webhooks.")
+    webhook_secret_file: Path | None = Field(None, description="File holding the webhook key.")
+    webhook_max_tries: int = Field(6, ge=1, description="Delivery attempts per webhook.")
+    webhook_retry_base_s: float = Field(
+        2.0, gt=0, description="First retry delay; it doubles with every failed attempt."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one delivery.")
     priority_step_s: int = Field(
         30, ge=0, description="Queue head start of each priority level over the next one."
     )
@@ -108,6 +119,14 @@ class Settings(BaseSettings):
             except OSError as e:
                 raise ValueError(f"GENQ_REDIS_URL_FILE {self.redis_url_file}: {e.strerror}") from e
             object.__setattr__(self, "redis_url", SecretStr(url))
+        if self.webhook_secret_file is not None:
+            try:
+                secret = self.webhook_secret_file.read_text().strip()
+            except OSError as e:
+                raise ValueError(
+                    f"GENQ_WEBHOOK_SECRET_FILE {self.webhook_secret_file}: {e.strerror}"
+                ) from e
+            object.__setattr__(self, "webhook_secret", SecretStr(secret))
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(
                 "GENQ_DEFAULT_MAX_NEW_TOKENS must not exceed GENQ_MAX_NEW_TOKENS_LIMIT"

@@ -14,6 +14,7 @@ from tests.tiny_model import build_tiny_model
 from worker.loading import LoadedModel, load_model
 
 TINY_NAME = "tiny"
+WEBHOOK_SECRET = "test-webhook-secret"
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +72,9 @@ def stack(stack_redis: RedisServer, tiny_model_dir: Path, log_dir: Path) -> Iter
         GENQ_MODEL=str(tiny_model_dir),
         GENQ_MODEL_NAME=TINY_NAME,
         GENQ_WORKER_METRICS_PORT=str(metrics_port),
+        GENQ_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        GENQ_WEBHOOK_ALLOWED_HOSTS='["127.0.0.1"]',
+        GENQ_WEBHOOK_RETRY_BASE_S="0.2",
     )
     gateway, base = start_gateway(env, log_dir)
     procs: list[Proc] = [gateway]

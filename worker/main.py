@@ -22,9 +22,11 @@ from common.logs import setup_logging
 from common.redisconn import create_redis, deserialize_job, serialize_job
 from common.schemas import GenerationRequest
 from common.settings import Settings
+from common.webhooks import DELIVER_FUNCTION
 from worker.loading import LoadedModel, ModelLoadError, load_model
 from worker.model_fetch import ModelFetchError
 from worker.service import JobPayload, JobRunner
+from worker.webhooks import WebhookSender, deliver_webhook
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class WorkerProcess:
         store = JobStore(
             self.redis, ttl_s=settings.result_ttl_s, events_maxlen=settings.events_maxlen
         )
-        self.runner = JobRunner(lm, store, settings)
+        self.runner = JobRunner(lm, store, settings, self.redis)
+        self.webhooks = WebhookSender(store, settings)
         self._beating: asyncio.Task[None] | None = None
         self._listening: asyncio.Task[None] | None = None
 
@@ -71,6 +74,7 @@ class WorkerProcess:
 
     async def startup(self, ctx: dict[str, Any]) -> None:
         ctx["runner"] = self.runner
+        ctx["webhooks"] = self.webhooks
         await self.runner.start()
         lm = self.runner.lm
         await registry.register_model(
@@ -93,6 +97,7 @@ class WorkerProcess:
         with contextlib.suppress(OSError):
             await registry.remove_worker(self.redis, self.info())
         await self.runner.stop()
+        await self.webhooks.close()
 
     async def _beat_forever(self) -> None:
         while True:
@@ -120,7 +125,10 @@ class WorkerProcess:
         s = self.settings
         return Worker(
             # One try more than GENQ_MAX_TRIES so the job function itself records the failure.
-            functions=[func(generate, name=JOB_FUNCTION, max_tries=s.max_tries + 1)],
+            functions=[
+                func(generate, name=JOB_FUNCTION, max_tries=s.max_tries + 1),
+                func(deliver_webhook, name=DELIVER_FUNCTION, max_tries=s.webhook_max_tries),
+            ],
             queue_name=keys.queue(s.pool),
             redis_pool=self.redis,
             on_startup=self.startup,

@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -23,6 +24,7 @@ from common.schemas import (
     Usage,
 )
 from common.settings import Settings
+from common.webhooks import enqueue_delivery
 from worker import metrics
 from worker.batch import RowOutput
 from worker.engine import Engine, EngineLimits, EngineRequest
@@ -73,6 +75,7 @@ class JobRunner:
     lm: LoadedModel
     store: JobStore
     settings: Settings
+    arq: ArqRedis  # to queue webhook deliveries
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _steps: asyncio.Queue[list[RowOutput]] = field(default_factory=asyncio.Queue)
     _loop: asyncio.AbstractEventLoop | None = None
@@ -251,4 +254,6 @@ class JobRunner:
         )
         await self.store.finish(final)
         metrics.JOBS_FINISHED.labels(self.lm.name, status.value).inc()
+        if webhook := await self.store.webhook(final.id):
+            await enqueue_delivery(self.arq, self.settings.pool, final.id, webhook)
         return final

@@ -63,6 +63,7 @@ def stage_enqueue(
         now_ms,
         serializer=serialize_job,
     )
-    store.stage_create(pipe, job, pool=pool)
+    webhook = str(request.webhook) if request.webhook else None
+    store.stage_create(pipe, job, pool=pool, webhook=webhook)
     pipe.psetex(keys.arq_job(job.id), score - now_ms + expires_extra_ms, payload)
     pipe.zadd(keys.queue(pool), {job.id: score})

@@ -24,6 +24,7 @@ from common.schemas import (
     Usage,
 )
 from common.settings import Settings
+from common.webhooks import enqueue_delivery
 from gateway import metrics
 from gateway.errors import (
     ApiError,
@@ -72,7 +73,8 @@ class JobService:
             if earlier is not None:
                 return earlier
         cache_key = None
-        if self.settings.cache_enabled and is_deterministic(request):
+        # A request with a webhook wants its own delivery, so it never shares a job.
+        if self.settings.cache_enabled and is_deterministic(request) and not request.webhook:
             cache_key = keys.result_cache(fingerprint(route.model, request, exclude={"priority"}))
             served = await self._from_cache(cache_key, job.id)
             if served is not None:
@@ -212,6 +214,8 @@ class JobService:
                 }
             )
             await self.store.finish(final)
+            if webhook := await self.store.webhook(job_id):
+                await enqueue_delivery(self.redis, pool, job_id, webhook)
             return final
         # Running, or claimed by a worker an instant ago: the flag covers a worker that has not
         # started it yet, the message one that has.

@@ -42,3 +42,12 @@ def check_limits(request: GenerationRequest, settings: Settings) -> None:
                 f"stop string of {len(stop)} characters; the limit is {s.max_stop_chars} "
                 "(GENQ_MAX_STOP_CHARS)"
             )
+
+    if request.webhook is not None:
+        host = request.webhook.host or ""
+        if host not in s.webhook_allowed_hosts:
+            raise LimitExceeded(
+                f"webhook host {host!r} is not allowed (GENQ_WEBHOOK_ALLOWED_HOSTS)"
+            )
+        if s.webhook_secret is None:
+            raise LimitExceeded("webhooks are off: the server has no GENQ_WEBHOOK_SECRET")
