@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.settings import Settings
 from worker.model_fetch import ensure_default_model
 
 logger = logging.getLogger(__name__)
+
+_COMPLETE = ".genq-complete"
 
 
 class ModelLoadError(RuntimeError):
@@ -53,18 +59,57 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _source_args(source: str) -> tuple[str, dict[str, Any]]:
-    """from_pretrained's first argument and extra kwargs for a source."""
+def _checkpoint(source: str, cache_dir: Path) -> str:
+    """What from_pretrained loads for a source: a directory, or a hub id.
+
+    A GGUF file is de-quantized once into a safetensors checkpoint in the cache, keyed by the
+    file's checksum; later starts load that (memory-mapped) instead of converting again.
+    """
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(source, "GGUF file not found")
-        return str(path.parent), {"gguf_file": path.name}
+        return str(converted_checkpoint(path, cache_dir))
     if path.is_dir():
-        return str(path), {}
+        return str(path)
     if path.exists() or source.startswith((".", "/", "~")):
         raise ModelLoadError(source, "not a checkpoint directory or a .gguf file")
-    return source, {}  # a hub id
+    return source  # a hub id
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_checkpoint(gguf: Path, cache_dir: Path) -> Path:
+    target = cache_dir / "converted" / f"{gguf.stem}-{_sha256(gguf)[:16]}"
+    if (target / _COMPLETE).is_file():
+        return target
+    logger.info("converting %s into %s (once)", gguf, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(str(gguf), str(e)) from e
+    # Written aside and renamed, so a crash never leaves a half checkpoint that looks whole.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    # The weights are de-quantized now: the GGUF quantization settings no longer apply.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(partial)
+    model.generation_config.save_pretrained(partial)
+    save_model(model, str(partial / "model.safetensors"))  # handles tied embeddings
+    tokenizer.save_pretrained(partial)
+    (partial / _COMPLETE).write_text(str(gguf))
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
 
 
 def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -98,12 +143,12 @@ def load_model(settings: Settings) -> LoadedModel:
     source = settings.model or str(ensure_default_model(settings.model_cache_dir))
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    where, extra = _source_args(source)
     started = time.perf_counter()
+    where = _checkpoint(source, settings.model_cache_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(where)
         model: Any = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, attn_implementation="sdpa", **extra
+            where, dtype=dtype, attn_implementation="sdpa"
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(source, str(e)) from e
