@@ -117,8 +117,13 @@ class JobStore:
         await cast("Awaitable[int]", self.redis.hset(keys.job(job_id), "cancel", "1"))
 
     async def cancel_requested(self, job_id: str) -> bool:
-        flag = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "cancel"))
-        return flag is not None
+        return (await self.cancel_flags([job_id]))[0]
+
+    async def cancel_flags(self, job_ids: list[str]) -> list[bool]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(keys.job(job_id), "cancel")
+            return [flag is not None for flag in await pipe.execute()]
 
     async def mark_running(self, job_id: str, *, model: str, attempt: int, pool: str) -> None:
         """Record the start, and log it for the pool's drain rate (queue ETAs)."""

@@ -183,7 +183,7 @@ def test_memory_limit_makes_rows_wait_instead_of_failing(tiny_lm: LoadedModel) -
 
 def test_requests_that_cannot_fit_fail_with_a_reason(tiny_lm: LoadedModel) -> None:
     jobs = [
-        Job("long", "word " * 300, greedy(10)),
+        Job("long", "word " * 1100, greedy(10)),
         Job("budget", PROMPTS[0], greedy(200)),
         Job("fine", PROMPTS[0], greedy(5)),
     ]

@@ -85,4 +85,4 @@ def test_unsupported_parameters_get_openai_errors(client: openai.OpenAI) -> None
     with pytest.raises(openai.NotFoundError, match="not served"):
         client.completions.create(model="gpt-17", prompt="x")
     with pytest.raises(openai.BadRequestError, match="context window"):
-        client.completions.create(model=TINY_NAME, prompt="word " * 300, max_tokens=10)
+        client.completions.create(model=TINY_NAME, prompt="word " * 1100, max_tokens=10)

@@ -116,3 +116,13 @@ def test_positions_stats_priorities_and_admission(client: httpx.Client) -> None:
     assert full.json()["error"]["code"] == "queue_full"
     assert "GENQ_MAX_QUEUE_DEPTH" in full.json()["error"]["message"]
     assert int(full.headers["retry-after"]) > 0
+
+
+def test_a_retry_after_queue_full_is_not_blocked_by_its_idempotency_key(
+    client: httpx.Client,
+) -> None:
+    # The queue is full after the test above.
+    key = {"Idempotency-Key": "after-429"}
+    assert client.post("/v1/jobs", json={"prompt": "x"}, headers=key).status_code == 429
+    assert client.post("/v1/jobs", json={"prompt": "x"}, headers=key).status_code == 429
+    assert client.post("/v1/jobs", json={"prompt": "y"}, headers=key).status_code == 429

@@ -108,15 +108,21 @@ class WorkerProcess:
                 logger.warning("heartbeat failed: %s", e)
 
     async def _listen_for_cancellations(self) -> None:
-        """Relay cancel requests to the runner; resubscribes after a Redis outage (a request
-        missed meanwhile is still honoured by the flag on the job record when it starts)."""
+        """Relay cancel requests to the runner as they are published.
+
+        `get_message` waits with its own timeout, below the connection's socket timeout, so
+        a quiet channel is not mistaken for a dead one. Requests published while the channel
+        was down are caught by the runner's sweep of cancel flags.
+        """
         while True:
             try:
-                async with self.redis.pubsub() as pubsub:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(keys.cancellations())
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
+                    while True:
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is not None:
                             self.runner.cancel(message["data"].decode())
+                        await self.runner.sweep_cancel_flags()
             except (OSError, RedisError) as e:
                 logger.warning("cancellation channel lost, resubscribing: %s", e)
                 await asyncio.sleep(1)

@@ -162,6 +162,17 @@ class JobRunner:
         if job_id in self._pending:
             self.engine.cancel(job_id)
 
+    async def sweep_cancel_flags(self) -> None:
+        """Cancel running jobs whose records carry a cancel flag: the safety net for requests
+        whose pub/sub message was missed."""
+        running = list(self._pending)
+        if running:
+            for job_id, flagged in zip(
+                running, await self.store.cancel_flags(running), strict=True
+            ):
+                if flagged:
+                    self.engine.cancel(job_id)
+
     def _on_step(self, outputs: list[RowOutput]) -> None:
         """Called on the engine thread; hands the step to the event loop."""
         assert self._loop is not None

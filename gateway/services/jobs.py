@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from common import events, keys
 from common.events import Event
@@ -68,11 +70,12 @@ class JobService:
         check_limits(request, self.settings)
         route = await self.models.resolve(request.model)
         job = self._new_job(route.model)
+        claims: list[str] = []  # keys now naming this job, released if it is not queued
         if idempotency_key is not None:
             earlier = await self._claim_idempotency(idempotency_key, route.model, request, job.id)
             if earlier is not None:
                 return earlier
-        cache_key = None
+            claims.append(keys.idempotency(idempotency_key))
         # A request with a webhook wants its own delivery, so it never shares a job.
         if self.settings.cache_enabled and is_deterministic(request) and not request.webhook:
             cache_key = keys.result_cache(fingerprint(route.model, request, exclude={"priority"}))
@@ -80,13 +83,26 @@ class JobService:
             if served is not None:
                 metrics.CACHE_HITS.inc()
                 return served
-        await self._check_depth(route.pool, 1)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            stage_enqueue(pipe, self.store, self.settings, job, request, route.pool)
-            pipe.zrank(keys.queue(route.pool), job.id)
-            *_, position = await pipe.execute()
+            claims.append(cache_key)
+        try:
+            await self._check_depth(route.pool, 1)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                stage_enqueue(pipe, self.store, self.settings, job, request, route.pool)
+                pipe.zrank(keys.queue(route.pool), job.id)
+                *_, position = await pipe.execute()
+        except BaseException:
+            # A retry after a 429 (or an outage) must not find its key taken by a phantom job.
+            await self._release(claims, job.id)
+            raise
         metrics.SUBMITTED.labels(route.model).inc()
         return job.model_copy(update={"position": position})
+
+    async def _release(self, claims: list[str], job_id: str) -> None:
+        with contextlib.suppress(RedisError):
+            for key in claims:
+                owner = await self.redis.get(key)
+                if owner is not None and owner.decode().split(" ", 1)[0] == job_id:
+                    await self.redis.delete(key)
 
     async def submit_batch(self, items: list[dict[str, object]]) -> BatchResponse:
         """One job per valid item, all queued in one round trip; bad items are reported."""
