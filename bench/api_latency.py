@@ -34,12 +34,15 @@ def main() -> None:
     latencies: list[float] = []
     ttfts: list[float] = []
     tokens = 0
+    run_id = time.time_ns()
     with httpx.Client(base_url=args.url, timeout=300) as client:
         # One warm-up request: the first forward pass pays for lazy initialisation.
-        client.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 4})
+        client.post("/v1/generate", json={"prompt": f"Hi {run_id}", "max_new_tokens": 4})
         for i in range(args.requests):
+            # Numbered, so no two requests are identical: the result cache must not answer them.
+            prompt = f"{PROMPTS[i % len(PROMPTS)]} ({run_id}-{i})"
             body = {
-                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "messages": [{"role": "user", "content": prompt}],
                 "temperature": 0,
                 "max_new_tokens": args.max_new_tokens,
             }
