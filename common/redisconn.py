@@ -13,7 +13,7 @@ from common.settings import Settings
 
 
 def serialize_job(obj: dict[str, Any]) -> bytes:
-    """arq payloads are msgpack: data only, never pickle (a payload must not execute code)."""
+    """arq payloads are msgpack: plain data, so reading a payload can never execute code."""
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 

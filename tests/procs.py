@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from genq.redis_server import free_port
+from genq.redis_server import RedisServer, free_port
 
 
 class Proc:
@@ -85,3 +87,27 @@ def start_worker(
             proc.stop()
             raise RuntimeError(f"worker not ready after {timeout_s}s:\n{proc.log.read_text()}")
         time.sleep(0.2)
+
+
+@contextmanager
+def running_stack(
+    data_dir: Path, log_dir: Path, *, serve: str | None, **settings: str
+) -> Iterator[tuple[RedisServer, str, dict[str, str]]]:
+    """A Redis of its own, a gateway and, if `serve` names a model, one worker serving it.
+
+    Yields the Redis server, the gateway's base URL and the environment of the processes.
+    """
+    server = RedisServer(data_dir, free_port(), persist=False)
+    server.start()
+    env = genq_env(server.url, **settings)
+    procs: list[Proc] = []
+    try:
+        gateway, base = start_gateway(env, log_dir)
+        procs.append(gateway)
+        if serve is not None:
+            procs.append(start_worker(env, log_dir, base, serve))
+        yield server, base, env
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        server.stop()

@@ -10,8 +10,7 @@ import orjson
 import pytest
 
 from common.settings import DEFAULT_MODEL_NAME
-from genq.redis_server import RedisServer, free_port
-from tests.procs import genq_env, start_gateway, start_worker
+from tests.procs import running_stack
 from tests.sse import read_stream, token_text
 
 CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
@@ -19,19 +18,9 @@ CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of Fran
 
 @pytest.fixture(scope="module")
 def default_stack(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[str]:
-    server = RedisServer(tmp_path_factory.mktemp("e2e-redis"), free_port(), persist=False)
-    server.start()
-    env = genq_env(server.url)
-    gateway, base = start_gateway(env, log_dir)
-    worker = None
-    try:
-        worker = start_worker(env, log_dir, base, DEFAULT_MODEL_NAME)
+    data = tmp_path_factory.mktemp("e2e-redis")
+    with running_stack(data, log_dir, serve=DEFAULT_MODEL_NAME) as (_, base, _):
         yield base
-    finally:
-        for proc in (worker, gateway):
-            if proc is not None:
-                proc.stop()
-        server.stop()
 
 
 def test_greedy_chat_knows_the_capital_of_france(default_stack: str) -> None:

@@ -9,35 +9,27 @@ from pathlib import Path
 import httpx
 import pytest
 
-from genq.redis_server import RedisServer, free_port
 from tests.conftest import TINY_NAME
-from tests.procs import genq_env, start_gateway, start_worker
+from tests.procs import running_stack
 
 
 @pytest.fixture(scope="module")
 def client(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, log_dir: Path
 ) -> Iterator[httpx.Client]:
-    server = RedisServer(tmp_path_factory.mktemp("drain-redis"), free_port(), persist=False)
-    server.start()
     # One job at a time, so that jobs really wait in the queue.
-    env = genq_env(
-        server.url,
-        GENQ_MODEL=str(tiny_model_dir),
-        GENQ_MODEL_NAME=TINY_NAME,
-        GENQ_WORKER_MAX_JOBS="1",
-    )
-    gateway, base = start_gateway(env, log_dir)
-    worker = None
-    try:
-        worker = start_worker(env, log_dir, base, TINY_NAME)
-        with httpx.Client(base_url=base, timeout=30) as c:
-            yield c
-    finally:
-        for proc in (worker, gateway):
-            if proc is not None:
-                proc.stop()
-        server.stop()
+    with (
+        running_stack(
+            tmp_path_factory.mktemp("drain-redis"),
+            log_dir,
+            serve=TINY_NAME,
+            GENQ_MODEL=str(tiny_model_dir),
+            GENQ_MODEL_NAME=TINY_NAME,
+            GENQ_WORKER_MAX_JOBS="1",
+        ) as (_, base, _),
+        httpx.Client(base_url=base, timeout=30) as c,
+    ):
+        yield c
 
 
 def test_position_decreases_and_start_is_estimated(client: httpx.Client) -> None:

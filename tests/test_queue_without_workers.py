@@ -9,8 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from genq.redis_server import RedisServer, free_port
-from tests.procs import genq_env, start_gateway
+from tests.procs import running_stack
 from tests.sse import read_stream
 
 MAX_DEPTH = 6
@@ -18,23 +17,18 @@ MAX_DEPTH = 6
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[httpx.Client]:
-    server = RedisServer(tmp_path_factory.mktemp("idle-redis"), free_port(), persist=False)
-    server.start()
-    gateway, base = start_gateway(
-        genq_env(
-            server.url,
+    with (
+        running_stack(
+            tmp_path_factory.mktemp("idle-redis"),
+            log_dir,
+            serve=None,
             GENQ_MAX_QUEUE_DEPTH=str(MAX_DEPTH),
             GENQ_CACHE_ENABLED="false",
             GENQ_PRIORITY_STEP_S="1",
-        ),
-        log_dir,
-    )
-    try:
-        with httpx.Client(base_url=base, timeout=10) as c:
-            yield c
-    finally:
-        gateway.stop()
-        server.stop()
+        ) as (_, base, _),
+        httpx.Client(base_url=base, timeout=10) as c,
+    ):
+        yield c
 
 
 def submit(client: httpx.Client, priority: str = "normal") -> str:
