@@ -44,7 +44,7 @@ def poll(client: httpx.Client, job_id: str, timeout_s: float = 60) -> dict[str, 
 
 
 def test_submit_then_poll_until_succeeded(client: httpx.Client) -> None:
-    job = submit(client, max_new_tokens=12, temperature=0)
+    job = submit(client, prompt="Poll me", max_new_tokens=12, temperature=0)
     assert job["status"] == "queued"
     assert job["model"] == TINY_NAME
     done = poll(client, job["id"])

@@ -131,7 +131,9 @@ class JobRunner:
             }
         )
         assert self._loop is not None, "start() first"
-        pending = _Pending(self._loop.create_future(), await self.store.published_tokens(job.id))
+        # Only a re-run can find tokens of an earlier attempt: spare first runs the round trip.
+        skip = await self.store.published_tokens(job.id) if attempt > 1 else 0
+        pending = _Pending(self._loop.create_future(), skip)
         self._pending[job.id] = pending
         metrics.RUNNING_JOBS.inc()
         self.engine.submit(

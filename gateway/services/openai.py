@@ -34,7 +34,7 @@ from gateway.openai.protocol import (
     CompletionRequest,
     FinishReason,
     OpenAIUsage,
-    _Sampling,
+    SamplingFields,
 )
 from gateway.services.jobs import JobService
 
@@ -181,7 +181,7 @@ class OpenAIService:
     async def _stream(
         self,
         job: Job,
-        body: _Sampling,
+        body: SamplingFields,
         chunk: Chunker,
         first: BaseModel | None,
     ) -> JobStream:
