@@ -10,12 +10,13 @@ with like; static batches are credited only with the tokens their requests asked
 the padding steps.
 
 Measured in one run:
-- sequential_tok_s: `model.generate`, one request at a time;
+- sequential_tok_s: `model.generate`, one request at a time (8 requests);
 - static_batch_tok_s: one padded `model.generate` call over 16 requests;
 - hf_generate_batch_tok_s: transformers' continuous batching (`generate_batch`) on 16 requests,
   each generating the workload's mean max_new_tokens (it takes one length for all);
 - engine_tok_s_by_concurrency: genq's engine with 1, 4, 16 and 32 requests in flight (closed
-  loop over 4 x that many requests), engine_tok_s being the figure at 16;
+  loop over 8 x that many requests, so the tail, when fewer are left than the concurrency,
+  weighs little), engine_tok_s being the figure at 16;
 - short_request_ratio: completion time of a 4-token request submitted while 16 requests of 256
   tokens decode, as a fraction of that batch's time.
 """
@@ -210,7 +211,7 @@ def main() -> None:
     )
 
     with torch.inference_mode():
-        seq = sequential(lm, items[:4])
+        seq = sequential(lm, items[:8])
         say(f"sequential            {seq:8.1f} tok/s")
         static = static_batch(lm, items[:16])
         say(f"static batch of 16    {static:8.1f} tok/s")
@@ -218,8 +219,7 @@ def main() -> None:
         say(f"HF generate_batch     {hf_batch:8.1f} tok/s")
     by_concurrency: dict[str, float] = {}
     for concurrency in (1, 4, 16, 32):
-        # 4 x concurrency requests, so the tail (fewer rows in flight) weighs little.
-        rate = engine_closed_loop(lm, items, concurrency, total=max(4, 4 * concurrency))
+        rate = engine_closed_loop(lm, items, concurrency, total=max(8, 8 * concurrency))
         by_concurrency[str(concurrency)] = rate
         say(f"engine, {concurrency:2d} in flight  {rate:8.1f} tok/s")
     ratio = short_request_ratio(lm, items)

@@ -22,9 +22,15 @@ def queue(pool: str) -> str:
     return f"{PREFIX}:queue:{pool}"
 
 
-def models() -> str:
-    """Hash: served model name -> JSON description (pool, source), written by workers."""
-    return f"{PREFIX}:models"
+def routing() -> str:
+    """Hash: `alias:<alias>` -> target, `traffic:<name>` -> JSON weights by version, set through
+    the admin API and overriding the registry file's; `registry_revision`, bumped by reloads."""
+    return f"{PREFIX}:routing"
+
+
+def control() -> str:
+    """Pub/sub channel: JSON commands to every worker (model reloads)."""
+    return f"{PREFIX}:control"
 
 
 def workers(pool: str) -> str:

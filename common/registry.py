@@ -1,32 +1,32 @@
-"""Which models are served by which pool, and which workers are alive: written by workers,
-read by the gateway.
-
-redis-py types its hash commands for its sync and async clients at once; the casts pick async.
-"""
+"""Which workers are alive and which models each holds: written by workers, read by the gateway."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
-from typing import cast
+from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from common import keys
 
+ModelState = Literal["loading", "ready", "reloading", "failed"]
 
-class ModelEntry(BaseModel):
-    name: str
-    pool: str
-    source: str
-    registered_at: float
+
+class HeldModel(BaseModel):
+    """A model version as one worker holds it."""
+
+    key: str = Field(description="name@version")
+    state: ModelState
+    reason: str | None = Field(None, description="Why it failed to load (or to reload).")
+    loaded_at: float | None = None
+    bytes: int = Field(0, description="Memory its weights take.")
 
 
 class WorkerInfo(BaseModel):
     id: str
     pool: str
-    models: list[str]
+    models: list[HeldModel]
     running: int
     started_at: float
     host: str
@@ -35,15 +35,6 @@ class WorkerInfo(BaseModel):
 
 # A worker missing this many heartbeats in a row counts as dead.
 MISSED_BEATS = 3
-
-
-async def register_model(redis: Redis, entry: ModelEntry) -> None:
-    await cast("Awaitable[int]", redis.hset(keys.models(), entry.name, entry.model_dump_json()))
-
-
-async def served_models(redis: Redis) -> dict[str, ModelEntry]:
-    raw = await cast("Awaitable[dict[bytes, bytes]]", redis.hgetall(keys.models()))
-    return {k.decode(): ModelEntry.model_validate_json(v) for k, v in raw.items()}
 
 
 async def heartbeat(redis: Redis, info: WorkerInfo, interval_s: float) -> None:
@@ -71,8 +62,3 @@ async def live_workers(redis: Redis, pool: str) -> list[WorkerInfo]:
     if dead:
         await redis.zrem(keys.workers(pool), *dead)
     return [WorkerInfo.model_validate_json(r) for r in raw if r is not None]
-
-
-async def pools(redis: Redis) -> set[str]:
-    """Every pool that serves a registered model."""
-    return {entry.pool for entry in (await served_models(redis)).values()}

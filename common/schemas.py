@@ -92,6 +92,9 @@ class JobError(BaseModel):
 
 class Timings(BaseModel):
     queued_s: float | None = Field(None, description="From submission to the start of generation.")
+    model_load_s: float | None = Field(
+        None, description="Time the job waited for its model to load on the worker (cold start)."
+    )
     time_to_first_token_s: float | None = None
     generation_s: float | None = None
     total_s: float | None = Field(None, description="From submission to the end.")
@@ -109,7 +112,7 @@ class WebhookDelivery(BaseModel):
 class Job(BaseModel):
     id: str
     status: JobStatus
-    model: str
+    model: str = Field(description="name@version: routed at submission, the one that served it.")
     created_at: float = Field(description="Epoch seconds.")
     started_at: float | None = None
     finished_at: float | None = None
@@ -146,14 +149,59 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class WorkerHolding(BaseModel):
+    worker: str
+    state: Literal["loading", "ready", "reloading", "failed"]
+    reason: str | None = None
+
+
+class ModelVersion(BaseModel):
+    id: str = Field(description="name@version, what a request may name to get this version.")
+    version: str
+    pool: str
+    source: str
+    state: Literal["not_loaded", "loading", "ready", "reloading", "failed"] = Field(
+        description="ready if any live worker serves it; failed only if every holder failed."
+    )
+    reason: str | None = Field(None, description="Why it failed, when it did.")
+    traffic_weight: int | None = Field(
+        None, description="Its weight in the model's traffic split, when one is set."
+    )
+    default: bool = Field(description="What the bare name serves without a traffic split.")
+    workers: list[WorkerHolding]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "genq"
-    pool: str
-    source: str
-    workers: int = Field(description="Live workers serving the model.")
+    aliases: list[str] = Field(description="Aliases that point to this model or one version.")
+    workers: int = Field(description="Live workers with a version of the model ready.")
+    versions: list[ModelVersion]
+
+
+class ReloadAccepted(BaseModel):
+    model: str
+    serves: str | None = Field(
+        None, description="The version the name now serves (unset while a traffic split is on)."
+    )
+    versions: list[str] = Field(description="Its versions in the re-read registry.")
+    workers_notified: int = Field(description="Workers listening for the reload command.")
+
+
+class TrafficSplit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[str, int] = Field(
+        description='Weight of each version, e.g. {"1": 90, "2": 10}.', min_length=1
+    )
+
+
+class AliasTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(description="A model name or name@version.")
 
 
 class ModelList(BaseModel):

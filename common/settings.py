@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted (413).")
     max_prompt_chars: int = Field(32_000, gt=0)
     max_messages: int = Field(256, gt=0)
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token the /v1/admin routes require; unset: they are open."
+    )
     max_new_tokens_limit: int = Field(2048, gt=0, description="Upper bound of max_new_tokens.")
     default_max_new_tokens: int = Field(128, gt=0)
     max_stop_sequences: int = Field(4, ge=0)
@@ -86,6 +89,17 @@ class Settings(BaseSettings):
         description="Checkpoint directory, GGUF file or hub id; unset means the default model.",
     )
     model_name: str | None = Field(None, description="Name the model is served under.")
+    models_file: Path | None = Field(
+        None,
+        description="YAML model registry (see docs/models.md); unset: GENQ_MODEL is the one "
+        "model, preloaded, with alias `default`.",
+    )
+    model_memory_budget_mb: float = Field(
+        0,
+        ge=0,
+        description="Weights a worker keeps loaded; past it the least recently used idle model "
+        "is unloaded. 0 is unlimited.",
+    )
     model_cache_dir: Path = Field(Path.home() / ".cache" / "genq")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

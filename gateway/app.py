@@ -12,7 +12,7 @@ from gateway.deps import Services
 from gateway.errors import install_error_handlers
 from gateway.metrics import MetricsMiddleware
 from gateway.middleware import AccessLogMiddleware, BodyLimitMiddleware
-from gateway.routes import generate, health, jobs, models, openai
+from gateway.routes import admin, generate, health, jobs, models, openai
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -33,6 +33,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(AccessLogMiddleware)
-    for router in (jobs.router, generate.router, openai.router, models.router, health.router):
+    routers = (jobs, generate, openai, models, admin, health)
+    for router in (module.router for module in routers):
         app.include_router(router)
     return app

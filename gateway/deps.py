@@ -8,9 +8,11 @@ from typing import Annotated
 from arq.connections import ArqRedis
 from fastapi import Depends, Request
 
+from common.catalog import CatalogSource
 from common.jobstore import JobStore
 from common.redisconn import create_redis
 from common.settings import Settings
+from gateway.services.admin import AdminService
 from gateway.services.jobs import JobService
 from gateway.services.models import ModelService
 from gateway.services.openai import OpenAIService
@@ -25,13 +27,15 @@ class Services:
     models: ModelService
     queue: QueueService
     openai: OpenAIService
+    admin: AdminService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         redis = create_redis(settings)
         store = JobStore(redis, ttl_s=settings.result_ttl_s, events_maxlen=settings.events_maxlen)
-        models = ModelService(redis, settings)
-        queue = QueueService(redis, store, settings)
+        source = CatalogSource(settings)
+        models = ModelService(redis, settings, source)
+        queue = QueueService(redis, store, settings, source)
         jobs = JobService(redis, store, models, queue, settings)
         return cls(
             settings=settings,
@@ -40,6 +44,7 @@ class Services:
             models=models,
             queue=queue,
             openai=OpenAIService(jobs),
+            admin=AdminService(redis, models),
         )
 
 
@@ -60,7 +65,12 @@ def _queue(request: Request) -> QueueService:
     return _services(request).queue
 
 
+def _admin(request: Request) -> AdminService:
+    return _services(request).admin
+
+
 ServicesDep = Annotated[Services, Depends(_services)]
 JobsDep = Annotated[JobService, Depends(_jobs)]
 ModelsDep = Annotated[ModelService, Depends(_models)]
 QueueDep = Annotated[QueueService, Depends(_queue)]
+AdminDep = Annotated[AdminService, Depends(_admin)]

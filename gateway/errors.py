@@ -45,6 +45,16 @@ class BadRequest(ApiError):
     code = "invalid_request"
 
 
+class InvalidRouting(ApiError):
+    status_code = 422
+    code = "invalid_routing"
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+    code = "unauthorized"
+
+
 class IdempotencyConflict(ApiError):
     status_code = 409
     code = "idempotency_conflict"
@@ -76,6 +86,7 @@ _FAILED_JOB_STATUS = {
     "context_length_exceeded": 400,
     "generation_failed": 400,
     "out_of_memory": 503,
+    "model_unavailable": 503,
     "worker_lost": 503,
     "job_timeout": 504,
 }

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 
+from common.catalog import CatalogError, CatalogSource
 from common.logs import setup_logging
 from common.settings import Settings
 from gateway.app import create_app
 
+logger = logging.getLogger(__name__)
+
 
 def run_gateway(settings: Settings) -> None:
+    """Serve the API; exits 2 if the model registry file is invalid."""
     setup_logging(settings)
+    try:
+        CatalogSource(settings)
+    except CatalogError as e:
+        logger.error("%s", e)
+        raise SystemExit(2) from e
     uvicorn.run(
         create_app(settings),
         host=settings.host,

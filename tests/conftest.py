@@ -14,6 +14,7 @@ from tests.tiny_model import build_tiny_model
 from worker.loading import LoadedModel, load_model
 
 TINY_NAME = "tiny"
+TINY_KEY = f"{TINY_NAME}@1"  # the built-in registry serves GENQ_MODEL as version 1
 WEBHOOK_SECRET = "test-webhook-secret"
 
 

@@ -73,20 +73,28 @@ def start_gateway(env: dict[str, str], log_dir: Path, timeout_s: float = 60) -> 
 
 
 def start_worker(
-    env: dict[str, str], log_dir: Path, base: str, model: str, timeout_s: float = 300
+    env: dict[str, str], log_dir: Path, base: str, model: str | None, timeout_s: float = 300
 ) -> Proc:
-    """Start a worker and wait until the gateway lists it as serving `model`."""
+    """Start a worker and wait until the gateway lists it as serving `model` (None: a worker
+    that preloads nothing, ready once its heartbeat shows)."""
     proc = Proc("worker", env, log_dir)
     deadline = time.monotonic() + timeout_s
     while True:
         proc.check_alive()
-        live = httpx.get(f"{base}/v1/models", timeout=5).json()["data"]
-        if any(m["id"] == model and m["workers"] > 0 for m in live):
+        if _serving(base, model):
             return proc
         if time.monotonic() > deadline:
             proc.stop()
             raise RuntimeError(f"worker not ready after {timeout_s}s:\n{proc.log.read_text()}")
         time.sleep(0.2)
+
+
+def _serving(base: str, model: str | None) -> bool:
+    if model is None:
+        pools = httpx.get(f"{base}/v1/queue", timeout=5).json()["pools"]
+        return any(p["workers_alive"] > 0 for p in pools)
+    live = httpx.get(f"{base}/v1/models", timeout=5).json()["data"]
+    return any(m["id"] == model and m["workers"] > 0 for m in live)
 
 
 @contextmanager

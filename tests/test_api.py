@@ -11,7 +11,7 @@ import orjson
 import pytest
 from httpx_sse import connect_sse
 
-from tests.conftest import TINY_NAME, Stack
+from tests.conftest import TINY_KEY, TINY_NAME, Stack
 from tests.sse import read_stream, token_text
 
 
@@ -46,7 +46,7 @@ def poll(client: httpx.Client, job_id: str, timeout_s: float = 60) -> dict[str, 
 def test_submit_then_poll_until_succeeded(client: httpx.Client) -> None:
     job = submit(client, prompt="Poll me", max_new_tokens=12, temperature=0)
     assert job["status"] == "queued"
-    assert job["model"] == TINY_NAME
+    assert job["model"] == TINY_KEY
     done = poll(client, job["id"])
     assert done["status"] == "succeeded"
     assert done["result"]["finish_reason"] in ("length", "stop")
@@ -235,6 +235,12 @@ def test_models_lists_the_served_model_with_its_worker(client: httpx.Client) -> 
     (card,) = models["data"]
     assert card["id"] == TINY_NAME
     assert card["workers"] == 1
+    assert card["aliases"] == ["default"]
+    (version,) = card["versions"]
+    assert version["id"] == TINY_KEY
+    assert version["state"] == "ready"
+    assert version["default"] is True
+    assert len(version["workers"]) == 1
 
 
 def test_queue_reports_pool_statistics(client: httpx.Client) -> None:
@@ -261,7 +267,7 @@ def test_worker_exposes_engine_and_memory_metrics(client: httpx.Client, stack: S
     for name in (
         "genq_worker_batch_size",
         "genq_worker_rss_bytes",
-        f'genq_worker_generated_tokens_total{{model="{TINY_NAME}"}}',
+        f'genq_worker_generated_tokens_total{{model="{TINY_KEY}"}}',
         "genq_worker_time_to_first_token_seconds_bucket",
     ):
         assert name in text

@@ -27,7 +27,7 @@ def test_greedy_chat_knows_the_capital_of_france(default_stack: str) -> None:
     body = {**CAPITAL, "temperature": 0, "max_new_tokens": 32}
     job = httpx.post(f"{default_stack}/v1/generate", json=body, timeout=120).json()
     assert job["status"] == "succeeded"
-    assert job["model"] == DEFAULT_MODEL_NAME
+    assert job["model"] == f"{DEFAULT_MODEL_NAME}@1"
     assert "Paris" in job["result"]["text"]
     assert job["result"]["finish_reason"] == "stop"  # the model ends its turn itself
 

@@ -6,15 +6,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 
 from common.schemas import ChatMessage, GenerationRequest
+from common.settings import Settings
+from tests.tiny_model import build_tiny_model
 from worker.batch import RowOutput
 from worker.engine import Engine, EngineLimits, EngineRequest
 from worker.generation import Generation, GenerationError, build_prompt_ids
-from worker.loading import LoadedModel
+from worker.loading import LoadedModel, load_model
+from worker.models import swappable
 from worker.sampling import SamplingParams
 
 PROMPTS = [
@@ -54,7 +58,7 @@ def run(
     jobs: list[Job],
     limits: EngineLimits | None = None,
     cancel: dict[int, str] | None = None,
-    before_step: Callable[[int], None] | None = None,
+    before_step: Callable[[int, Engine], object] | None = None,
 ) -> Collector:
     out = Collector()
     engine = Engine(lm, limits or EngineLimits(), out)
@@ -71,7 +75,7 @@ def run(
         if cancel and step in cancel:
             engine.cancel(cancel[step])
         if before_step:
-            before_step(step)
+            before_step(step, engine)
         engine.step()
         out.batch_sizes.append(engine.running)
         step += 1
@@ -202,7 +206,7 @@ def test_out_of_memory_fails_only_the_newest_row(
     expected = run(tiny_lm, jobs)
     forward = tiny_lm.model.forward
 
-    def arm(step: int) -> None:
+    def arm(step: int, _: Engine) -> None:
         if step == 5:
 
             def failing(*args: object, **kwargs: object) -> object:
@@ -217,6 +221,36 @@ def test_out_of_memory_fails_only_the_newest_row(
         assert out.done[survivor].token_ids == expected.done[survivor].token_ids
 
 
+def test_a_swapped_in_model_takes_over_between_steps_keeping_rows_in_flight(
+    tiny_lm: LoadedModel, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    twin = load_model(Settings(model=str(tiny_model_dir), device="cpu"))
+    # Same shapes and vocabulary, other weights: a new version of the model.
+    other = load_model(Settings(model=str(build_tiny_model(tmp_path, seed=99)), device="cpu"))
+    assert swappable(tiny_lm, twin)
+    assert swappable(tiny_lm, other)
+    jobs = [Job(str(i), p, greedy(20)) for i, p in enumerate(PROMPTS)]
+    expected = run(tiny_lm, jobs)
+
+    def swap_to(lm: LoadedModel) -> Callable[[int, Engine], object]:
+        def before_step(step: int, engine: Engine) -> None:
+            if step == 5:
+                engine.swap_model(lm)
+
+        return before_step
+
+    # Reloading the same weights mid-flight changes no token: the rows' caches carry over.
+    same = run(tiny_lm, jobs, before_step=swap_to(twin))
+    for job in jobs:
+        assert same.done[job.id].token_ids == expected.done[job.id].token_ids
+    # Other weights: tokens before the swap are the old model's, later ones differ.
+    swapped = run(tiny_lm, jobs, before_step=swap_to(other))
+    assert not swapped.errors
+    for job in jobs:
+        assert swapped.done[job.id].token_ids[:5] == expected.done[job.id].token_ids[:5]
+    assert any(swapped.done[j.id].token_ids != expected.done[j.id].token_ids for j in jobs)
+
+
 def test_chat_messages_use_the_chat_template(tiny_lm: LoadedModel) -> None:
     request = GenerationRequest(messages=[ChatMessage(role="user", content="Hi")])
     ids = build_prompt_ids(tiny_lm, request)
@@ -227,9 +261,6 @@ def test_chat_messages_use_the_chat_template(tiny_lm: LoadedModel) -> None:
 
 @pytest.fixture(scope="module")
 def default_lm() -> LoadedModel:
-    from common.settings import Settings
-    from worker.loading import load_model
-
     return load_model(Settings(device="cpu"))
 
 

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.utils.mkldnn
 
+from common.catalog import ModelSpec
 from common.settings import Settings
 from tests.procs import genq_env
-from worker.loading import ModelLoadError, converted_checkpoint, load_model
+from worker.loading import (
+    LoadedModel,
+    ModelLoadError,
+    converted_checkpoint,
+    load_model,
+    verify_checksums,
+)
 from worker.model_fetch import ensure_default_model
 
 
@@ -55,3 +65,31 @@ def test_a_worker_whose_model_cannot_load_exits_with_the_reason(tmp_path: Path) 
     assert proc.returncode == 2
     assert "missing.gguf" in proc.stderr
     assert "GGUF file not found" in proc.stderr
+
+
+def test_cpu_output_head_runs_on_onednn_and_matches_the_tied_embedding(
+    tiny_lm: LoadedModel,
+) -> None:
+    head = tiny_lm.model.get_output_embeddings()
+    assert isinstance(head, torch.utils.mkldnn.MkldnnLinear)
+    hidden = torch.randn(3, 1, tiny_lm.model.config.hidden_size)
+    embedding = tiny_lm.model.get_input_embeddings().weight
+    with torch.inference_mode():
+        torch.testing.assert_close(head(hidden), hidden @ embedding.T, rtol=1e-4, atol=1e-4)
+
+
+def test_checksums_are_verified_before_loading(tiny_model_dir: Path) -> None:
+    weights = tiny_model_dir / "model.safetensors"
+    good = hashlib.sha256(weights.read_bytes()).hexdigest()
+    source = str(tiny_model_dir)
+    verify_checksums(ModelSpec(name="tiny", source=source, sha256={weights.name: good}), source)
+    bad = ModelSpec(name="tiny", source=source, sha256={weights.name: "0" * 64})
+    with pytest.raises(
+        ModelLoadError, match=f"checksum mismatch for model.safetensors: expected 0+, got {good}"
+    ):
+        verify_checksums(bad, source)
+    missing = ModelSpec(name="tiny", source=source, sha256={"nope.bin": good})
+    with pytest.raises(
+        ModelLoadError, match=r"nope\.bin, named in its sha256 checksums, does not exist"
+    ):
+        verify_checksums(missing, source)

@@ -9,7 +9,7 @@ import pytest
 from openai.types import CompletionChoice
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import TINY_NAME, Stack
+from tests.conftest import TINY_KEY, TINY_NAME, Stack
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def test_completion(client: openai.OpenAI) -> None:
         model=TINY_NAME, prompt="Once upon a time", max_tokens=12, temperature=0
     )
     assert done.object == "text_completion"
-    assert done.model == TINY_NAME
+    assert done.model == TINY_KEY
     (choice,) = done.choices
     assert choice.finish_reason in ("length", "stop")
     assert done.usage is not None

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from common.settings import DEFAULT_MODEL_NAME
 from tests.procs import running_stack
 from tests.sse import read_stream
 
@@ -87,8 +88,8 @@ def test_positions_stats_priorities_and_admission(client: httpx.Client) -> None:
     normal = [submit(client) for _ in range(3)]
     assert len(set(normal)) == 3
     assert [position(client, j) for j in normal] == [0, 1, 2]
-    # Jobs are accepted for the default pool before any worker registered a model.
-    assert client.get(f"/v1/jobs/{normal[0]}").json()["model"] == "default"
+    # Jobs for a registered model are accepted before any worker is up.
+    assert client.get(f"/v1/jobs/{normal[0]}").json()["model"] == f"{DEFAULT_MODEL_NAME}@1"
 
     low = submit(client, "low")
     high = submit(client, "high")

@@ -43,9 +43,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_model(path: Path) -> Path:
+def build_tiny_model(path: Path, seed: int = 1234) -> Path:
+    """A random Llama; another `seed` gives other weights of the same shapes (a new version)."""
     tokenizer = build_tokenizer()
-    torch.manual_seed(1234)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,

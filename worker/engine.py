@@ -60,6 +60,11 @@ class _Cancel:
     id: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Swap:
+    lm: LoadedModel
+
+
 class Engine:
     def __init__(self, lm: LoadedModel, limits: EngineLimits, on_step: StepCallback) -> None:
         self.lm = lm
@@ -68,7 +73,7 @@ class Engine:
         check_supported(lm)
         self.memory = MemoryMonitor(lm.device, limits.memory_limit_bytes)
         self._kv_bytes_per_token = kv_bytes_per_token(lm)
-        self._inbox: queue.SimpleQueue[EngineRequest | _Cancel] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[EngineRequest | _Cancel | _Swap] = queue.SimpleQueue()
         self._waiting: deque[Row] = deque()
         self._deadlines: dict[str, float] = {}
         self._batch: Batch | None = None
@@ -91,6 +96,11 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """The row ends with finish_reason `cancelled` at the next step."""
         self._inbox.put(_Cancel(request_id))
+
+    def swap_model(self, lm: LoadedModel) -> None:
+        """Decode with `lm` from the next step on; rows in flight keep their KV cache, so `lm`
+        must be `swappable` with the current model (a reload of the same architecture)."""
+        self._inbox.put(_Swap(lm))
 
     @property
     def running(self) -> int:
@@ -132,6 +142,9 @@ class Engine:
         while True:
             if isinstance(item, _Cancel):
                 outputs += self._cancel(item.id)
+            elif isinstance(item, _Swap):
+                logger.info("now decoding with %s (%s)", item.lm.name, item.lm.source)
+                self.lm = item.lm
             else:
                 outputs += self._intake(item)
             try:

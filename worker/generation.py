@@ -55,6 +55,11 @@ def build_prompt_ids(lm: LoadedModel, request: GenerationRequest) -> list[int]:
 def check_context(lm: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
     if prompt_tokens == 0:
         raise GenerationError("the prompt encodes to no tokens")
+    if lm.max_prompt_tokens is not None and prompt_tokens > lm.max_prompt_tokens:
+        raise ContextLengthError(
+            f"the prompt is {prompt_tokens} tokens; {lm.name} accepts at most "
+            f"{lm.max_prompt_tokens} (max_prompt_tokens in its registry entry)"
+        )
     if prompt_tokens + max_new_tokens > lm.max_context:
         raise ContextLengthError(
             f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it "

@@ -11,20 +11,21 @@ import time
 import uuid
 from typing import Any
 
+import orjson
 from arq import Worker
 from arq.worker import func
 from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
 from common import keys, registry
+from common.catalog import CatalogError, CatalogSource
 from common.jobstore import JobStore
 from common.logs import setup_logging
 from common.redisconn import create_redis, deserialize_job, serialize_job
 from common.schemas import GenerationRequest
 from common.settings import Settings
 from common.webhooks import DELIVER_FUNCTION
-from worker.loading import LoadedModel, ModelLoadError, load_model
-from worker.model_fetch import ModelFetchError
+from worker.loading import ModelLoadError
 from worker.service import JobPayload, JobRunner
 from worker.webhooks import WebhookSender, deliver_webhook
 
@@ -34,7 +35,12 @@ JOB_FUNCTION = "generate"
 
 
 async def generate(
-    ctx: dict[str, Any], job_id: str, request: dict[str, Any], seed: int, max_new_tokens: int
+    ctx: dict[str, Any],
+    job_id: str,
+    request: dict[str, Any],
+    seed: int,
+    max_new_tokens: int,
+    model: str,
 ) -> str:
     runner: JobRunner = ctx["runner"]
     payload = JobPayload(
@@ -42,13 +48,14 @@ async def generate(
         request=GenerationRequest.model_validate(request),
         seed=seed,
         max_new_tokens=max_new_tokens,
+        model=model,
     )
     job = await runner.run(payload, attempt=ctx["job_try"])
     return job.status.value
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings, lm: LoadedModel) -> None:
+    def __init__(self, settings: Settings, source: CatalogSource) -> None:
         self.settings = settings
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started_at = time.time()
@@ -56,16 +63,18 @@ class WorkerProcess:
         store = JobStore(
             self.redis, ttl_s=settings.result_ttl_s, events_maxlen=settings.events_maxlen
         )
-        self.runner = JobRunner(lm, store, settings, self.redis)
+        self._beat_now = asyncio.Event()
+        self.runner = JobRunner(store, settings, self.redis, source, self._beat_now.set)
         self.webhooks = WebhookSender(store, settings)
         self._beating: asyncio.Task[None] | None = None
         self._listening: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
 
     def info(self) -> registry.WorkerInfo:
         return registry.WorkerInfo(
             id=self.id,
             pool=self.settings.pool,
-            models=[self.runner.lm.name],
+            models=self.runner.models.holdings(),
             running=self.runner.running,
             started_at=self.started_at,
             host=socket.gethostname(),
@@ -76,17 +85,11 @@ class WorkerProcess:
         ctx["runner"] = self.runner
         ctx["webhooks"] = self.webhooks
         await self.runner.start()
-        lm = self.runner.lm
-        await registry.register_model(
-            self.redis,
-            registry.ModelEntry(
-                name=lm.name, pool=self.settings.pool, source=lm.source, registered_at=time.time()
-            ),
-        )
         await registry.heartbeat(self.redis, self.info(), self.settings.worker_heartbeat_s)
         self._beating = asyncio.create_task(self._beat_forever())
-        self._listening = asyncio.create_task(self._listen_for_cancellations())
-        logger.info("worker %s ready: model %s, pool %s", self.id, lm.name, self.settings.pool)
+        self._listening = asyncio.create_task(self._listen())
+        held = ", ".join(m.key for m in self.runner.models.holdings()) or "none yet"
+        logger.info("worker %s ready: pool %s, models %s", self.id, self.settings.pool, held)
 
     async def shutdown(self, ctx: dict[str, Any]) -> None:
         for task in (self._beating, self._listening):
@@ -100,32 +103,47 @@ class WorkerProcess:
         await self.webhooks.close()
 
     async def _beat_forever(self) -> None:
+        """Beat every GENQ_WORKER_HEARTBEAT_S, and at once when a model's state changes, so
+        that `GET /v1/models` shows loads, failures and evictions as they happen."""
         while True:
-            await asyncio.sleep(self.settings.worker_heartbeat_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), self.settings.worker_heartbeat_s)
+            self._beat_now.clear()
             try:
                 await registry.heartbeat(self.redis, self.info(), self.settings.worker_heartbeat_s)
             except (OSError, RedisError) as e:  # Redis away: arq reconnects; keep beating.
                 logger.warning("heartbeat failed: %s", e)
 
-    async def _listen_for_cancellations(self) -> None:
-        """Relay cancel requests to the runner as they are published.
+    async def _listen(self) -> None:
+        """Relay cancel requests and reload commands as they are published.
 
         `get_message` waits with its own timeout, below the connection's socket timeout, so
-        a quiet channel is not mistaken for a dead one. Requests published while the channel
-        was down are caught by the runner's sweep of cancel flags.
+        a quiet channel is not mistaken for a dead one. Cancel requests published while the
+        channel was down are caught by the runner's sweep of cancel flags.
         """
         while True:
             try:
                 async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(keys.cancellations())
+                    await pubsub.subscribe(keys.cancellations(), keys.control())
                     while True:
                         message = await pubsub.get_message(timeout=1.0)
                         if message is not None:
-                            self.runner.cancel(message["data"].decode())
+                            self._on_message(message["channel"].decode(), message["data"])
                         await self.runner.sweep_cancel_flags()
             except (OSError, RedisError) as e:
-                logger.warning("cancellation channel lost, resubscribing: %s", e)
+                logger.warning("cancel/control channels lost, resubscribing: %s", e)
                 await asyncio.sleep(1)
+
+    def _on_message(self, channel: str, data: bytes) -> None:
+        if channel == keys.cancellations():
+            self.runner.cancel(data.decode())
+            return
+        command = orjson.loads(data)
+        if command.get("action") == "reload":
+            # In the background: the listener keeps relaying cancellations meanwhile.
+            task = asyncio.create_task(self.runner.models.reload(str(command["name"])))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
 
     def build(self) -> Worker:
         s = self.settings
@@ -155,13 +173,15 @@ class WorkerProcess:
 
 
 def run_worker(settings: Settings) -> None:
-    """Load the model, then serve jobs until SIGINT/SIGTERM. Exits 2 if the model cannot load."""
+    """Load the pool's preloaded models, then serve jobs until SIGINT/SIGTERM. Exits 2 if the
+    registry is invalid or none of the preloaded models loads."""
     setup_logging(settings)
     try:
-        lm = load_model(settings)
-    except (ModelLoadError, ModelFetchError) as e:
+        process = WorkerProcess(settings, CatalogSource(settings))
+        process.runner.models.preload()
+    except (CatalogError, ModelLoadError) as e:
         logger.error("%s", e)
         raise SystemExit(2) from e
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
-    WorkerProcess(settings, lm).build().run()
+    process.build().run()

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from common.catalog import CatalogSource
 from common.jobstore import JobStore
 from common.schemas import (
     GenerationRequest,
@@ -27,9 +29,9 @@ from common.settings import Settings
 from common.webhooks import enqueue_delivery
 from worker import metrics
 from worker.batch import RowOutput
-from worker.engine import Engine, EngineLimits, EngineRequest
+from worker.engine import Engine, EngineRequest
 from worker.generation import Generation, GenerationError
-from worker.loading import LoadedModel
+from worker.models import Held, ModelManager
 from worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class JobPayload:
     request: GenerationRequest
     seed: int
     max_new_tokens: int
+    model: str  # name@version the gateway routed the job to
 
     def sampling(self) -> SamplingParams:
         r = self.request
@@ -67,29 +70,26 @@ class JobPayload:
 class _Pending:
     future: asyncio.Future[Generation]
     skip: int  # token events an earlier attempt already published
+    engine: Engine
     next_index: int = 0
 
 
 @dataclass
 class JobRunner:
-    lm: LoadedModel
     store: JobStore
     settings: Settings
     arq: ArqRedis  # to queue webhook deliveries
+    source: CatalogSource
+    on_models_changed: Callable[[], None]
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _steps: asyncio.Queue[list[RowOutput]] = field(default_factory=asyncio.Queue)
     _loop: asyncio.AbstractEventLoop | None = None
     _publisher: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
-        s = self.settings
-        limits = EngineLimits(
-            max_batch_size=s.max_batch_size,
-            max_batch_tokens=s.max_batch_tokens,
-            max_prefill_tokens=s.max_prefill_tokens,
-            memory_limit_bytes=s.memory_limit_mb * 2**20,
+        self.models = ModelManager(
+            self.settings, self.source, self._on_step, self.on_models_changed
         )
-        self.engine = Engine(self.lm, limits, self._on_step)
 
     @property
     def running(self) -> int:
@@ -97,11 +97,11 @@ class JobRunner:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.engine.start()
+        self.models.start()
         self._publisher = asyncio.create_task(self._publish_forever())
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self.engine.stop)
+        await self.models.stop()
         if self._publisher is not None:
             self._publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -119,50 +119,69 @@ class JobRunner:
                 message=f"the job was interrupted {attempt - 1} times (GENQ_MAX_TRIES)",
             )
             return await self._finish(job, error=error)
+        deadline = time.monotonic() + self.settings.job_timeout_s
+        try:
+            spec = self.models.spec_for(payload.model, payload.request.model)
+        except GenerationError as e:
+            return await self._finish(job, error=JobError(code=e.code, message=str(e)))
         await self.store.mark_running(
-            job.id, model=self.lm.name, attempt=attempt, pool=self.settings.pool
+            job.id, model=spec.key, attempt=attempt, pool=self.settings.pool
         )
         job = job.model_copy(
             update={
                 "status": JobStatus.running,
-                "model": self.lm.name,
+                "model": spec.key,
                 "attempt": attempt,
                 "started_at": time.time(),
             }
         )
+        try:
+            held, load_s = await self.models.acquire(spec, deadline)
+        except GenerationError as e:
+            return await self._finish(job, error=JobError(code=e.code, message=str(e)))
+        try:
+            return await self._generate(job, payload, held, load_s, attempt, deadline)
+        finally:
+            self.models.release(held)
+
+    async def _generate(
+        self,
+        job: Job,
+        payload: JobPayload,
+        held: Held,
+        load_s: float,
+        attempt: int,
+        deadline: float,
+    ) -> Job:
         assert self._loop is not None, "start() first"
+        assert held.engine is not None
+        engine = held.engine
         # Only a re-run can find tokens of an earlier attempt: spare first runs the round trip.
         skip = await self.store.published_tokens(job.id) if attempt > 1 else 0
-        pending = _Pending(self._loop.create_future(), skip)
+        pending = _Pending(self._loop.create_future(), skip, engine)
         self._pending[job.id] = pending
         metrics.RUNNING_JOBS.inc()
-        self.engine.submit(
-            EngineRequest(
-                id=job.id,
-                request=payload.request,
-                params=payload.sampling(),
-                deadline=time.monotonic() + self.settings.job_timeout_s,
-            )
-        )
+        engine.submit(EngineRequest(job.id, payload.request, payload.sampling(), deadline))
         if await self.store.cancel_requested(job.id):
-            self.engine.cancel(job.id)  # asked for while the job was being picked up
+            engine.cancel(job.id)  # asked for while the job was being picked up
         try:
             outcome = await pending.future
         except GenerationError as e:
-            return await self._finish(job, error=JobError(code=e.code, message=str(e)))
+            error = JobError(code=e.code, message=str(e))
+            return await self._finish(job, error=error, load_s=load_s)
         except asyncio.CancelledError:
             # Shutdown or abort: free the row at the next step; arq re-queues the job.
-            self.engine.cancel(job.id)
+            engine.cancel(job.id)
             raise
         finally:
             del self._pending[job.id]
             metrics.RUNNING_JOBS.dec()
-        return await self._finish(job, outcome=outcome)
+        return await self._finish(job, outcome=outcome, load_s=load_s)
 
     def cancel(self, job_id: str) -> None:
         """Stop a job this worker is running (a no-op for any other job)."""
-        if job_id in self._pending:
-            self.engine.cancel(job_id)
+        if (pending := self._pending.get(job_id)) is not None:
+            pending.engine.cancel(job_id)
 
     async def sweep_cancel_flags(self) -> None:
         """Cancel running jobs whose records carry a cancel flag: the safety net for requests
@@ -173,7 +192,7 @@ class JobRunner:
                 running, await self.store.cancel_flags(running), strict=True
             ):
                 if flagged:
-                    self.engine.cancel(job_id)
+                    self.cancel(job_id)
 
     def _on_step(self, outputs: list[RowOutput]) -> None:
         """Called on the engine thread; hands the step to the event loop."""
@@ -213,8 +232,8 @@ class JobRunner:
         except RedisError as e:
             logger.error("cannot publish tokens of %d jobs: %s", len(tokens), e)
             for request_id in {out.request_id for out in outputs}:
+                self.cancel(request_id)
                 self._settle(request_id, e)
-                self.engine.cancel(request_id)
             return
         for out in outputs:
             if out.error is not None:
@@ -232,10 +251,15 @@ class JobRunner:
             pending.future.set_result(outcome)
 
     async def _finish(
-        self, job: Job, *, outcome: Generation | None = None, error: JobError | None = None
+        self,
+        job: Job,
+        *,
+        outcome: Generation | None = None,
+        error: JobError | None = None,
+        load_s: float = 0.0,
     ) -> Job:
         now = time.time()
-        timings = Timings(total_s=now - job.created_at)
+        timings = Timings(total_s=now - job.created_at, model_load_s=load_s or None)
         result = None
         if job.started_at is not None:
             timings.queued_s = job.started_at - job.created_at
@@ -252,7 +276,7 @@ class JobRunner:
                     completion_tokens=outcome.completion_tokens,
                 ),
             )
-            metrics.observe_generation(self.lm.name, outcome)
+            metrics.observe_generation(job.model, outcome)
         status = JobStatus.failed if error else JobStatus.succeeded
         if outcome is not None and outcome.finish_reason == "cancelled":
             status = JobStatus.cancelled
@@ -266,7 +290,7 @@ class JobRunner:
             }
         )
         await self.store.finish(final)
-        metrics.JOBS_FINISHED.labels(self.lm.name, status.value).inc()
+        metrics.JOBS_FINISHED.labels(job.model, status.value).inc()
         if webhook := await self.store.webhook(final.id):
             await enqueue_delivery(self.arq, self.settings.pool, final.id, webhook)
         return final

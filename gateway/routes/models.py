@@ -13,7 +13,7 @@ router = APIRouter(prefix="/v1", tags=["models"], responses={503: {"model": Erro
 @router.get("/models")
 async def list_models(models: ModelsDep) -> ModelList:
     """OpenAI-style list of the models workers have registered, with live worker counts."""
-    return await models.list()
+    return await models.listing()
 
 
 @router.get("/queue")

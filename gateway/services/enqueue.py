@@ -12,10 +12,12 @@ from arq.jobs import serialize_job as arq_payload
 from redis.asyncio.client import Pipeline
 
 from common import keys
+from common.catalog import ModelSpec
 from common.jobstore import JobStore
 from common.redisconn import serialize_job
 from common.schemas import GenerationRequest, Job
 from common.settings import Settings
+from gateway.services.models import Route
 
 JOB_FUNCTION = "generate"
 
@@ -42,7 +44,7 @@ def stage_enqueue(
     settings: Settings,
     job: Job,
     request: GenerationRequest,
-    pool: str,
+    route: Route,
 ) -> None:
     """Add a job's record, arq's payload for it and its place in the queue to `pipe`.
 
@@ -52,18 +54,25 @@ def stage_enqueue(
     # Drawn here, not by the worker, so that a re-run after a worker dies reproduces the tokens
     # already streamed.
     seed = request.seed if request.seed is not None else secrets.randbits(63)
-    max_new_tokens = request.max_new_tokens or settings.default_max_new_tokens
+    max_new_tokens = request.max_new_tokens or default_max_new_tokens(route.spec, settings)
     now_ms = int(time.time() * 1000)
     score = now_ms + _PRIORITY_STEPS[request.priority] * settings.priority_step_s * 1000
     payload = arq_payload(
         JOB_FUNCTION,
-        (job.id, request.model_dump(mode="json"), seed, max_new_tokens),
+        (job.id, request.model_dump(mode="json"), seed, max_new_tokens, route.model),
         {},
         None,
         now_ms,
         serializer=serialize_job,
     )
     webhook = str(request.webhook) if request.webhook else None
-    store.stage_create(pipe, job, pool=pool, webhook=webhook)
+    store.stage_create(pipe, job, pool=route.pool, webhook=webhook)
     pipe.psetex(keys.arq_job(job.id), score - now_ms + expires_extra_ms, payload)
-    pipe.zadd(keys.queue(pool), {job.id: score})
+    pipe.zadd(keys.queue(route.pool), {job.id: score})
+
+
+def default_max_new_tokens(spec: ModelSpec, settings: Settings) -> int:
+    if spec.default_max_new_tokens is not None:
+        return spec.default_max_new_tokens
+    limit = spec.max_new_tokens or settings.max_new_tokens_limit
+    return min(settings.default_max_new_tokens, limit)

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from common import events, keys
+from common.catalog import DEFAULT_ALIAS
 from common.events import Event
 from common.jobstore import JobStore
 from common.schemas import (
@@ -38,8 +39,8 @@ from gateway.errors import (
 )
 from gateway.services.enqueue import fingerprint, is_deterministic, stage_enqueue
 from gateway.services.events import STREAM_ID, read_events
-from gateway.services.limits import check_limits
-from gateway.services.models import ModelService
+from gateway.services.limits import check_limits, check_model_limits
+from gateway.services.models import ModelService, Route
 from gateway.services.queue import QueueService
 
 # How long a request that lost an Idempotency-Key race waits for the winner's job record.
@@ -69,10 +70,13 @@ class JobService:
         an identical one that is running or has finished (`cached: true`)."""
         check_limits(request, self.settings)
         route = await self.models.resolve(request.model)
+        check_model_limits(request, route.spec)
         job = self._new_job(route.model)
         claims: list[str] = []  # keys now naming this job, released if it is not queued
         if idempotency_key is not None:
-            earlier = await self._claim_idempotency(idempotency_key, route.model, request, job.id)
+            # Keyed by the name asked for: a canary split may route a retry to another version.
+            asked = request.model or DEFAULT_ALIAS
+            earlier = await self._claim_idempotency(idempotency_key, asked, request, job.id)
             if earlier is not None:
                 return earlier
             claims.append(keys.idempotency(idempotency_key))
@@ -87,7 +91,7 @@ class JobService:
         try:
             await self._check_depth(route.pool, 1)
             async with self.redis.pipeline(transaction=True) as pipe:
-                stage_enqueue(pipe, self.store, self.settings, job, request, route.pool)
+                stage_enqueue(pipe, self.store, self.settings, job, request, route)
                 pipe.zrank(keys.queue(route.pool), job.id)
                 *_, position = await pipe.execute()
         except BaseException:
@@ -112,12 +116,13 @@ class JobService:
                 "(GENQ_MAX_BATCH_REQUESTS)"
             )
         out: list[BatchItem] = []
-        accepted: list[tuple[Job, GenerationRequest, str]] = []
+        accepted: list[tuple[Job, GenerationRequest, Route]] = []
         for index, raw in enumerate(items):
             try:
                 request = GenerationRequest.model_validate(raw)
                 check_limits(request, self.settings)
                 route = await self.models.resolve(request.model)
+                check_model_limits(request, route.spec)
             except ValidationError as e:
                 out.append(BatchItem(index=index, error=_item_error("invalid_request", e)))
                 continue
@@ -127,14 +132,14 @@ class JobService:
                 )
                 continue
             job = self._new_job(route.model)
-            accepted.append((job, request, route.pool))
+            accepted.append((job, request, route))
             out.append(BatchItem(index=index, job=job))
-        for pool in {p for _, _, p in accepted}:
-            await self._check_depth(pool, sum(1 for _, _, p in accepted if p == pool))
+        for pool in {r.pool for _, _, r in accepted}:
+            await self._check_depth(pool, sum(1 for _, _, r in accepted if r.pool == pool))
         if accepted:
             async with self.redis.pipeline(transaction=True) as pipe:
-                for job, request, pool in accepted:
-                    stage_enqueue(pipe, self.store, self.settings, job, request, pool)
+                for job, request, route in accepted:
+                    stage_enqueue(pipe, self.store, self.settings, job, request, route)
                 await pipe.execute()
             for job, _, _ in accepted:
                 metrics.SUBMITTED.labels(job.model).inc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from common.catalog import ModelSpec
 from common.schemas import GenerationRequest
 from common.settings import Settings
 from gateway.errors import LimitExceeded
@@ -51,3 +52,16 @@ def check_limits(request: GenerationRequest, settings: Settings) -> None:
             )
         if s.webhook_secret is None:
             raise LimitExceeded("webhooks are off: the server has no GENQ_WEBHOOK_SECRET")
+
+
+def check_model_limits(request: GenerationRequest, spec: ModelSpec) -> None:
+    """The registry's limits of the version that will serve the request."""
+    if (
+        request.max_new_tokens is not None
+        and spec.max_new_tokens is not None
+        and request.max_new_tokens > spec.max_new_tokens
+    ):
+        raise LimitExceeded(
+            f"max_new_tokens={request.max_new_tokens}; {spec.key} allows at most "
+            f"{spec.max_new_tokens} (max_new_tokens in its registry entry)"
+        )

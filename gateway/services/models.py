@@ -1,62 +1,95 @@
-"""Model routing and listing, from what workers registered in Redis."""
+"""Model routing (registry + run-time overrides) and the model list with per-worker states."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from common import registry
-from common.schemas import ModelCard, ModelList
+from common import registry, routing
+from common.catalog import Catalog, CatalogSource, ModelSpec, UnknownModel
+from common.schemas import ModelCard, ModelList, ModelVersion, WorkerHolding
 from common.settings import Settings
 from gateway.errors import ModelNotFound
 
-DEFAULT_ALIAS = "default"
+# What a version shows when live workers disagree: the most useful state wins.
+_STATE_ORDER = ("ready", "reloading", "loading", "failed")
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     pool: str
-    model: str  # the name recorded on the job
+    model: str  # name@version, recorded on the job
+    spec: ModelSpec
 
 
 class ModelService:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, source: CatalogSource) -> None:
         self.redis = redis
         self.settings = settings
+        self.source = source
+        self._started = int(time.time())
+
+    async def catalog(self) -> Catalog:
+        return await routing.current(self.redis, self.source)
 
     async def resolve(self, requested: str | None) -> Route:
-        """The pool serving `requested`; no name or `default` means the gateway's own pool.
+        """The version serving `requested` and its pool. Known models are accepted before any
+        worker is up, so that jobs queue while workers start (or are scaled to zero)."""
+        try:
+            spec = (await self.catalog()).resolve(requested)
+        except UnknownModel as e:
+            raise ModelNotFound(str(e)) from e
+        return Route(pool=spec.pool, model=spec.key, spec=spec)
 
-        The default pool is accepted even before any worker registered, so that jobs queue up
-        while workers are still starting (or scaled to zero).
-        """
-        served = await registry.served_models(self.redis)
-        if requested is None or requested == DEFAULT_ALIAS:
-            pool = self.settings.pool
-            names = sorted(e.name for e in served.values() if e.pool == pool)
-            return Route(pool=pool, model=names[0] if len(names) == 1 else DEFAULT_ALIAS)
-        entry = served.get(requested)
-        if entry is None:
-            listed = ", ".join(sorted(served)) or "none registered yet"
-            raise ModelNotFound(f"model {requested!r} is not served; served models: {listed}")
-        return Route(pool=entry.pool, model=entry.name)
-
-    async def list(self) -> ModelList:
-        served = await registry.served_models(self.redis)
-        alive: dict[str, int] = {}
-        for pool in {e.pool for e in served.values()}:
+    async def listing(self) -> ModelList:
+        catalog = await self.catalog()
+        holdings: dict[str, list[WorkerHolding]] = {}
+        for pool in sorted(catalog.pools()):
             for worker in await registry.live_workers(self.redis, pool):
-                for name in worker.models:
-                    alive[name] = alive.get(name, 0) + 1
-        cards = [
-            ModelCard(
-                id=e.name,
-                created=int(e.registered_at),
-                pool=e.pool,
-                source=e.source,
-                workers=alive.get(e.name, 0),
+                for held in worker.models:
+                    holdings.setdefault(held.key, []).append(
+                        WorkerHolding(worker=worker.id, state=held.state, reason=held.reason)
+                    )
+        cards = []
+        for name in catalog.names():
+            versions = [self._version(catalog, spec, holdings) for spec in catalog.versions(name)]
+            aliases = [
+                alias
+                for alias, target in catalog.aliases.items()
+                if target == name or target.split("@", 1)[0] == name
+            ]
+            ready_workers = {
+                h.worker for v in versions for h in v.workers if h.state in ("ready", "reloading")
+            }
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=self._started,
+                    aliases=aliases,
+                    workers=len(ready_workers),
+                    versions=versions,
+                )
             )
-            for e in sorted(served.values(), key=lambda e: e.name)
-        ]
         return ModelList(data=cards)
+
+    def _version(
+        self, catalog: Catalog, spec: ModelSpec, holdings: dict[str, list[WorkerHolding]]
+    ) -> ModelVersion:
+        held = holdings.get(spec.key, [])
+        states = {h.state for h in held}
+        state = next((s for s in _STATE_ORDER if s in states), "not_loaded")
+        reasons = [h.reason for h in held if h.reason]
+        weights = catalog.traffic.get(spec.name)
+        return ModelVersion(
+            id=spec.key,
+            version=spec.version,
+            pool=spec.pool,
+            source=spec.source or "default model",
+            state=state,
+            reason=reasons[0] if reasons else None,
+            traffic_weight=None if weights is None else weights.get(spec.version, 0),
+            default=catalog.default_version(spec.name).key == spec.key,
+            workers=held,
+        )

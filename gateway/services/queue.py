@@ -8,16 +8,20 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from common import keys, registry
+from common.catalog import CatalogSource
 from common.jobstore import DRAIN_WINDOW_S, JobStore
 from common.schemas import PoolStats, QueueStats
 from common.settings import Settings
 
 
 class QueueService:
-    def __init__(self, redis: Redis, store: JobStore, settings: Settings) -> None:
+    def __init__(
+        self, redis: Redis, store: JobStore, settings: Settings, source: CatalogSource
+    ) -> None:
         self.redis = redis
         self.store = store
         self.settings = settings
+        self.source = source
 
     async def depth(self, pool: str) -> int:
         return int(await self.redis.zcard(keys.queue(pool)))
@@ -58,7 +62,7 @@ class QueueService:
         return bool(removed)
 
     async def stats(self) -> QueueStats:
-        pools = sorted(await registry.pools(self.redis) | {self.settings.pool})
+        pools = sorted(self.source.get().pools())
         return QueueStats(pools=[await self._pool_stats(p) for p in pools])
 
     async def _pool_stats(self, pool: str) -> PoolStats:
