@@ -22,6 +22,8 @@ def run_gateway(settings: Settings) -> None:
     except CatalogError as e:
         logger.error("%s", e)
         raise SystemExit(2) from e
+    if settings.admin_token is None:
+        logger.warning("GENQ_ADMIN_TOKEN is unset: the /v1/admin routes are open to every client")
     uvicorn.run(
         create_app(settings),
         host=settings.host,

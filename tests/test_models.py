@@ -117,6 +117,7 @@ models:
   - name: broken
     source: "{versions.v1}"
     sha256: {{model.safetensors: "{"0" * 64}"}}
+  - {{name: large, source: "{versions.v1}", pool: big}}
 aliases: {{default: tiny, stable: tiny@1}}
 """
     root = tmp_path_factory.mktemp("routed")
@@ -138,7 +139,21 @@ def test_unknown_models_are_a_404_listing_the_served_ones(routed: httpx.Client) 
         resp = routed.post("/v1/jobs", json={"prompt": "x", "model": name})
         assert resp.status_code == 404
         message = resp.json()["error"]["message"]
-        assert "served models: tiny, broken, tiny@1, tiny@2, broken@1, default, stable" in message
+        served = "tiny, broken, large, tiny@1, tiny@2, broken@1, large@1, default, stable"
+        assert f"served models: {served}" in message
+
+
+def test_jobs_queue_on_the_pool_that_serves_their_model(routed: httpx.Client) -> None:
+    resp = routed.post("/v1/jobs", json={"prompt": "x", "model": "large"})
+    assert resp.status_code == 202
+    job = resp.json()
+    assert (job["model"], job["position"]) == ("large@1", 0)
+    pools = {p["pool"]: p for p in routed.get("/v1/queue").json()["pools"]}
+    assert (pools["big"]["depth"], pools["big"]["workers_alive"]) == (1, 0)
+    assert pools["default"]["workers_alive"] == 1
+    routed.delete(f"/v1/jobs/{job['id']}")
+    pools = {p["pool"]: p for p in routed.get("/v1/queue").json()["pools"]}
+    assert pools["big"]["depth"] == 0
 
 
 def test_per_model_limits_are_enforced_at_submit(routed: httpx.Client) -> None:

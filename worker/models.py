@@ -258,6 +258,11 @@ class ModelManager:
             self._fail(held, str(e))
             del self._held[spec.key]
             return
+        except asyncio.CancelledError:
+            # The job was stopped (worker shutdown): jobs waiting on this load must not hang.
+            self._fail(held, "the load was interrupted; the next job retries it")
+            del self._held[spec.key]
+            raise
         self._install(held, lm, start=True)
         await self._make_room(0, 0.0, keep=held)  # the estimate may have been low
 
