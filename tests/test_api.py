@@ -265,7 +265,9 @@ def test_worker_exposes_engine_and_memory_metrics(client: httpx.Client, stack: S
     client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 4})
     text = httpx.get(stack.worker_metrics, timeout=10).text
     for name in (
-        "genq_worker_batch_size",
+        f'genq_worker_batch_size{{model="{TINY_KEY}"}}',
+        f'genq_worker_model_loads_total{{model="{TINY_KEY}",outcome="loaded"}} 1.0',
+        f'genq_worker_model_bytes{{model="{TINY_KEY}"}}',
         "genq_worker_rss_bytes",
         f'genq_worker_generated_tokens_total{{model="{TINY_KEY}"}}',
         "genq_worker_time_to_first_token_seconds_bucket",

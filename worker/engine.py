@@ -129,8 +129,8 @@ class Engine:
             outputs += self._decode()
         if outputs:
             self.on_step(outputs)
-        metrics.BATCH_SIZE.set(self.running)
-        metrics.WAITING_REQUESTS.set(len(self._waiting))
+        metrics.BATCH_SIZE.labels(self.lm.name).set(self.running)
+        metrics.WAITING_REQUESTS.labels(self.lm.name).set(len(self._waiting))
         self.memory.sample()
 
     def _take_inbox(self, *, block: bool) -> list[RowOutput]:
@@ -144,6 +144,8 @@ class Engine:
                 outputs += self._cancel(item.id)
             elif isinstance(item, _Swap):
                 logger.info("now decoding with %s (%s)", item.lm.name, item.lm.source)
+                metrics.BATCH_SIZE.labels(self.lm.name).set(0)
+                metrics.WAITING_REQUESTS.labels(self.lm.name).set(0)
                 self.lm = item.lm
             else:
                 outputs += self._intake(item)

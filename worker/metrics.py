@@ -37,8 +37,24 @@ def observe_generation(model: str, outcome: Generation) -> None:
         TIME_TO_FIRST_TOKEN.labels(model).observe(outcome.time_to_first_token_s)
 
 
-BATCH_SIZE = Gauge("genq_worker_batch_size", "Rows in the engine's running batch")
-WAITING_REQUESTS = Gauge("genq_worker_waiting_requests", "Requests waiting for a batch row")
+BATCH_SIZE = Gauge("genq_worker_batch_size", "Rows in the model's running batch", ["model"])
+WAITING_REQUESTS = Gauge(
+    "genq_worker_waiting_requests", "Requests waiting for a batch row", ["model"]
+)
+MODEL_LOADS = Counter(
+    "genq_worker_model_loads_total",
+    "Model loads by outcome: loaded, reloaded, failed",
+    ["model", "outcome"],
+)
+MODEL_LOAD_SECONDS = Histogram(
+    "genq_worker_model_load_seconds",
+    "Time to load a model (checkpoint conversion and warm-up included)",
+    ["model"],
+    buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300),
+)
+MODEL_BYTES = Gauge(
+    "genq_worker_model_bytes", "Memory the weights of a loaded model take", ["model"]
+)
 RSS_BYTES = Gauge("genq_worker_rss_bytes", "Resident memory of the worker process")
 CUDA_ALLOCATED_BYTES = Gauge("genq_worker_cuda_allocated_bytes", "GPU memory allocated by torch")
 CUDA_RESERVED_BYTES = Gauge("genq_worker_cuda_reserved_bytes", "GPU memory reserved by torch")

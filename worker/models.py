@@ -16,6 +16,7 @@ import torch
 from common.catalog import CatalogSource, ModelSpec, UnknownModel
 from common.registry import HeldModel, ModelState
 from common.settings import Settings
+from worker import metrics
 from worker.engine import Engine, EngineLimits, StepCallback
 from worker.generation import GenerationError
 from worker.loading import LoadedModel, ModelLoadError, estimated_bytes, load_spec
@@ -218,6 +219,7 @@ class ModelManager:
         except _LOAD_ERRORS as e:
             held.state, held.reason = "ready", f"reload failed, still serving the old weights: {e}"
             logger.error("reload of %s failed: %s", spec.key, e)
+            metrics.MODEL_LOADS.labels(spec.key, "failed").inc()
             self.on_change()
             return
         assert held.lm is not None
@@ -243,6 +245,8 @@ class ModelManager:
             else:
                 self._retiring.append(held)
         logger.info("reloaded %s as %s from %s", old_key, spec.key, lm.source)
+        metrics.MODEL_BYTES.labels(old_key).set(0)
+        _loaded(spec.key, lm, "reloaded")
         self.on_change()
 
     async def _load_on_demand(self, held: Held, deadline: float) -> None:
@@ -281,12 +285,14 @@ class ModelManager:
         held.state, held.reason, held.loaded_at = "ready", None, time.time()
         held.settled.set()
         logger.info("model %s ready (%.0f MB)", held.spec.key, held.bytes / 2**20)
+        _loaded(held.spec.key, lm, "loaded")
         self.on_change()
 
     def _fail(self, held: Held, reason: str) -> None:
         held.state, held.reason = "failed", reason
         held.settled.set()
         logger.error("model %s failed to load: %s", held.spec.key, reason)
+        metrics.MODEL_LOADS.labels(held.spec.key, "failed").inc()
         self.on_change()
 
     async def _make_room(self, incoming: int, deadline: float, *, keep: Held) -> None:
@@ -322,6 +328,7 @@ class ModelManager:
                 continue
 
     async def _unload(self, held: Held) -> None:
+        metrics.MODEL_BYTES.labels(held.spec.key).set(0)
         if held.engine is not None:
             await asyncio.to_thread(held.engine.stop)
         device = held.lm.device if held.lm is not None else None
@@ -330,3 +337,9 @@ class ModelManager:
         gc.collect()
         if device is not None and device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _loaded(key: str, lm: LoadedModel, outcome: str) -> None:
+    metrics.MODEL_LOADS.labels(key, outcome).inc()
+    metrics.MODEL_LOAD_SECONDS.labels(key).observe(lm.load_s)
+    metrics.MODEL_BYTES.labels(key).set(lm.weight_bytes)
