@@ -34,7 +34,7 @@ class Services:
         redis = create_redis(settings)
         store = JobStore(redis, ttl_s=settings.result_ttl_s, events_maxlen=settings.events_maxlen)
         source = CatalogSource(settings)
-        models = ModelService(redis, settings, source)
+        models = ModelService(redis, source)
         queue = QueueService(redis, store, settings, source)
         jobs = JobService(redis, store, models, queue, settings)
         return cls(

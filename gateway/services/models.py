@@ -10,7 +10,6 @@ from redis.asyncio import Redis
 from common import registry, routing
 from common.catalog import Catalog, CatalogSource, ModelSpec, UnknownModel
 from common.schemas import ModelCard, ModelList, ModelVersion, WorkerHolding
-from common.settings import Settings
 from gateway.errors import ModelNotFound
 
 # What a version shows when live workers disagree: the most useful state wins.
@@ -25,9 +24,8 @@ class Route:
 
 
 class ModelService:
-    def __init__(self, redis: Redis, settings: Settings, source: CatalogSource) -> None:
+    def __init__(self, redis: Redis, source: CatalogSource) -> None:
         self.redis = redis
-        self.settings = settings
         self.source = source
         self._started = int(time.time())
 
