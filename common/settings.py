@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     memory_limit_mb: int = Field(
         0, ge=0, description="Admit no rows past this RSS (CPU) or GPU allocation; 0 is off."
     )
+    prefix_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="Keys and values of recent prompts kept per model, reused by later prompts "
+        "that start the same way; 0 turns prefix caching off.",
+    )
     worker_max_jobs: int = Field(64, ge=1, description="Jobs a worker holds (running + waiting).")
     worker_queue_read_limit: int = Field(1000, ge=1)
     worker_poll_delay_s: float = Field(0.05, gt=0)

@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicLayer
 from common.schemas import FinishReason
 from worker.generation import Generation, GenerationError
 from worker.loading import LoadedModel
+from worker.prefix_cache import KV, PrefixHit
 from worker.sampling import Sampler, SamplingParams
 from worker.textstream import TextStream
 
@@ -104,123 +105,190 @@ class Batch:
         return sum(row.reserved_tokens for row in self.rows)
 
     @classmethod
-    def prefill(cls, lm: LoadedModel, rows: list[Row]) -> Batch:
-        longest = max(len(r.prompt_ids) for r in rows)
+    def prefill(
+        cls, lm: LoadedModel, rows: list[Row], prefixes: list[PrefixHit | None] | None = None
+    ) -> Batch:
+        """A batch that feeds the rows' prompts. A row with a cached prefix feeds only the rest:
+        its cache holds the prefix, and its mask reads [pad, prefix, pad, rest]."""
+        hits = prefixes or [None] * len(rows)
+        cached = [hit.length if hit else 0 for hit in hits]
+        prefix_width = max(cached)
+        rests = [row.prompt_ids[n:] for row, n in zip(rows, cached, strict=True)]
+        longest = max(map(len, rests))
         pad = lm.tokenizer.pad_token_id or 0
         ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row.prompt_ids)
-            ids[i, longest - n :] = torch.tensor(row.prompt_ids)
-            mask[i, longest - n :] = 1
-        return cls(rows, ids.to(lm.device), mask.to(lm.device), new_cache(lm))
+        mask = torch.zeros((len(rows), prefix_width + longest), dtype=torch.long)
+        for i, (rest, n) in enumerate(zip(rests, cached, strict=True)):
+            ids[i, longest - len(rest) :] = torch.tensor(rest)
+            mask[i, prefix_width - n : prefix_width] = 1
+            mask[i, prefix_width + longest - len(rest) :] = 1
+        cache = new_cache(lm)
+        if prefix_width:
+            _load_prefixes(cache, hits, prefix_width)
+        return cls(rows, ids.to(lm.device), mask.to(lm.device), cache)
+
+    def prompt_kv(self, i: int) -> KV:
+        """Row `i`'s prompt keys and values (1 x H x prompt x D per layer), between its prefill
+        `forward` and `advance`, when the cache holds exactly what the mask covers."""
+        columns = self.attention_mask[i].nonzero().squeeze(1)
+        return [
+            (k[i : i + 1, :, columns], v[i : i + 1, :, columns])
+            for k, v in map(_kv, _layers(self.cache))
+        ]
 
     @classmethod
     def concatenate(cls, batches: list[Batch]) -> Batch:
-        """Merge decoding batches: shorter caches are left-padded to the longest."""
-        if len(batches) == 1:
-            return batches[0]
-        longest = max(b.cached_tokens for b in batches)
-        pads = [longest - b.cached_tokens for b in batches]
-        merged = [_layers(b.cache) for b in batches]
-        for i, layer in enumerate(merged[0]):
-            keys, values = zip(*(_kv(layers[i]) for layers in merged), strict=True)
-            layer.keys = torch.cat([_pad_left(k, n, 2) for k, n in zip(keys, pads, strict=True)])
-            layer.values = torch.cat(
-                [_pad_left(v, n, 2) for v, n in zip(values, pads, strict=True)]
-            )
-        masks = [_pad_left(b.attention_mask, n, 1) for b, n in zip(batches, pads, strict=True)]
-        return cls(
-            [row for b in batches for row in b.rows],
-            torch.cat([b.input_ids for b in batches]),
-            torch.cat(masks),
-            batches[0].cache,
-        )
+        """Merge decoding batches into the first one's cache: only the admitted rows are copied
+        (into spare slots), and the shorter side is left-padded to the longer."""
+        running = batches[0]
+        for other in batches[1:]:
+            running.extend(other)
+        return running
+
+    def extend(self, other: Batch) -> None:
+        width = max(self.cached_tokens, other.cached_tokens)
+        for mine, theirs in zip(_layers(self.cache), _layers(other.cache), strict=True):
+            mine.append_rows(*_kv(theirs), width)
+        masks = (self.attention_mask, other.attention_mask)
+        self.attention_mask = torch.cat([_pad_left(m, width + 1 - m.shape[1], 1) for m in masks])
+        self.input_ids = torch.cat([self.input_ids, other.input_ids])
+        self.rows += other.rows
 
     def filter(self, keep: list[int]) -> Batch | None:
-        """Keep rows at indexes `keep`; drop cache columns that are padding in every kept row."""
+        """Keep rows at indexes `keep`, in the order `_compact` gives (only rows that fill a
+        dropped row's slot move); drop cache columns that are padding in every kept row."""
         if not keep:
             return None
         if len(keep) == len(self.rows):
             return self
-        index = torch.tensor(keep, device=self.input_ids.device)
+        order = _compact(keep)
+        index = torch.tensor(order, device=self.input_ids.device)
         mask = self.attention_mask[index]
         # Columns before the longest kept row's first real token are pure padding now.
         first_real = int(mask.any(dim=0).nonzero()[0])
-        self.cache.batch_select_indices(index)
-        if first_real:
-            _slice_cache(self.cache, first_real, None)
-        rows = [self.rows[i] for i in keep]
+        for layer in _layers(self.cache):
+            layer.keep_rows(order, drop_columns=first_real)
+        rows = [self.rows[i] for i in order]
         return Batch(rows, self.input_ids[index], mask[:, first_real:], self.cache)
 
     def restore_cache_length(self, length: int) -> None:
         """Undo a forward pass that failed half way (some layers appended, others not)."""
-        _slice_cache(self.cache, 0, length)
+        for layer in _layers(self.cache):
+            if layer.is_initialized:
+                layer.truncate(length)
 
 
-class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # untyped base
-    """A DynamicLayer that appends into spare capacity.
+class SlotLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # untyped base
+    """One layer's keys and values, kept in a buffer with spare rows and columns.
 
-    DynamicLayer concatenates the whole cache with each step's keys and values; at batch 16 on a
-    CPU that copy costs as much as the model's matmuls. Here a step writes into a buffer with
-    room to spare, and `keys`/`values` are views of it. Batch surgery (concatenate, filter)
-    replaces `keys`/`values` with new tensors; the next update notices and re-buffers once.
+    `keys`/`values` are views of the live window `buf[:rows, :, start:end]`. DynamicLayer
+    re-concatenates the whole cache at every step, and its batch surgery copies every row; at
+    batch 16 on a CPU those copies cost as much as the model's matmuls. Here a step writes its
+    column into spare room, an admitted row is written into a spare row slot, a finished row's
+    slot is refilled by one row moved from the end, and columns that became padding are dropped
+    by moving `start`: surgery copies the rows it changes, never the whole cache.
     """
 
-    SLACK_TOKENS = 128
+    ROW_SLACK = 8
+    COLUMN_SLACK = 128
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._key_buf: torch.Tensor | None = None
-        self._value_buf: torch.Tensor | None = None
+        self._key_buf = torch.empty(0)
+        self._value_buf = torch.empty(0)
+        self._rows = self._start = self._end = 0
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        new = key_states.shape[2]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        length = self.get_seq_length()
-        end = length + key_states.shape[2]
-        if not self._owns_views(key_states.shape[0], end):
-            self._rebuffer(key_states, value_states, length, end)
-        assert self._key_buf is not None
-        assert self._value_buf is not None
-        self._key_buf[:, :, length:end] = key_states
-        self._value_buf[:, :, length:end] = value_states
-        self.keys = self._key_buf[:, :, :end]
-        self.values = self._value_buf[:, :, :end]
-        return self.keys, self.values
+            self._allocate(key_states, rows=key_states.shape[0], left=0, extra=new)
+            self._rows = key_states.shape[0]
+        assert key_states.shape[0] == self._rows, "a step feeds every row of the batch"
+        if self._end + new > self._key_buf.shape[2]:
+            self._allocate(key_states, rows=self._rows, left=0, extra=new)
+        self._key_buf[: self._rows, :, self._end : self._end + new] = key_states
+        self._value_buf[: self._rows, :, self._end : self._end + new] = value_states
+        self._end += new
+        return self._publish()
 
-    def _owns_views(self, batch_size: int, end: int) -> bool:
-        buf = self._key_buf
-        keys = self.keys
-        return (
-            buf is not None
-            and keys is not None
-            and buf.data_ptr() == keys.data_ptr()
-            and buf.shape[0] == batch_size
-            and buf.shape[2] >= end
+    def append_rows(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+        """Add rows whose caches (`keys`, `values`: B x H x T x D, T <= `width`) are right-aligned
+        with this layer's; the window grows to `width` columns by padding on the left."""
+        rows = self._rows + keys.shape[0]
+        grow = width - (self._end - self._start)
+        if rows > self._key_buf.shape[0] or grow > self._start:
+            self._allocate(keys, rows=rows, left=max(grow, 0), extra=0)
+        if grow > 0:
+            self._start -= grow
+            self._zero(slice(0, self._rows), self._start, self._start + grow)
+        first, cached = self._rows, keys.shape[2]
+        self._zero(slice(first, rows), self._start, self._end - cached)
+        self._key_buf[first:rows, :, self._end - cached : self._end] = keys
+        self._value_buf[first:rows, :, self._end - cached : self._end] = values
+        self._rows = rows
+        self._publish()
+
+    def keep_rows(self, order: list[int], drop_columns: int) -> None:
+        """Slot i takes the row that was in slot `order[i]`; the first `drop_columns` columns of
+        the window are dropped."""
+        moves = [(i, j) for i, j in enumerate(order) if i != j]
+        if moves:
+            device = self._key_buf.device
+            dst = torch.tensor([i for i, _ in moves], device=device)
+            src = torch.tensor([j for _, j in moves], device=device)
+            window = slice(self._start, self._end)
+            self._key_buf[dst, :, window] = self._key_buf[src, :, window]
+            self._value_buf[dst, :, window] = self._value_buf[src, :, window]
+        self._rows = len(order)
+        self._start += drop_columns
+        self._publish()
+
+    def truncate(self, length: int) -> None:
+        self._end = self._start + length
+        self._publish()
+
+    def _allocate(self, like: torch.Tensor, rows: int, left: int, extra: int) -> None:
+        """Move the window into a new buffer with room for `rows` rows, and for `left` more
+        columns on its left and `extra` plus COLUMN_SLACK on its right."""
+        width = self._end - self._start
+        shape = (
+            rows + self.ROW_SLACK,
+            like.shape[1],
+            left + width + extra + self.COLUMN_SLACK,
+            like.shape[3],
         )
-
-    def _rebuffer(self, k: torch.Tensor, v: torch.Tensor, length: int, end: int) -> None:
-        shape = (k.shape[0], k.shape[1], end + self.SLACK_TOKENS, k.shape[3])
-        key_buf, value_buf = k.new_empty(shape), v.new_empty(shape)
-        if length:
-            keys, values = _kv(self)
-            key_buf[:, :, :length] = keys
-            value_buf[:, :, :length] = values
+        key_buf, value_buf = like.new_empty(shape), like.new_empty(shape)
+        if width:
+            live, window = slice(0, self._rows), slice(self._start, self._end)
+            key_buf[live, :, left : left + width] = self._key_buf[live, :, window]
+            value_buf[live, :, left : left + width] = self._value_buf[live, :, window]
         self._key_buf, self._value_buf = key_buf, value_buf
+        self._start, self._end = left, left + width
+
+    def _zero(self, rows: slice, start: int, stop: int) -> None:
+        # Padding is masked out, but a masked score is still q.k + -inf: garbage in a fresh
+        # buffer (NaN bit patterns) would poison it.
+        if stop > start:
+            self._key_buf[rows, :, start:stop] = 0
+            self._value_buf[rows, :, start:stop] = 0
+
+    def _publish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = self._key_buf[: self._rows, :, self._start : self._end]
+        self.values = self._value_buf[: self._rows, :, self._start : self._end]
+        return self.keys, self.values
 
 
 def new_cache(lm: LoadedModel) -> DynamicCache:
     cache = DynamicCache(config=lm.model.config)
-    cache.layers = [GrowingLayer() for _ in cache.layers]
+    cache.layers = [SlotLayer() for _ in cache.layers]
     return cache
 
 
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    # check_supported() made sure every layer is a DynamicLayer.
-    return cast(list[DynamicLayer], cache.layers)
+def _layers(cache: DynamicCache) -> list[SlotLayer]:
+    return cast(list[SlotLayer], cache.layers)
 
 
 def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,13 +298,28 @@ def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
     return keys, values
 
 
-def _slice_cache(cache: DynamicCache, start: int, stop: int | None) -> None:
-    """Keep cache positions [start:stop] in every layer."""
-    for layer in _layers(cache):
-        if layer.is_initialized:
-            keys, values = _kv(layer)
-            layer.keys = keys[:, :, start:stop]
-            layer.values = values[:, :, start:stop]
+def _load_prefixes(cache: DynamicCache, hits: list[PrefixHit | None], width: int) -> None:
+    """Fill a fresh cache with each row's cached prefix, right-aligned to `width` columns."""
+    some = next(hit for hit in hits if hit is not None)
+    for index, layer in enumerate(_layers(cache)):
+        like = some.kv[index][0]
+        shape = (len(hits), like.shape[1], width, like.shape[3])
+        keys, values = like.new_zeros(shape), like.new_zeros(shape)
+        for i, hit in enumerate(hits):
+            if hit is not None:
+                k, v = hit.kv[index]
+                keys[i, :, width - hit.length :] = k[0]
+                values[i, :, width - hit.length :] = v[0]
+        layer.update(keys, values)
+
+
+def _compact(keep: list[int]) -> list[int]:
+    """The new slot order once only the rows at `keep` (ascending) remain: kept rows below the
+    new size stay where they are, and each hole below it takes a kept row from above it."""
+    size = len(keep)
+    kept = set(keep)
+    movers = iter(i for i in keep if i >= size)
+    return [i if i in kept else next(movers) for i in range(size)]
 
 
 def check_supported(lm: LoadedModel) -> None:
@@ -259,20 +342,28 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 def generate_token(lm: LoadedModel, batch: Batch) -> tuple[list[RowOutput], Batch | None]:
     """One forward pass over the batch: a token for every row, their text, finished rows out."""
+    return advance(lm, batch, forward(lm, batch))
+
+
+def forward(lm: LoadedModel, batch: Batch) -> torch.Tensor:
+    """The next-token logits of every row (B x vocab, fp32); the cache grows by the inputs."""
     positions = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     positions = positions[:, -batch.input_ids.shape[1] :]
-    logits = (
-        lm.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=positions,
-            cache=batch.cache,
-            use_cache=True,
-            logits_to_keep=1,  # the LM head over whole prompts would cost more than the layers
-        )
-        .logits[:, -1, :]
-        .float()
-    )
+    logits: torch.Tensor = lm.model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=positions,
+        cache=batch.cache,
+        use_cache=True,
+        logits_to_keep=1,  # the LM head over whole prompts would cost more than the layers
+    ).logits
+    return logits[:, -1, :].float()
+
+
+def advance(
+    lm: LoadedModel, batch: Batch, logits: torch.Tensor
+) -> tuple[list[RowOutput], Batch | None]:
+    """Pick every row's token from `logits`, stream its text, and drop the rows that ended."""
     now = time.perf_counter()
     outputs: list[RowOutput] = []
     keep: list[int] = []

@@ -19,7 +19,16 @@ import torch
 
 from common.schemas import GenerationRequest
 from worker import metrics
-from worker.batch import Batch, Row, RowOutput, check_supported, generate_token, new_row
+from worker.batch import (
+    Batch,
+    Row,
+    RowOutput,
+    advance,
+    check_supported,
+    forward,
+    generate_token,
+    new_row,
+)
 from worker.generation import (
     GenerationError,
     GenerationTimeout,
@@ -29,6 +38,7 @@ from worker.generation import (
 )
 from worker.loading import LoadedModel
 from worker.memory import MemoryMonitor, kv_bytes_per_token
+from worker.prefix_cache import PrefixCache
 from worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -45,6 +55,7 @@ class EngineLimits:
     max_batch_tokens: int = 65_536  # KV-cache tokens reserved by all rows (prompt + max_new)
     max_prefill_tokens: int = 4_096  # padded prompt tokens prefilled in one step
     memory_limit_bytes: int = 0  # 0: off
+    prefix_cache_bytes: int = 256 * 2**20  # 0: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +84,7 @@ class Engine:
         check_supported(lm)
         self.memory = MemoryMonitor(lm.device, limits.memory_limit_bytes)
         self._kv_bytes_per_token = kv_bytes_per_token(lm)
+        self.prefix_cache = PrefixCache(lm.name, limits.prefix_cache_bytes)
         self._inbox: queue.SimpleQueue[EngineRequest | _Cancel | _Swap] = queue.SimpleQueue()
         self._waiting: deque[Row] = deque()
         self._deadlines: dict[str, float] = {}
@@ -147,6 +159,7 @@ class Engine:
                 metrics.BATCH_SIZE.labels(self.lm.name).set(0)
                 metrics.WAITING_REQUESTS.labels(self.lm.name).set(0)
                 self.lm = item.lm
+                self.prefix_cache.clear()  # keys and values of the old weights
             else:
                 outputs += self._intake(item)
             try:
@@ -232,11 +245,18 @@ class Engine:
     def _prefill(self, rows: list[Row]) -> list[RowOutput]:
         for row in rows:
             row.started = time.perf_counter()
-        batch = Batch.prefill(self.lm, rows)
+        cache = self.prefix_cache
+        hits = [cache.lookup(row.prompt_ids) for row in rows] if cache.enabled else None
+        batch = Batch.prefill(self.lm, rows, hits)
         try:
-            outputs, batch_after = generate_token(self.lm, batch)
+            logits = forward(self.lm, batch)
         except torch.OutOfMemoryError:
             return self._on_prefill_oom(rows)
+        if cache.enabled:
+            for i, row in enumerate(rows):
+                if not cache.covers(row.prompt_ids):
+                    cache.store(row.prompt_ids, batch.prompt_kv(i))
+        outputs, batch_after = advance(self.lm, batch, logits)
         self._forget([r for r in rows if r.finish is not None])
         if batch_after is not None:
             parts = [self._batch, batch_after] if self._batch else [batch_after]
@@ -264,12 +284,13 @@ class Engine:
         except torch.OutOfMemoryError:
             # Fail the newest row only; the others decode this step again next iteration.
             batch.restore_cache_length(cached)
-            victim = batch.rows[-1]
+            newest = max(range(len(batch)), key=lambda i: batch.rows[i].started)
+            victim = batch.rows[newest]
             logger.warning(
                 "out of memory decoding %d rows; failing %s", len(batch), victim.request_id
             )
             self._batch = batch
-            self._drop_rows([len(batch) - 1])
+            self._drop_rows([newest])
             self.memory.release()
             error = OutOfMemory("out of memory while generating; retry, or lower max_new_tokens")
             return [RowOutput(victim.request_id, error=error)]

@@ -55,6 +55,14 @@ MODEL_LOAD_SECONDS = Histogram(
 MODEL_BYTES = Gauge(
     "genq_worker_model_bytes", "Memory the weights of a loaded model take", ["model"]
 )
+PREFIX_CACHE_HIT_TOKENS = Counter(
+    "genq_worker_prefix_cache_hit_tokens_total",
+    "Prompt tokens whose keys and values came from the prefix cache instead of a prefill",
+    ["model"],
+)
+PREFIX_CACHE_BYTES = Gauge(
+    "genq_worker_prefix_cache_bytes", "Memory the prefix cache's entries take", ["model"]
+)
 RSS_BYTES = Gauge("genq_worker_rss_bytes", "Resident memory of the worker process")
 CUDA_ALLOCATED_BYTES = Gauge("genq_worker_cuda_allocated_bytes", "GPU memory allocated by torch")
 CUDA_RESERVED_BYTES = Gauge("genq_worker_cuda_reserved_bytes", "GPU memory reserved by torch")

@@ -277,6 +277,7 @@ class ModelManager:
             max_batch_tokens=e.max_batch_tokens or s.max_batch_tokens,
             max_prefill_tokens=e.max_prefill_tokens or s.max_prefill_tokens,
             memory_limit_bytes=s.memory_limit_mb * 2**20,
+            prefix_cache_bytes=s.prefix_cache_mb * 2**20,
         )
         engine = Engine(lm, limits, self.on_step)
         if start:

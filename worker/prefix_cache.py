@@ -1,0 +1,114 @@
+"""Keys and values of recent prompts, reused when a later prompt starts the same way.
+
+Chat traffic repeats itself at the front: the chat template and a system prompt open every
+request, and a conversation's next turn resends the previous ones. Prefilling those tokens again
+costs as much as prefilling new ones, so, like vLLM's automatic prefix caching and SGLang's radix
+cache, the engine keeps the KV cache of the prompts it prefilled and starts a new prompt from the
+longest cached match. Entries are evicted least recently used first, within a byte budget.
+
+The cache belongs to one engine and its weights: a model swap clears it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from worker import metrics
+
+# Shorter matches (a BOS token, a role marker) save less prefill than the gather costs.
+MIN_MATCH_TOKENS = 16
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (1 x H x T x D)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixHit:
+    length: int  # prompt tokens whose keys and values are in `kv`
+    kv: KV
+
+
+@dataclass(slots=True)
+class _Entry:
+    tokens: tuple[int, ...]
+    kv: KV
+    nbytes: int
+
+
+class PrefixCache:
+    def __init__(self, model: str, budget_bytes: int) -> None:
+        self.model = model
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
+        self._bytes = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_bytes > 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, prompt_ids: list[int]) -> PrefixHit | None:
+        """The longest cached start of `prompt_ids`, leaving at least its last token to prefill
+        (that pass yields the first generated token)."""
+        best: _Entry | None = None
+        best_length = 0
+        for entry in self._entries.values():
+            length = _common_prefix(entry.tokens, prompt_ids)
+            if length > best_length:
+                best, best_length = entry, length
+        length = min(best_length, len(prompt_ids) - 1)
+        if best is None or length < MIN_MATCH_TOKENS:
+            return None
+        self._entries.move_to_end(best.tokens)
+        metrics.PREFIX_CACHE_HIT_TOKENS.labels(self.model).inc(length)
+        return PrefixHit(length, [(k[:, :, :length], v[:, :, :length]) for k, v in best.kv])
+
+    def covers(self, prompt_ids: list[int]) -> bool:
+        """Whether `prompt_ids` as a whole is already the start of an entry."""
+        n = len(prompt_ids)
+        return any(_common_prefix(e.tokens, prompt_ids) == n for e in self._entries.values())
+
+    def store(self, prompt_ids: list[int], kv: KV) -> None:
+        """Keep a prefilled prompt's keys and values (tensors this cache may hold on to). Callers
+        skip prompts it `covers` already, sparing the gather of their keys and values."""
+        nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+        if nbytes > self.budget_bytes:
+            return
+        tokens = tuple(prompt_ids)
+        # Entries this prompt starts with are redundant: every match they give, it gives.
+        for old in [e for e in self._entries.values() if tokens[: len(e.tokens)] == e.tokens]:
+            self._remove(old)
+        self._entries[tokens] = _Entry(tokens, kv, nbytes)
+        self._bytes += nbytes
+        while self._bytes > self.budget_bytes:
+            self._remove(next(iter(self._entries.values())))
+        self._publish()
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+        self._publish()
+
+    def _remove(self, entry: _Entry) -> None:
+        del self._entries[entry.tokens]
+        self._bytes -= entry.nbytes
+
+    def _publish(self) -> None:
+        metrics.PREFIX_CACHE_BYTES.labels(self.model).set(self._bytes)
+
+
+def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
