@@ -77,6 +77,9 @@ class SyncGenerationRequest(GenerationRequest):
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = Field(
+        0, description="Prompt tokens whose keys and values came from the worker's prefix cache."
+    )
 
 
 class JobResult(BaseModel):

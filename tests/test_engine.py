@@ -15,7 +15,7 @@ from common.schemas import ChatMessage, GenerationRequest
 from common.settings import Settings
 from tests.tiny_model import build_tiny_model
 from worker import metrics
-from worker.batch import RowOutput, SlotLayer
+from worker.batch import Batch, RowOutput, SlotLayer
 from worker.engine import Engine, EngineLimits, EngineRequest
 from worker.generation import Generation, GenerationError, build_prompt_ids
 from worker.loading import LoadedModel, load_model
@@ -27,6 +27,8 @@ PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a land far away, there lived a small model that",
 ]
+
+SHARED_START = "You are a careful assistant: answer briefly, precisely, and in plain words. "
 
 
 @dataclass
@@ -102,6 +104,10 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0.0)
 
 
+def hit_tokens(lm: LoadedModel) -> float:
+    return float(metrics.PREFIX_CACHE_HIT_TOKENS.labels(lm.name)._value.get())
+
+
 def test_greedy_batch_of_different_lengths_equals_model_generate(tiny_lm: LoadedModel) -> None:
     jobs = [Job(str(i), p, greedy(20 + 5 * i)) for i, p in enumerate(PROMPTS)]
     out = run(tiny_lm, jobs)
@@ -158,21 +164,19 @@ def test_batch_surgery_keeps_every_row_as_it_would_be_alone(tiny_lm: LoadedModel
 def test_prompts_that_start_alike_reuse_the_prefix_and_decode_as_alone(
     tiny_lm: LoadedModel,
 ) -> None:
-    shared = "You are a careful assistant: answer briefly, precisely, and in plain words. "
     sampled = SamplingParams(max_new_tokens=20, temperature=1.0, seed=5)
     jobs = [
-        Job("first", shared + "What is the capital of France?", greedy(12)),
+        Job("first", SHARED_START + "What is the capital of France?", greedy(12)),
         # Admitted together: a prefix hit, a longer one, a miss, and a sampled hit.
-        Job("hit", shared + "Tell me about the quick brown fox.", greedy(15), at_step=3),
-        Job("longer", shared + "What is the capital of Spain?", greedy(15), at_step=3),
+        Job("hit", SHARED_START + "Tell me about the quick brown fox.", greedy(15), at_step=3),
+        Job("longer", SHARED_START + "What is the capital of Spain?", greedy(15), at_step=3),
         Job("miss", PROMPTS[2], greedy(15), at_step=3),
-        Job("sampled", shared + "Once upon a time", sampled, at_step=3),
+        Job("sampled", SHARED_START + "Once upon a time", sampled, at_step=3),
     ]
-    hits = metrics.PREFIX_CACHE_HIT_TOKENS.labels(tiny_lm.name)
-    before = hits._value.get()
+    before = hit_tokens(tiny_lm)
     out = run(tiny_lm, jobs)
-    shared_tokens = len(build_prompt_ids(tiny_lm, GenerationRequest(prompt=shared))) - 1
-    assert hits._value.get() - before >= 3 * shared_tokens
+    shared_tokens = len(build_prompt_ids(tiny_lm, GenerationRequest(prompt=SHARED_START))) - 1
+    assert hit_tokens(tiny_lm) - before >= 3 * shared_tokens
     off = EngineLimits(prefix_cache_bytes=0)
     for job in jobs:
         if job.params.greedy:
@@ -249,6 +253,37 @@ def test_memory_limit_makes_rows_wait_instead_of_failing(tiny_lm: LoadedModel) -
     out = run(tiny_lm, jobs, limits=EngineLimits(memory_limit_bytes=1))
     assert max(out.batch_sizes) == 1  # an empty engine still takes one row at a time
     assert len(out.done) == 3
+
+
+def test_cached_prompts_give_their_memory_up_to_rows(tiny_lm: LoadedModel) -> None:
+    jobs = [
+        Job("a", SHARED_START + "first", greedy(8)),
+        Job("b", SHARED_START + "second", greedy(8), at_step=2),
+    ]
+    before = hit_tokens(tiny_lm)
+    roomy = run(tiny_lm, jobs)
+    assert hit_tokens(tiny_lm) > before
+    # Under the limit, "b" waits for "a"; the cache is cleared to make room, so "b" misses.
+    before = hit_tokens(tiny_lm)
+    tight = run(tiny_lm, jobs, limits=EngineLimits(memory_limit_bytes=1))
+    assert hit_tokens(tiny_lm) == before
+    assert max(tight.batch_sizes) == 1
+    for job in jobs:
+        assert tight.done[job.id].token_ids == roomy.done[job.id].token_ids
+
+
+def test_out_of_memory_while_caching_a_prompt_costs_only_the_cache(
+    tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_memory(self: Batch, i: int) -> object:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Batch, "prompt_kv", no_memory)
+    jobs = [Job(str(i), SHARED_START + p, greedy(10), at_step=i) for i, p in enumerate(PROMPTS)]
+    out = run(tiny_lm, jobs)
+    assert not out.errors
+    for job in jobs:
+        assert out.done[job.id].token_ids == reference(tiny_lm, job.prompt, 10)
 
 
 def test_requests_that_cannot_fit_fail_with_a_reason(tiny_lm: LoadedModel) -> None:

@@ -64,6 +64,25 @@ def test_chat_completion_and_stream(client: openai.OpenAI) -> None:
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
+def test_usage_counts_prompt_tokens_served_from_the_prefix_cache(client: openai.OpenAI) -> None:
+    system = "You are a careful assistant: answer briefly, precisely, and in plain words."
+
+    def ask(question: str) -> int:
+        done = client.chat.completions.create(
+            model=TINY_NAME,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=4,
+            temperature=0,
+        )
+        assert done.usage is not None
+        assert done.usage.prompt_tokens_details is not None
+        return done.usage.prompt_tokens_details.cached_tokens or 0
+
+    ask("What is the capital of France?")
+    # The second prompt starts with the first's chat template and system prompt.
+    assert ask("Tell me about the quick brown fox.") >= 16
+
+
 def test_stop_and_seed(client: openai.OpenAI) -> None:
     def sample(stop: list[str] | None = None) -> CompletionChoice:
         done = client.completions.create(

@@ -38,6 +38,7 @@ class Row:
     token_ids: list[int] = field(default_factory=list)
     first_token_s: float | None = None
     finish: FinishReason | None = None
+    cached_prompt_tokens: int = 0
 
     def generation(self) -> Generation:
         assert self.finish is not None
@@ -45,6 +46,7 @@ class Row:
             text=self.stream.text,
             finish_reason=self.finish,
             prompt_tokens=len(self.prompt_ids),
+            cached_prompt_tokens=self.cached_prompt_tokens,
             token_ids=self.token_ids,
             time_to_first_token_s=self.first_token_s,
             generation_s=time.perf_counter() - self.started,
@@ -112,6 +114,8 @@ class Batch:
         its cache holds the prefix, and its mask reads [pad, prefix, pad, rest]."""
         hits = prefixes or [None] * len(rows)
         cached = [hit.length if hit else 0 for hit in hits]
+        for row, n in zip(rows, cached, strict=True):
+            row.cached_prompt_tokens = n
         prefix_width = max(cached)
         rests = [row.prompt_ids[n:] for row, n in zip(rows, cached, strict=True)]
         longest = max(map(len, rests))

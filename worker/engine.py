@@ -234,13 +234,23 @@ class Engine:
                 break
             # An empty engine always takes one row: waiting could never free anything.
             kv_bytes = row.reserved_tokens * self._kv_bytes_per_token
-            if (running or not first) and not self.memory.can_admit(kv_bytes):
+            if (running or not first) and not self._memory_for(kv_bytes):
                 break
             self._waiting.popleft()
             admitted.append(row)
             reserved += row.reserved_tokens
             longest = longest_if
         return admitted
+
+    def _memory_for(self, kv_bytes: int) -> bool:
+        if self.memory.can_admit(kv_bytes):
+            return True
+        if not len(self.prefix_cache):
+            return False
+        # Cached prompts yield to live rows.
+        self.prefix_cache.clear()
+        self.memory.release()
+        return self.memory.can_admit(kv_bytes)
 
     def _prefill(self, rows: list[Row]) -> list[RowOutput]:
         for row in rows:
@@ -253,15 +263,24 @@ class Engine:
         except torch.OutOfMemoryError:
             return self._on_prefill_oom(rows)
         if cache.enabled:
-            for i, row in enumerate(rows):
-                if not cache.covers(row.prompt_ids):
-                    cache.store(row.prompt_ids, batch.prompt_kv(i))
+            self._remember_prompts(batch)
         outputs, batch_after = advance(self.lm, batch, logits)
         self._forget([r for r in rows if r.finish is not None])
         if batch_after is not None:
             parts = [self._batch, batch_after] if self._batch else [batch_after]
             self._batch = Batch.concatenate(parts)
         return outputs
+
+    def _remember_prompts(self, batch: Batch) -> None:
+        try:
+            for i, row in enumerate(batch.rows):
+                if not self.prefix_cache.covers(row.prompt_ids):
+                    self.prefix_cache.store(row.prompt_ids, batch.prompt_kv(i))
+        except torch.OutOfMemoryError:
+            # The cache only saves work: it gives its memory up, the rows keep theirs.
+            logger.warning("out of memory caching prompts; prefix cache cleared")
+            self.prefix_cache.clear()
+            self.memory.release()
 
     def _on_prefill_oom(self, rows: list[Row]) -> list[RowOutput]:
         self.memory.release()

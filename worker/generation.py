@@ -31,6 +31,7 @@ class Generation:
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
+    cached_prompt_tokens: int  # of prompt_tokens, those taken from the prefix cache
     token_ids: list[int]  # generated, end-of-sequence token included
     time_to_first_token_s: float | None
     generation_s: float

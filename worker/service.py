@@ -274,6 +274,7 @@ class JobRunner:
                 usage=Usage(
                     prompt_tokens=outcome.prompt_tokens,
                     completion_tokens=outcome.completion_tokens,
+                    cached_prompt_tokens=outcome.cached_prompt_tokens,
                 ),
             )
             metrics.observe_generation(job.model, outcome)

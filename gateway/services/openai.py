@@ -34,6 +34,7 @@ from gateway.openai.protocol import (
     CompletionRequest,
     FinishReason,
     OpenAIUsage,
+    PromptTokensDetails,
     SamplingFields,
 )
 from gateway.services.jobs import JobService
@@ -52,6 +53,7 @@ def _usage(result: JobResult) -> OpenAIUsage:
         prompt_tokens=u.prompt_tokens,
         completion_tokens=u.completion_tokens,
         total_tokens=u.prompt_tokens + u.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_prompt_tokens),
     )
 
 
