@@ -99,9 +99,16 @@ def _serving(base: str, model: str | None) -> bool:
 
 @contextmanager
 def running_stack(
-    data_dir: Path, log_dir: Path, *, serve: str | None, **settings: str
+    data_dir: Path,
+    log_dir: Path,
+    worker: bool = True,
+    /,
+    *,
+    serve: str | None,
+    **settings: str,
 ) -> Iterator[tuple[RedisServer, str, dict[str, str]]]:
-    """A Redis of its own, a gateway and, if `serve` names a model, one worker serving it.
+    """A Redis of its own, a gateway and, with `worker`, one worker serving `serve` (see
+    `start_worker`). `worker` is positional so that no setting can take its name.
 
     Yields the Redis server, the gateway's base URL and the environment of the processes.
     """
@@ -112,7 +119,7 @@ def running_stack(
     try:
         gateway, base = start_gateway(env, log_dir)
         procs.append(gateway)
-        if serve is not None:
+        if worker:
             procs.append(start_worker(env, log_dir, base, serve))
         yield server, base, env
     finally:

@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from common.settings import Settings
-from genq.redis_server import RedisServer, free_port
-from tests.procs import Proc, genq_env, start_gateway, start_worker
+from tests.procs import running_stack
 from tests.tiny_model import build_tiny_model
 from worker.loading import load_model
 
@@ -57,26 +56,19 @@ def model_stack(
     gateway and the file's path."""
     registry_file = root / "models.yaml"
     registry_file.write_text(registry)
-    server = RedisServer(root / "redis", free_port(), persist=False)
-    server.start()
-    env = genq_env(
-        server.url,
-        GENQ_MODELS_FILE=str(registry_file),
-        GENQ_ADMIN_TOKEN=ADMIN_TOKEN,
-        GENQ_CACHE_ENABLED="false",
-        **settings,
-    )
-    procs: list[Proc] = []
-    try:
-        gateway, base = start_gateway(env, log_dir)
-        procs.append(gateway)
-        procs.append(start_worker(env, log_dir, base, serve))
-        with httpx.Client(base_url=base, timeout=60) as client:
-            yield client, registry_file
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        server.stop()
+    with (
+        running_stack(
+            root / "redis",
+            log_dir,
+            serve=serve,
+            GENQ_MODELS_FILE=str(registry_file),
+            GENQ_ADMIN_TOKEN=ADMIN_TOKEN,
+            GENQ_CACHE_ENABLED="false",
+            **settings,
+        ) as (_, base, _),
+        httpx.Client(base_url=base, timeout=60) as client,
+    ):
+        yield client, registry_file
 
 
 def generate(client: httpx.Client, model: str | None, **fields: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ def client(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[
         running_stack(
             tmp_path_factory.mktemp("idle-redis"),
             log_dir,
+            False,  # no worker
             serve=None,
             GENQ_MAX_QUEUE_DEPTH=str(MAX_DEPTH),
             GENQ_CACHE_ENABLED="false",
