@@ -14,7 +14,7 @@ import torch
 from common.schemas import ChatMessage, GenerationRequest
 from common.settings import Settings
 from tests.tiny_model import build_tiny_model
-from worker import metrics
+from worker import fused, metrics
 from worker.batch import Batch, RowOutput, SlotLayer
 from worker.engine import Engine, EngineLimits, EngineRequest
 from worker.generation import Generation, GenerationError, build_prompt_ids
@@ -124,6 +124,37 @@ def test_rows_admitted_mid_flight_equal_model_generate(tiny_lm: LoadedModel) -> 
         assert out.done[job.id].token_ids == reference(tiny_lm, job.prompt, 30)
 
 
+def test_admitted_prompts_ride_in_the_running_rows_forward_pass(
+    tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passes: list[int] = []
+    final_norm = tiny_lm.model.model.norm
+    norm = final_norm.forward
+
+    def counted(hidden: torch.Tensor) -> object:
+        passes[-1] += 1
+        return norm(hidden)
+
+    monkeypatch.setattr(final_norm, "forward", counted)
+    jobs = [Job(str(i), p, greedy(12), at_step=3 * i) for i, p in enumerate(PROMPTS)]
+    out = run(tiny_lm, jobs, before_step=lambda *_: passes.append(0))
+    assert set(passes) == {1}  # admissions at steps 3 and 6 joined a running batch
+    for job in jobs:
+        assert out.done[job.id].token_ids == reference(tiny_lm, job.prompt, 12)
+
+
+def test_other_architectures_decode_through_their_own_forward(tmp_path: Path) -> None:
+    # Qwen3 normalises queries and keys: not the Llama layer the fused pass drives.
+    path = build_tiny_model(tmp_path, architecture="qwen3")
+    lm = load_model(Settings(model=str(path), device="cpu"))
+    assert not fused.supports(lm.model)
+    jobs = [Job(str(i), p, greedy(20 + 5 * i), at_step=2 * i) for i, p in enumerate(PROMPTS)]
+    out = run(lm, jobs)
+    assert max(out.batch_sizes) == len(PROMPTS)
+    for job in jobs:
+        assert out.done[job.id].token_ids == reference(lm, job.prompt, job.params.max_new_tokens)
+
+
 def test_batch_surgery_keeps_every_row_as_it_would_be_alone(tiny_lm: LoadedModel) -> None:
     # Rows finish at different steps (their slots are refilled from the end), more rows arrive
     # than the batch has spare slots, a prompt longer than the running cache arrives (the cache
@@ -157,7 +188,6 @@ def test_batch_surgery_keeps_every_row_as_it_would_be_alone(tiny_lm: LoadedModel
         else:
             alone = Job(job.id, job.prompt, job.params)
             expected = run(tiny_lm, [alone]).done[job.id].token_ids
-        print("CMP", job.id, out.done[job.id].token_ids[:12], expected[:12])
         assert out.done[job.id].token_ids == expected, job.id
 
 
@@ -298,28 +328,46 @@ def test_requests_that_cannot_fit_fail_with_a_reason(tiny_lm: LoadedModel) -> No
     assert out.done["fine"].completion_tokens == 5
 
 
+def out_of_memory_at(
+    step: int, lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[int, Engine], object]:
+    """A CUDA out-of-memory error cannot happen on this CPU machine: make the forward pass of
+    `step` raise it, past every layer (their caches have grown), and check the engine's recovery
+    for real."""
+    final_norm = lm.model.model.norm
+
+    def failing(*args: object, **kwargs: object) -> object:
+        monkeypatch.undo()
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    def arm(at: int, _: Engine) -> None:
+        if at == step:
+            monkeypatch.setattr(final_norm, "forward", failing)
+
+    return arm
+
+
 def test_out_of_memory_fails_only_the_newest_row(
     tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A CUDA out-of-memory error cannot happen on this CPU machine: simulate the one forward
-    # pass that raises it, and check the engine's recovery for real.
     jobs = [Job(str(i), p, greedy(20)) for i, p in enumerate(PROMPTS)]
     expected = run(tiny_lm, jobs)
-    forward = tiny_lm.model.forward
-
-    def arm(step: int, _: Engine) -> None:
-        if step == 5:
-
-            def failing(*args: object, **kwargs: object) -> object:
-                monkeypatch.setattr(tiny_lm.model, "forward", forward)
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-
-            monkeypatch.setattr(tiny_lm.model, "forward", failing)
-
-    out = run(tiny_lm, jobs, before_step=arm)
+    out = run(tiny_lm, jobs, before_step=out_of_memory_at(5, tiny_lm, monkeypatch))
     assert out.errors["2"].code == "out_of_memory"
     for survivor in ("0", "1"):
         assert out.done[survivor].token_ids == expected.done[survivor].token_ids
+
+
+def test_out_of_memory_in_a_step_that_admits_rows_makes_them_wait(
+    tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [Job(str(i), p, greedy(20)) for i, p in enumerate(PROMPTS[:2])]
+    jobs.append(Job("late", PROMPTS[2], greedy(20), at_step=5))
+    out = run(tiny_lm, jobs, before_step=out_of_memory_at(5, tiny_lm, monkeypatch))
+    assert not out.errors
+    assert max(out.batch_sizes) == 2  # "late" waited for the running rows to finish
+    for job in jobs:
+        assert out.done[job.id].token_ids == reference(tiny_lm, job.prompt, 20)
 
 
 def test_a_swapped_in_model_takes_over_between_steps_keeping_rows_in_flight(
@@ -394,7 +442,7 @@ def test_engine_thread_survives_a_failing_step(
         raise RuntimeError("kaboom")
 
     engine = Engine(tiny_lm, EngineLimits(), on_step)
-    monkeypatch.setattr(tiny_lm.model, "forward", broken)
+    monkeypatch.setattr(tiny_lm.model.model.norm, "forward", broken)
     engine.start()
     try:
         for rid in ("a", "b"):

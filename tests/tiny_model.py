@@ -1,4 +1,5 @@
-"""A tiny randomly initialised Llama with a real byte-level BPE tokenizer and chat template."""
+"""Tiny randomly initialised decoders (Llama by default) with a real byte-level BPE tokenizer
+and chat template."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -43,17 +44,20 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_model(path: Path, seed: int = 1234) -> Path:
-    """A random Llama; another `seed` gives other weights of the same shapes (a new version)."""
+def build_tiny_model(path: Path, seed: int = 1234, architecture: str = "llama") -> Path:
+    """A random decoder of `architecture` (a transformers model type); another `seed` gives
+    other weights of the same shapes (a new version)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        architecture,
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=8,  # Qwen3's default is 128 whatever the hidden size
         max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -63,8 +67,9 @@ def build_tiny_model(path: Path, seed: int = 1234) -> Path:
         # that the next token depends on the current token alone, and a test could not tell a
         # row that sees the wrong keys from one that sees the right ones.
         initializer_range=0.3,
+        sliding_window=None,  # full attention in every layer, as the batching engine needs
     )
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]  # untyped
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

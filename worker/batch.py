@@ -1,6 +1,7 @@
 """A batch of sequences decoded together, with TGI's lifecycle: `prefill` a batch from new
-requests, `generate_token` (one forward pass, one token per row), `concatenate` a prefilled batch
-into the running one, `filter` out finished rows.
+requests, `forward_all` (one forward pass over the running batch and the prefill batch),
+`advance` (one token per row, finished rows filtered out), `concatenate` the prefilled batch into
+the running one.
 
 Rows are left-padded: every row's next token sits in the last column, so one forward pass feeds
 them all. Padding is masked out by `attention_mask`; positions come from the mask, so a row's
@@ -18,6 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from common.schemas import FinishReason
+from worker import fused
 from worker.generation import Generation, GenerationError
 from worker.loading import LoadedModel
 from worker.prefix_cache import KV, PrefixHit
@@ -344,13 +346,17 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def generate_token(lm: LoadedModel, batch: Batch) -> tuple[list[RowOutput], Batch | None]:
-    """One forward pass over the batch: a token for every row, their text, finished rows out."""
-    return advance(lm, batch, forward(lm, batch))
+def forward_all(lm: LoadedModel, batches: list[Batch]) -> list[torch.Tensor]:
+    """The next-token logits of every row of each batch (B x vocab, fp32); each cache grows by
+    its inputs. One fused pass over all the batches where the model allows it."""
+    if fused.supports(lm.model) and not lm.compiled:
+        parts = [fused.Part(b.input_ids, b.attention_mask, b.cache) for b in batches]
+        return fused.forward(lm.model, parts)
+    return [forward(lm, batch) for batch in batches]
 
 
 def forward(lm: LoadedModel, batch: Batch) -> torch.Tensor:
-    """The next-token logits of every row (B x vocab, fp32); the cache grows by the inputs."""
+    """The model's own forward pass over one batch: next-token logits of every row."""
     positions = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     positions = positions[:, -batch.input_ids.shape[1] :]
     logits: torch.Tensor = lm.model(

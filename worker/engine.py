@@ -19,16 +19,7 @@ import torch
 
 from common.schemas import GenerationRequest
 from worker import metrics
-from worker.batch import (
-    Batch,
-    Row,
-    RowOutput,
-    advance,
-    check_supported,
-    forward,
-    generate_token,
-    new_row,
-)
+from worker.batch import Batch, Row, RowOutput, advance, check_supported, forward_all, new_row
 from worker.generation import (
     GenerationError,
     GenerationTimeout,
@@ -130,15 +121,13 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One iteration: take new work, prefill what fits, decode one token for every row."""
+        """One iteration: take new work, then one forward pass that decodes a token for every
+        running row and prefills the admitted rows' prompts."""
         outputs = self._take_inbox(block=self._batch is None and not self._waiting)
         outputs += self._expire()
         self._admitted = self._admit()
-        if self._admitted:
-            outputs += self._prefill(self._admitted)
-        self._admitted = []
-        if self._batch is not None:
-            outputs += self._decode()
+        if self._admitted or self._batch is not None:
+            outputs += self._generate()
         if outputs:
             self.on_step(outputs)
         metrics.BATCH_SIZE.labels(self.lm.name).set(self.running)
@@ -252,24 +241,47 @@ class Engine:
         self.memory.release()
         return self.memory.can_admit(kv_bytes)
 
-    def _prefill(self, rows: list[Row]) -> list[RowOutput]:
+    def _generate(self) -> list[RowOutput]:
+        running = self._batch
+        prefill = self._prefill_batch(self._admitted) if self._admitted else None
+        batches = [b for b in (running, prefill) if b is not None]
+        cached = running.cached_tokens if running else 0
+        try:
+            logits = forward_all(self.lm, batches)
+        except torch.OutOfMemoryError:
+            if running is not None:
+                running.restore_cache_length(cached)
+            if prefill is not None:
+                # The running rows decode again next step, without these.
+                self._admitted = []
+                return self._on_prefill_oom(prefill.rows)
+            return self._on_decode_oom()
+        self._admitted = []
+        if prefill is not None and self.prefix_cache.enabled:
+            self._remember_prompts(prefill)
+        rows = [row for batch in batches for row in batch.rows]
+        outputs: list[RowOutput] = []
+        survivors: list[Batch] = []
+        for batch, batch_logits in zip(batches, logits, strict=True):
+            batch_outputs, after = advance(self.lm, batch, batch_logits)
+            outputs += batch_outputs
+            if after is not None:
+                survivors.append(after)
+        self._batch = Batch.concatenate(survivors) if survivors else None
+        finished = [row for row in rows if row.finish is not None]
+        if finished:
+            self._forget(finished)
+            self._admission_paused = False  # memory was freed
+        if self._batch is None:
+            self.memory.release()  # the batch drained: hand cached GPU blocks back
+        return outputs
+
+    def _prefill_batch(self, rows: list[Row]) -> Batch:
         for row in rows:
             row.started = time.perf_counter()
         cache = self.prefix_cache
         hits = [cache.lookup(row.prompt_ids) for row in rows] if cache.enabled else None
-        batch = Batch.prefill(self.lm, rows, hits)
-        try:
-            logits = forward(self.lm, batch)
-        except torch.OutOfMemoryError:
-            return self._on_prefill_oom(rows)
-        if cache.enabled:
-            self._remember_prompts(batch)
-        outputs, batch_after = advance(self.lm, batch, logits)
-        self._forget([r for r in rows if r.finish is not None])
-        if batch_after is not None:
-            parts = [self._batch, batch_after] if self._batch else [batch_after]
-            self._batch = Batch.concatenate(parts)
-        return outputs
+        return Batch.prefill(self.lm, rows, hits)
 
     def _remember_prompts(self, batch: Batch) -> None:
         try:
@@ -294,32 +306,17 @@ class Engine:
         error = OutOfMemory("out of memory prefilling this prompt; retry with a shorter one")
         return [RowOutput(r.request_id, error=error) for r in rows]
 
-    def _decode(self) -> list[RowOutput]:
-        assert self._batch is not None
+    def _on_decode_oom(self) -> list[RowOutput]:
+        # Fail the newest row only; the others decode this step again next iteration.
         batch = self._batch
-        cached = batch.cached_tokens
-        try:
-            outputs, self._batch = generate_token(self.lm, batch)
-        except torch.OutOfMemoryError:
-            # Fail the newest row only; the others decode this step again next iteration.
-            batch.restore_cache_length(cached)
-            newest = max(range(len(batch)), key=lambda i: batch.rows[i].started)
-            victim = batch.rows[newest]
-            logger.warning(
-                "out of memory decoding %d rows; failing %s", len(batch), victim.request_id
-            )
-            self._batch = batch
-            self._drop_rows([newest])
-            self.memory.release()
-            error = OutOfMemory("out of memory while generating; retry, or lower max_new_tokens")
-            return [RowOutput(victim.request_id, error=error)]
-        finished = [r for r in batch.rows if r.finish is not None]
-        if finished:
-            self._forget(finished)
-            self._admission_paused = False
-        if self._batch is None:
-            self.memory.release()  # the batch drained: hand cached GPU blocks back
-        return outputs
+        assert batch is not None
+        newest = max(range(len(batch)), key=lambda i: batch.rows[i].started)
+        victim = batch.rows[newest]
+        logger.warning("out of memory decoding %d rows; failing %s", len(batch), victim.request_id)
+        self._drop_rows([newest])
+        self.memory.release()
+        error = OutOfMemory("out of memory while generating; retry, or lower max_new_tokens")
+        return [RowOutput(victim.request_id, error=error)]
 
     def _fail_all(self, error: GenerationError) -> list[RowOutput]:
         rows = [*self._waiting, *self._admitted, *(self._batch.rows if self._batch else [])]

@@ -45,6 +45,7 @@ class LoadedModel:
     max_context: int
     load_s: float
     max_prompt_tokens: int | None = None  # the registry's limit, below the context window
+    compiled: bool = False  # model.forward is torch.compile'd
 
     @property
     def weight_bytes(self) -> int:
@@ -150,7 +151,7 @@ def _use_onednn_output_head(model: Any) -> None:
         model.set_output_embeddings(torch.utils.mkldnn.MkldnnLinear(head, torch.float32))
 
 
-def _compile(model: Any) -> None:
+def _compile(model: Any) -> bool:
     """torch.compile the forward pass; a model or platform it fails on runs eagerly."""
     eager = model.forward
     try:
@@ -159,6 +160,8 @@ def _compile(model: Any) -> None:
     except Exception as e:  # compilation fails in many ways (no compiler, unsupported op, ...)
         model.forward = eager
         logger.warning("torch.compile failed, running eagerly: %s", e)
+        return False
+    return True
 
 
 def source_path(spec: ModelSpec, settings: Settings) -> str:
@@ -237,8 +240,7 @@ def load_spec(spec: ModelSpec, settings: Settings) -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     if device.type == "cpu" and dtype == torch.float32:
         _use_onednn_output_head(model)
-    if settings.compile if spec.compile is None else spec.compile:
-        _compile(model)
+    compiled = (settings.compile if spec.compile is None else spec.compile) and _compile(model)
     _warm_up(model, device)
     loaded = LoadedModel(
         name=spec.key,
@@ -251,6 +253,7 @@ def load_spec(spec: ModelSpec, settings: Settings) -> LoadedModel:
         max_context=int(getattr(model.config, "max_position_embeddings", 2048)),
         load_s=time.perf_counter() - started,
         max_prompt_tokens=spec.max_prompt_tokens,
+        compiled=compiled,
     )
     logger.info(
         "loaded model %s from %s on %s (%s) in %.1fs",

@@ -1,0 +1,77 @@
+"""The fused pass over several batches gives what the model's own forward gives batch by batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.schemas import GenerationRequest
+from common.settings import Settings
+from tests.tiny_model import build_tiny_model
+from worker import fused
+from worker.batch import Batch, advance, forward, new_row
+from worker.generation import build_prompt_ids
+from worker.loading import LoadedModel, load_model
+from worker.prefix_cache import PrefixCache
+from worker.sampling import SamplingParams
+
+RUNNING = ["Hi", "The capital of France is", "Once upon a time there was a small model that"]
+SHARED_START = "You are a careful assistant: answer briefly, precisely, and in plain words. "
+ADMITTED = [SHARED_START + "The quick brown fox", "Streaming servers batch requests"]
+
+
+def tiny(tmp_path: Path, architecture: str) -> LoadedModel:
+    path = build_tiny_model(tmp_path / architecture, architecture=architecture)
+    return load_model(Settings(model=str(path), device="cpu"))
+
+
+def batch_of(lm: LoadedModel, prompts: list[str], cache: PrefixCache | None = None) -> Batch:
+    params = SamplingParams(max_new_tokens=50, temperature=0.0)
+    ids = [build_prompt_ids(lm, GenerationRequest(prompt=p)) for p in prompts]
+    rows = [new_row(lm, str(i), p, params) for i, p in enumerate(ids)]
+    hits = [cache.lookup(p) for p in ids] if cache else None
+    return Batch.prefill(lm, rows, hits)
+
+
+def decoding(lm: LoadedModel) -> Batch:
+    """The running prompts prefilled and their first token picked: a batch ready to decode."""
+    batch = batch_of(lm, RUNNING)
+    _, after = advance(lm, batch, forward(lm, batch))
+    assert after is not None
+    return after
+
+
+@pytest.mark.parametrize("architecture", sorted(fused.FUSED_MODEL_TYPES))
+def test_a_fused_step_equals_the_models_own_passes(tmp_path: Path, architecture: str) -> None:
+    lm = tiny(tmp_path, architecture)
+    assert fused.supports(lm.model)
+    # One admitted prompt starts with a cached prefix: its mask reads [pad, prefix, pad, rest].
+    prefixes = PrefixCache(lm.name, 2**20)
+    seeded = batch_of(lm, [SHARED_START + "Paris"])
+    forward(lm, seeded)
+    prefixes.store(seeded.rows[0].prompt_ids, seeded.prompt_kv(0))
+
+    with torch.inference_mode():
+        own = [decoding(lm), batch_of(lm, ADMITTED, prefixes)]
+        mine = [decoding(lm), batch_of(lm, ADMITTED, prefixes)]
+        assert mine[1].rows[0].cached_prompt_tokens > 0
+        for step in range(3):
+            expected = [forward(lm, b) for b in own]
+            got = fused.forward(lm.model, [fused.Part(*vars_of(b)) for b in mine])
+            for want, have in zip(expected, got, strict=True):
+                torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
+                assert torch.equal(have.argmax(-1), want.argmax(-1)), f"step {step}"
+            # Both sides decode on: the next steps read what this one wrote into the caches.
+            own = [merged(lm, own, expected)]
+            mine = [merged(lm, mine, got)]
+
+
+def vars_of(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, object]:
+    return batch.input_ids, batch.attention_mask, batch.cache
+
+
+def merged(lm: LoadedModel, batches: list[Batch], logits: list[torch.Tensor]) -> Batch:
+    survivors = [advance(lm, b, x)[1] for b, x in zip(batches, logits, strict=True)]
+    return Batch.concatenate([b for b in survivors if b is not None])
