@@ -155,6 +155,36 @@ def test_other_architectures_decode_through_their_own_forward(tmp_path: Path) ->
         assert out.done[job.id].token_ids == reference(lm, job.prompt, job.params.max_new_tokens)
 
 
+@pytest.mark.parametrize(
+    ("architecture", "config"),
+    [
+        ("mistral", {"sliding_window": 48}),  # through the fused pass
+        # Through the model's own forward pass; layers from index 1 on slide.
+        ("qwen3", {"sliding_window": 48, "use_sliding_window": True, "max_window_layers": 1}),
+    ],
+)
+def test_a_sliding_window_model_serves_rows_up_to_its_window(
+    tmp_path: Path, architecture: str, config: dict[str, object]
+) -> None:
+    # Mistral-7B-v0.1's layers attend to the last 4,096 tokens only; within the window that is
+    # full attention, which the engine's caches give exactly.
+    path = build_tiny_model(tmp_path, architecture=architecture, config=config)
+    lm = load_model(Settings(model=str(path), device="cpu"))
+    assert lm.max_context == lm.sliding_window == 48
+    lengths = [len(build_prompt_ids(lm, GenerationRequest(prompt=p))) for p in PROMPTS]
+    # Each row fills the window to its last token.
+    jobs = [
+        Job(str(i), p, greedy(48 - n), at_step=i)
+        for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True))
+    ]
+    jobs.append(Job("past-window", PROMPTS[0], greedy(48)))
+    out = run(lm, jobs)
+    assert "(48 tokens: its sliding attention window)" in str(out.errors["past-window"])
+    for job in jobs[:-1]:
+        expected = reference(lm, job.prompt, job.params.max_new_tokens)
+        assert out.done[job.id].token_ids == expected, job.id
+
+
 def test_batch_surgery_keeps_every_row_as_it_would_be_alone(tiny_lm: LoadedModel) -> None:
     # Rows finish at different steps (their slots are refilled from the end), more rows arrive
     # than the batch has spare slots, a prompt longer than the running cache arrives (the cache

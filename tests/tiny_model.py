@@ -44,12 +44,18 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_model(path: Path, seed: int = 1234, architecture: str = "llama") -> Path:
-    """A random decoder of `architecture` (a transformers model type); another `seed` gives
-    other weights of the same shapes (a new version)."""
+def build_tiny_model(
+    path: Path,
+    seed: int = 1234,
+    architecture: str = "llama",
+    config: dict[str, object] | None = None,
+) -> Path:
+    """A random decoder of `architecture` (a transformers model type), with full attention
+    unless `config` overrides say otherwise; another `seed` gives other weights of the same
+    shapes (a new version)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(
+    model_config = AutoConfig.for_model(
         architecture,
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -67,9 +73,9 @@ def build_tiny_model(path: Path, seed: int = 1234, architecture: str = "llama") 
         # that the next token depends on the current token alone, and a test could not tell a
         # row that sees the wrong keys from one that sees the right ones.
         initializer_range=0.3,
-        sliding_window=None,  # full attention in every layer, as the batching engine needs
+        **{"sliding_window": None, **(config or {})},
     )
-    model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]  # untyped
+    model = AutoModelForCausalLM.from_config(model_config)  # type: ignore[no-untyped-call]  # untyped
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -16,7 +16,7 @@ from typing import cast
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from common.schemas import FinishReason
 from worker import fused
@@ -329,9 +329,11 @@ def _compact(keep: list[int]) -> list[int]:
 
 
 def check_supported(lm: LoadedModel) -> None:
-    """The batch surgery above needs plain growing caches (full attention in every layer)."""
+    """The batch surgery above needs plain growing caches: full attention in every layer, or
+    sliding-window layers whose window bounds the context (`LoadedModel.sliding_window`), where
+    full attention is the same thing."""
     for layer in DynamicCache(config=lm.model.config).layers:
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
             raise GenerationError(
                 f"the batching engine supports full-attention decoder models; {lm.name} has "
                 f"{type(layer).__name__} cache layers"

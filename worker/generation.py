@@ -62,7 +62,8 @@ def check_context(lm: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> N
             f"{lm.max_prompt_tokens} (max_prompt_tokens in its registry entry)"
         )
     if prompt_tokens + max_new_tokens > lm.max_context:
+        why = ": its sliding attention window" if lm.sliding_window else ""
         raise ContextLengthError(
             f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it "
-            f"exceeds the context window of {lm.name} ({lm.max_context} tokens)"
+            f"exceeds the context window of {lm.name} ({lm.max_context} tokens{why})"
         )

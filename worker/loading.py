@@ -15,7 +15,14 @@ import torch
 import torch.utils.mkldnn
 from huggingface_hub import hf_hub_download
 from safetensors.torch import save_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedTokenizerBase,
+)
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from common.catalog import ModelSpec, builtin_catalog
 from common.settings import Settings
@@ -46,6 +53,8 @@ class LoadedModel:
     load_s: float
     max_prompt_tokens: int | None = None  # the registry's limit, below the context window
     compiled: bool = False  # model.forward is torch.compile'd
+    # The smallest attention window of its sliding-window layers, when it bounds max_context.
+    sliding_window: int | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -164,6 +173,21 @@ def _compile(model: Any) -> bool:
     return True
 
 
+def _sliding_window(model: Any) -> int | None:
+    """The smallest window of the model's sliding-window attention layers, if it has any.
+
+    The batching engine keeps every layer's whole cache, which is exact for such a layer only
+    while a sequence fits its window: the window caps the context (Mistral-7B-v0.1 serves 4,096
+    tokens, not 32,768), rather than the model being refused.
+    """
+    windows = [
+        layer.sliding_window
+        for layer in DynamicCache(config=model.config).layers
+        if isinstance(layer, DynamicSlidingWindowLayer)
+    ]
+    return min(windows, default=None)
+
+
 def source_path(spec: ModelSpec, settings: Settings) -> str:
     """The spec's source, the default model's GGUF file (fetched once) when it names none."""
     return spec.source or str(ensure_default_model(settings.model_cache_dir))
@@ -242,6 +266,8 @@ def load_spec(spec: ModelSpec, settings: Settings) -> LoadedModel:
         _use_onednn_output_head(model)
     compiled = (settings.compile if spec.compile is None else spec.compile) and _compile(model)
     _warm_up(model, device)
+    positions = int(getattr(model.config, "max_position_embeddings", 2048))
+    window = _sliding_window(model)
     loaded = LoadedModel(
         name=spec.key,
         source=source,
@@ -250,10 +276,11 @@ def load_spec(spec: ModelSpec, settings: Settings) -> LoadedModel:
         device=device,
         dtype=dtype,
         eos_token_ids=_eos_ids(model, tokenizer),
-        max_context=int(getattr(model.config, "max_position_embeddings", 2048)),
+        max_context=min(positions, window or positions),
         load_s=time.perf_counter() - started,
         max_prompt_tokens=spec.max_prompt_tokens,
         compiled=compiled,
+        sliding_window=window if window and window < positions else None,
     )
     logger.info(
         "loaded model %s from %s on %s (%s) in %.1fs",
