@@ -144,8 +144,9 @@ def test_admitted_prompts_ride_in_the_running_rows_forward_pass(
 
 
 def test_other_architectures_decode_through_their_own_forward(tmp_path: Path) -> None:
-    # Qwen3 normalises queries and keys: not the Llama layer the fused pass drives.
-    path = build_tiny_model(tmp_path, architecture="qwen3")
+    # Phi-3 projects queries, keys and values in one matmul: not the Llama layer the fused pass
+    # drives.
+    path = build_tiny_model(tmp_path, architecture="phi3")
     lm = load_model(Settings(model=str(path), device="cpu"))
     assert not fused.supports(lm.model)
     jobs = [Job(str(i), p, greedy(20 + 5 * i), at_step=2 * i) for i, p in enumerate(PROMPTS)]
@@ -159,8 +160,7 @@ def test_other_architectures_decode_through_their_own_forward(tmp_path: Path) ->
     ("architecture", "config"),
     [
         ("mistral", {"sliding_window": 48}),  # through the fused pass
-        # Through the model's own forward pass; layers from index 1 on slide.
-        ("qwen3", {"sliding_window": 48, "use_sliding_window": True, "max_window_layers": 1}),
+        ("phi3", {"sliding_window": 48}),  # through the model's own forward pass
     ],
 )
 def test_a_sliding_window_model_serves_rows_up_to_its_window(

@@ -10,8 +10,9 @@ batch, on that batch's own cache and mask. On this project's CPU a decode step a
 
 The layers are driven module by module with transformers' own rotary and SDPA functions, so the
 numbers are those of the model's own forward pass; the architectures listed in FUSED_MODEL_TYPES
-share Llama's decoder layer exactly (pre-norm attention and MLP, rotary positions, no logit
-scaling). Other models run one batch at a time through their own forward pass.
+share Llama's decoder layer (pre-norm attention and MLP, rotary positions, no logit scaling;
+Qwen3 adds a norm over each head's queries and keys). Other models run one batch at a time
+through their own forward pass.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 class Part(NamedTuple):
@@ -56,6 +57,9 @@ def forward(model: Any, parts: Sequence[Part]) -> list[torch.Tensor]:
         attention = layer.self_attn
         normed = layer.input_layernorm(hidden)
         q, k, v = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+        if hasattr(attention, "q_norm"):  # Qwen3 normalises each head's queries and keys
+            q = attention.q_norm(q.unflatten(-1, (-1, attention.head_dim))).flatten(-2)
+            k = attention.k_norm(k.unflatten(-1, (-1, attention.head_dim))).flatten(-2)
         outputs = []
         start = 0
         for part, prep in zip(parts, prepared, strict=True):
