@@ -9,7 +9,8 @@ batch, on that batch's own cache and mask. On this project's CPU a decode step a
 64-token prompt takes about 70% of the two passes it replaces.
 
 The layers are driven module by module with transformers' own rotary and SDPA functions, so the
-numbers are those of the model's own forward pass; the architectures listed in FUSED_MODEL_TYPES
+logits match the model's own forward pass up to float rounding (within 1e-4 in fp32, where
+matmuls over more rows sum in another order); the architectures listed in FUSED_MODEL_TYPES
 share Llama's decoder layer (pre-norm attention and MLP, rotary positions, no logit scaling;
 Qwen3 adds a norm over each head's queries and keys). Other models run one batch at a time
 through their own forward pass.
