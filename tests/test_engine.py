@@ -160,7 +160,9 @@ def test_other_architectures_decode_through_their_own_forward(tmp_path: Path) ->
     ("architecture", "config"),
     [
         ("mistral", {"sliding_window": 48}),  # through the fused pass
-        ("phi3", {"sliding_window": 48}),  # through the model's own forward pass
+        # Through the models' own forward passes.
+        ("phi3", {"sliding_window": 48}),
+        ("gemma3_text", {"sliding_window": 48}),
     ],
 )
 def test_a_sliding_window_model_serves_rows_up_to_its_window(
