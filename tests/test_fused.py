@@ -11,7 +11,7 @@ from common.schemas import GenerationRequest
 from common.settings import Settings
 from tests.tiny_model import build_tiny_model
 from worker import fused
-from worker.batch import Batch, advance, forward, new_row
+from worker.batch import Batch, advance, forward, forward_all, new_row
 from worker.generation import build_prompt_ids
 from worker.loading import LoadedModel, load_model
 from worker.prefix_cache import PrefixCache
@@ -59,17 +59,13 @@ def test_a_fused_step_equals_the_models_own_passes(tmp_path: Path, architecture:
         assert mine[1].rows[0].cached_prompt_tokens > 0
         for step in range(3):
             expected = [forward(lm, b) for b in own]
-            got = fused.forward(lm.model, [fused.Part(*vars_of(b)) for b in mine])
+            got = forward_all(lm, mine)  # one fused pass: the model is of a fused type
             for want, have in zip(expected, got, strict=True):
                 torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
                 assert torch.equal(have.argmax(-1), want.argmax(-1)), f"step {step}"
             # Both sides decode on: the next steps read what this one wrote into the caches.
             own = [merged(lm, own, expected)]
             mine = [merged(lm, mine, got)]
-
-
-def vars_of(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, object]:
-    return batch.input_ids, batch.attention_mask, batch.cache
 
 
 def merged(lm: LoadedModel, batches: list[Batch], logits: list[torch.Tensor]) -> Batch:
