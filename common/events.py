@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import orjson
-from pydantic import BaseModel
 
-from common.schemas import Job, TokenEvent
+from common.schemas import Job
 
 
 class EventType(StrEnum):
@@ -28,24 +27,10 @@ class Event:
     data: str
 
 
-StreamFields = dict[
-    bytes | bytearray | memoryview | str | int | float,
-    bytes | bytearray | memoryview | str | int | float,
-]
-
-
-def token_fields(event: TokenEvent) -> StreamFields:
-    return _fields(EventType.token, event)
-
-
-def final_fields(job: Job) -> StreamFields:
-    """The closing event: `done` for a finished job, `error` for a failed one."""
+def final_fields(job: Job) -> tuple[str, str]:
+    """The closing event's type and data: `done` for a finished job, `error` for a failed one."""
     kind = EventType.error if job.error is not None else EventType.done
-    return _fields(kind, job)
-
-
-def _fields(kind: EventType, payload: BaseModel) -> StreamFields:
-    return {"type": kind.value, "data": payload.model_dump_json()}
+    return kind.value, job.model_dump_json()
 
 
 def decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Event:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Mapping
+from enum import StrEnum
 from typing import cast
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from common import events, keys
+from common import events, keys, lua
 from common.schemas import (
     Job,
     JobError,
@@ -67,11 +68,40 @@ def _from_hash(job_id: str, raw: Mapping[bytes, bytes]) -> Job:
     )
 
 
+def _text(reply: bytes | str) -> str:
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
+class Fenced(StrEnum):
+    """How a fenced write of an attempt went."""
+
+    ok = "ok"
+    missing = "missing"  # no record: the job expired (or never existed)
+    finished = "finished"  # it had already ended: nothing written
+    superseded = "superseded"  # the record names another attempt: nothing written
+    held = "held"  # an orphan's lease is held after all: nothing written
+
+
+class Reaped(StrEnum):
+    held = "held"
+    requeued = "requeued"
+    fail = "fail"
+    settled = "settled"
+    gone = "gone"
+
+
 class JobStore:
     def __init__(self, redis: Redis, *, ttl_s: int, events_maxlen: int) -> None:
         self.redis = redis
         self.ttl_s = ttl_s
         self.events_maxlen = events_maxlen
+        self._start = redis.register_script(lua.START)
+        self._append = redis.register_script(lua.APPEND)
+        self._finish = redis.register_script(lua.FINISH)
+        self._hand_back = redis.register_script(lua.HAND_BACK)
+        self._reap = redis.register_script(lua.REAP)
+        self._renew = redis.register_script(lua.RENEW)
+        self._release = redis.register_script(lua.RELEASE)
 
     async def create(self, job: Job, *, pool: str, webhook: str | None = None) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -82,7 +112,7 @@ class JobStore:
         self, pipe: Pipeline, job: Job, *, pool: str, webhook: str | None = None
     ) -> None:
         """Add the record's creation to `pipe`, so it can share a round trip with the enqueue."""
-        extra = {"pool": pool, **({"webhook": webhook} if webhook else {})}
+        extra = {"pool": pool, "holders": "1", **({"webhook": webhook} if webhook else {})}
         pipe.hset(keys.job(job.id), mapping={**_to_hash(job), **extra})
         pipe.expire(keys.job(job.id), self.ttl_s)
 
@@ -112,6 +142,14 @@ class JobStore:
         raw = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "pool"))
         return None if raw is None else raw.decode()
 
+    async def add_holder(self, job_id: str) -> None:
+        """Another client shares the job (an identical request attached to it)."""
+        await cast("Awaitable[int]", self.redis.hincrby(keys.job(job_id), "holders", 1))
+
+    async def release_holder(self, job_id: str) -> int:
+        """A client lets go of the job; how many still hold it."""
+        return int(await self._release(keys=[keys.job(job_id)]))
+
     async def request_cancel(self, job_id: str) -> None:
         """Flag a job for cancellation; a worker that picks it up later sees the flag."""
         await cast("Awaitable[int]", self.redis.hset(keys.job(job_id), "cancel", "1"))
@@ -125,36 +163,29 @@ class JobStore:
                 pipe.hget(keys.job(job_id), "cancel")
             return [flag is not None for flag in await pipe.execute()]
 
-    async def mark_running(self, job_id: str, *, model: str, attempt: int, pool: str) -> None:
-        """Record the start, and log it for the pool's drain rate (queue ETAs)."""
-        now = time.time()
-        fields = {
-            "status": JobStatus.running.value,
-            "model": model,
-            "started_at": str(now),
-            "attempt": str(attempt),
-        }
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(keys.job(job_id), mapping=fields)
-            pipe.zadd(keys.starts(pool), {job_id: now})
-            pipe.zremrangebyscore(keys.starts(pool), "-inf", now - DRAIN_WINDOW_S)
-            pipe.expire(keys.starts(pool), DRAIN_WINDOW_S)
-            await pipe.execute()
+    async def start_attempt(
+        self, job_id: str, *, attempt: int, worker: str, model: str, pool: str
+    ) -> Fenced:
+        """Record that `worker` runs attempt `attempt`, unless the job ended or a later attempt
+        started; log the start for the pool's drain rate (queue ETAs)."""
+        keys_ = [keys.job(job_id), keys.running(pool), keys.starts(pool)]
+        args: list[str | float] = [job_id, attempt, worker, model, time.time(), DRAIN_WINDOW_S]
+        return Fenced(_text(await self._start(keys=keys_, args=args)))
 
-    async def append_step(self, tokens: dict[str, list[TokenEvent]]) -> None:
-        """One round trip for every job's new tokens of one decode step."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, events_ in tokens.items():
-                for token in events_:
-                    pipe.xadd(
-                        keys.events(job_id),
-                        events.token_fields(token),
-                        maxlen=self.events_maxlen,
-                        approximate=True,
-                    )
-                # A job whose worker vanished must not leave its stream behind forever.
-                pipe.expire(keys.events(job_id), self.ttl_s)
-            await pipe.execute()
+    async def append_step(
+        self, tokens: dict[str, list[TokenEvent]], attempts: dict[str, int]
+    ) -> list[str]:
+        """One round trip for every job's new tokens of one decode step. Returns the jobs whose
+        attempt is no longer theirs: their tokens were dropped, and their rows should stop."""
+        ids = list(tokens)
+        keys_: list[str] = []
+        args: list[str | int] = [self.events_maxlen, self.ttl_s]
+        for job_id in ids:
+            keys_ += [keys.job(job_id), keys.events(job_id)]
+            args += [attempts[job_id], len(tokens[job_id])]
+            args += [token.model_dump_json() for token in tokens[job_id]]
+        lost = await self._append(keys=keys_, args=args)
+        return [ids[int(n) - 1] for n in lost]
 
     async def published_tokens(self, job_id: str) -> int:
         """Token events already published: what an earlier, interrupted attempt streamed."""
@@ -166,11 +197,50 @@ class JobStore:
             return 0
         return TokenEvent.model_validate_json(event.data).index + 1
 
-    async def finish(self, job: Job) -> None:
-        """Store the final record and close the event stream, atomically; both then expire."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.job(job.id), mapping=_to_hash(job))
-            pipe.xadd(keys.events(job.id), events.final_fields(job))
-            pipe.expire(keys.job(job.id), self.ttl_s)
-            pipe.expire(keys.events(job.id), self.ttl_s)
-            await pipe.execute()
+    async def finish(self, job: Job, *, pool: str, orphan: bool = False) -> Fenced:
+        """Store the final record and close the event stream, atomically and once: refused if
+        the job already ended or its record names another attempt than `job.attempt`. Both then
+        expire. `orphan`: only if no worker holds the job's lease, and take it off its queue."""
+        kind, data = events.final_fields(job)
+        keys_ = [
+            keys.job(job.id),
+            keys.events(job.id),
+            keys.running(pool),
+            keys.arq_in_progress(job.id),
+            keys.queue(pool),
+            keys.arq_job(job.id),
+            keys.arq_retry(job.id),
+        ]
+        fields = [item for pair in _to_hash(job).items() for item in pair]
+        args = [job.id, job.attempt, self.ttl_s, kind, data, "1" if orphan else "0", *fields]
+        return Fenced(_text(await self._finish(keys=keys_, args=args)))
+
+    async def hand_back(self, job_id: str, *, attempt: int, pool: str) -> Fenced:
+        """Put a started job back to `queued` (its worker is stopping); arq re-queues it."""
+        keys_ = [keys.job(job_id), keys.running(pool)]
+        return Fenced(_text(await self._hand_back(keys=keys_, args=[job_id, attempt])))
+
+    async def started(self, pool: str) -> list[str]:
+        """Jobs of `pool` a worker has started and that have not ended (or been reaped)."""
+        return [i.decode() for i in await self.redis.zrange(keys.running(pool), 0, -1)]
+
+    async def reap(self, job_id: str, *, pool: str, max_tries: int) -> Reaped:
+        keys_ = [
+            keys.job(job_id),
+            keys.arq_in_progress(job_id),
+            keys.running(pool),
+            keys.queue(pool),
+        ]
+        return Reaped(_text(await self._reap(keys=keys_, args=[job_id, max_tries])))
+
+    async def renew_leases(self, held: dict[str, int | None], lease_ms: int) -> list[str]:
+        """Renew the leases of the jobs a worker holds (attempt None: not started yet). Returns
+        the started jobs whose lease lapsed and went to another attempt."""
+        ids = list(held)
+        if not ids:
+            return []
+        keys_ = [keys.arq_in_progress(i) for i in ids] + [keys.job(i) for i in ids]
+        attempts = [held[i] for i in ids]
+        args: list[str | int] = [lease_ms, *("" if a is None else a for a in attempts)]
+        lost = await self._renew(keys=keys_, args=args)
+        return [ids[int(n) - 1] for n in lost if held[ids[int(n) - 1]] is not None]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
 PREFIX = "genq"
 
@@ -53,14 +53,31 @@ def cancellations() -> str:
     return f"{PREFIX}:cancel"
 
 
+def reaper_turn(pool: str) -> str:
+    """String (TTL): held by the process that sweeps `pool` for orphaned jobs this interval."""
+    return f"{PREFIX}:reaper:{pool}"
+
+
 def arq_job(job_id: str) -> str:
     """arq's payload of a queued job."""
     return f"{job_key_prefix}{job_id}"
 
 
 def arq_in_progress(job_id: str) -> str:
-    """arq's claim on a job a worker has started (it stays in the queue until it finishes)."""
+    """arq's claim on a job a worker has started (it stays in the queue until it finishes). It is
+    the job's lease: it expires unless the worker's heartbeat renews it."""
     return f"{in_progress_key_prefix}{job_id}"
+
+
+def arq_retry(job_id: str) -> str:
+    """arq's count of the times a worker started the job."""
+    return f"{retry_key_prefix}{job_id}"
+
+
+def running(pool: str) -> str:
+    """Sorted set: job id -> start time of the jobs of `pool` that a worker has started; the
+    reaper's list of jobs whose leases it checks."""
+    return f"{PREFIX}:running:{pool}"
 
 
 def starts(pool: str) -> str:

@@ -1,24 +1,13 @@
-"""Redis clients and the arq job codec, built the same way on both sides."""
+"""Redis clients, built the same way on both sides."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import msgpack
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import ConnectionPool
 
 from common import keys
+from common.contract import deserialize_payload, serialize_payload
 from common.settings import Settings
-
-
-def serialize_job(obj: dict[str, Any]) -> bytes:
-    """arq payloads are msgpack: plain data, so reading a payload can never execute code."""
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def deserialize_job(data: bytes) -> dict[str, Any]:
-    return msgpack.unpackb(data, raw=False)  # type: ignore[no-any-return]
 
 
 def arq_redis_settings(settings: Settings) -> RedisSettings:
@@ -38,7 +27,7 @@ def create_redis(settings: Settings) -> ArqRedis:
     )
     return ArqRedis(
         pool,
-        job_serializer=serialize_job,
-        job_deserializer=deserialize_job,
+        job_serializer=serialize_payload,
+        job_deserializer=deserialize_payload,
         default_queue_name=keys.queue(settings.pool),
     )

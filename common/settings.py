@@ -125,7 +125,14 @@ class Settings(BaseSettings):
     worker_poll_delay_s: float = Field(0.05, gt=0)
     worker_job_completion_wait_s: int = Field(30, ge=0)
     worker_heartbeat_s: float = Field(5.0, gt=0)
-    worker_metrics_port: int = Field(0, ge=0, le=65535, description="0 turns the endpoint off.")
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz; 0 turns it off."
+    )
+    worker_watchdog_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="An engine step or the event loop stuck this long stops the worker (exit 3).",
+    )
 
     # Dev stack (`genq run`)
     var_dir: Path = Field(Path("var"), description="Where the embedded Redis keeps its data.")

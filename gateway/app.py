@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,7 +21,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services.build(settings)
         app.state.services = services
+        pools = services.models.source.get
+        reaping = asyncio.create_task(
+            services.reaper.sweep_forever(lambda: pools().pools(), settings.worker_heartbeat_s)
+        )
         yield
+        reaping.cancel()
         await services.redis.aclose()
 
     app = FastAPI(

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from common.catalog import CatalogSource
 from common.jobstore import JobStore
+from common.reaper import Reaper
 from common.redisconn import create_redis
 from common.settings import Settings
 from gateway.services.admin import AdminService
@@ -28,6 +29,7 @@ class Services:
     queue: QueueService
     openai: OpenAIService
     admin: AdminService
+    reaper: Reaper
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -45,6 +47,7 @@ class Services:
             queue=queue,
             openai=OpenAIService(jobs),
             admin=AdminService(redis, models),
+            reaper=Reaper(redis, store, settings.max_tries),
         )
 
 

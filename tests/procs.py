@@ -17,12 +17,14 @@ from genq.redis_server import RedisServer, free_port
 
 
 class Proc:
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+    """`python -m {module} {name}`: a genq process (or a program that runs one)."""
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, module: str = "genq") -> None:
         self.name = name
         self.log = log_dir / f"{name}-{time.monotonic_ns()}.log"
         with self.log.open("wb") as out:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "genq", name], env=env, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, "-m", module, name], env=env, stdout=out, stderr=subprocess.STDOUT
             )
 
     def check_alive(self) -> None:
@@ -73,11 +75,16 @@ def start_gateway(env: dict[str, str], log_dir: Path, timeout_s: float = 60) -> 
 
 
 def start_worker(
-    env: dict[str, str], log_dir: Path, base: str, model: str | None, timeout_s: float = 300
+    env: dict[str, str],
+    log_dir: Path,
+    base: str,
+    model: str | None,
+    timeout_s: float = 300,
+    module: str = "genq",
 ) -> Proc:
     """Start a worker and wait until the gateway lists it as serving `model` (None: a worker
     that preloads nothing, ready once its heartbeat shows)."""
-    proc = Proc("worker", env, log_dir)
+    proc = Proc("worker", env, log_dir, module)
     deadline = time.monotonic() + timeout_s
     while True:
         proc.check_alive()

@@ -360,3 +360,44 @@ def test_identical_deterministic_requests_share_one_job(client: httpx.Client) ->
     assert later["result"] == done["result"]
     sampled = {**body, "temperature": 0.9}  # no seed: not deterministic, never shared
     assert submit(client, **sampled)["id"] != submit(client, **sampled)["id"]
+
+
+def test_an_idempotency_key_answered_from_the_cache_gives_that_answer_again(
+    client: httpx.Client,
+) -> None:
+    body = {"prompt": "Cached answer", "max_new_tokens": 6, "temperature": 0}
+    done = poll(client, submit(client, **body)["id"])
+    key = {"Idempotency-Key": f"retry-{time.time_ns()}"}
+    first = client.post("/v1/jobs", json=body, headers=key)
+    retry = client.post("/v1/jobs", json=body, headers=key)
+    assert first.status_code == retry.status_code == 202
+    assert first.json()["id"] == retry.json()["id"] == done["id"]
+    assert first.json()["cached"] is retry.json()["cached"] is True
+
+
+def test_a_shared_job_is_cancelled_only_when_its_last_client_lets_go(
+    client: httpx.Client,
+) -> None:
+    body = {"prompt": "Shared", "max_new_tokens": 900, "temperature": 0, "stop": [NEVER]}
+    first = submit(client, **body)
+    twin = submit(client, **body)
+    assert twin["id"] == first["id"]
+    with connect_sse(client, "GET", f"/v1/jobs/{first['id']}/events") as source:
+        events = source.iter_sse()
+        assert next(events).event == "token"  # it is running
+        assert client.delete(f"/v1/jobs/{first['id']}").json()["status"] == "running"
+        # The twin still holds it: it goes on generating.
+        assert [next(events).event for _ in range(50)] == ["token"] * 50
+    cancelled = client.delete(f"/v1/jobs/{first['id']}").json()
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["result"]["usage"]["completion_tokens"] < 900
+
+
+def test_a_near_zero_temperature_is_greedy_and_spares_the_batch(client: httpx.Client) -> None:
+    body = {"prompt": "Once upon a time", "max_new_tokens": 40, "stop": [NEVER]}
+    greedy = client.post("/v1/generate", json={**body, "temperature": 0}).json()
+    others = [submit(client, **body, seed=s, temperature=1.0) for s in range(3)]
+    poisoned = client.post("/v1/generate", json={**body, "temperature": 1e-40}).json()
+    assert poisoned["status"] == "succeeded"
+    assert poisoned["result"]["text"] == greedy["result"]["text"]
+    assert all(poll(client, j["id"])["status"] == "succeeded" for j in others)

@@ -1,17 +1,42 @@
 from __future__ import annotations
 
+import asyncio
 import time
 
 from redis.asyncio import Redis
 
 from common import keys
 from common.events import EventType, decode, decode_job
-from common.jobstore import JobStore
+from common.jobstore import Fenced, JobStore
 from common.schemas import Job, JobResult, JobStatus, TokenEvent, Usage
+
+POOL = "p"
 
 
 def new_job(job_id: str = "j1") -> Job:
     return Job(id=job_id, status=JobStatus.queued, model="m", created_at=time.time())
+
+
+def succeeded(job: Job, text: str, attempt: int) -> Job:
+    return job.model_copy(
+        update={
+            "status": JobStatus.succeeded,
+            "attempt": attempt,
+            "result": JobResult(
+                text=text,
+                finish_reason="length",
+                usage=Usage(prompt_tokens=1, completion_tokens=len(text)),
+            ),
+        }
+    )
+
+
+async def start(store: JobStore, job_id: str, attempt: int) -> Fenced:
+    return await store.start_attempt(job_id, attempt=attempt, worker="w", model="m", pool=POOL)
+
+
+def tokens(*texts: str, first: int = 0) -> list[TokenEvent]:
+    return [TokenEvent(index=first + i, text=t) for i, t in enumerate(texts)]
 
 
 async def test_record_round_trips_and_expires(redis: Redis) -> None:
@@ -27,25 +52,65 @@ async def test_record_round_trips_and_expires(redis: Redis) -> None:
 async def test_finish_writes_record_and_closing_event_with_ttl(redis: Redis) -> None:
     store = JobStore(redis, ttl_s=100, events_maxlen=1000)
     job = new_job()
-    await store.create(job, pool="p")
-    await store.append_step({"j1": [TokenEvent(index=0, text="a"), TokenEvent(index=1, text="b")]})
+    await store.create(job, pool=POOL)
+    assert await start(store, "j1", 1) is Fenced.ok
+    assert await store.append_step({"j1": tokens("a", "b")}, {"j1": 1}) == []
     assert await store.published_tokens("j1") == 2
-    final = job.model_copy(
-        update={
-            "status": JobStatus.succeeded,
-            "result": JobResult(
-                text="ab", finish_reason="length", usage=Usage(prompt_tokens=1, completion_tokens=2)
-            ),
-        }
-    )
-    await store.finish(final)
-    assert await store.load("j1") == final
+    final = succeeded(job, "ab", attempt=1)
+    assert await store.finish(final, pool=POOL) is Fenced.ok
+    loaded = await store.load("j1")
+    assert loaded is not None
+    assert loaded.started_at is not None
+    assert loaded.model_copy(update={"started_at": None}) == final
     entries = [decode(i, f) for i, f in await redis.xrange(keys.events("j1"))]
     assert [e.type for e in entries] == [EventType.token, EventType.token, EventType.done]
     assert decode_job(entries[-1]) == final
     assert 0 < await redis.ttl(keys.events("j1")) <= 100
+    assert await store.started(POOL) == []
 
 
 async def test_published_tokens_is_zero_for_a_new_job(redis: Redis) -> None:
     store = JobStore(redis, ttl_s=100, events_maxlen=1000)
     assert await store.published_tokens("fresh") == 0
+
+
+async def test_a_superseded_attempt_writes_nothing(redis: Redis) -> None:
+    store = JobStore(redis, ttl_s=100, events_maxlen=1000)
+    job = new_job()
+    await store.create(job, pool=POOL)
+    assert await start(store, "j1", 1) is Fenced.ok
+    await store.append_step({"j1": tokens("a")}, {"j1": 1})
+    assert await start(store, "j1", 2) is Fenced.ok  # the lease lapsed; another worker runs it
+    assert await start(store, "j1", 1) is Fenced.superseded
+    assert await store.append_step({"j1": tokens("b", first=1)}, {"j1": 1}) == ["j1"]
+    assert await store.finish(succeeded(job, "ab", attempt=1), pool=POOL) is Fenced.superseded
+    await store.append_step({"j1": tokens("x", first=1)}, {"j1": 2})
+    assert await store.finish(succeeded(job, "ax", attempt=2), pool=POOL) is Fenced.ok
+    assert await store.finish(succeeded(job, "ax", attempt=2), pool=POOL) is Fenced.finished
+    assert await start(store, "j1", 3) is Fenced.finished
+    entries = [decode(i, f) for i, f in await redis.xrange(keys.events("j1"))]
+    assert [e.type for e in entries] == [EventType.token, EventType.token, EventType.done]
+    assert decode_job(entries[-1]).result.text == "ax"  # type: ignore[union-attr]
+
+
+async def test_racing_finishes_leave_one_result(redis: Redis) -> None:
+    store = JobStore(redis, ttl_s=100, events_maxlen=1000)
+    job = new_job()
+    await store.create(job, pool=POOL)
+    await start(store, "j1", 1)
+    outcomes = await asyncio.gather(
+        *(store.finish(succeeded(job, f"r{i}", attempt=1), pool=POOL) for i in range(8))
+    )
+    assert sorted(outcomes) == sorted([Fenced.ok] + [Fenced.finished] * 7)
+    entries = await redis.xrange(keys.events("j1"))
+    assert len(entries) == 1
+
+
+async def test_holders_count_down(redis: Redis) -> None:
+    store = JobStore(redis, ttl_s=100, events_maxlen=1000)
+    await store.create(new_job(), pool=POOL)
+    await store.add_holder("j1")
+    assert await store.release_holder("j1") == 1
+    assert await store.release_holder("j1") == 0
+    assert await store.release_holder("gone") == -1
+    assert not await redis.exists(keys.job("gone"))

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from common.schemas import GenerationRequest
 from worker import metrics
 from worker.batch import Batch, Row, RowOutput, advance, check_supported, forward_all, new_row
 from worker.generation import (
     GenerationError,
     GenerationTimeout,
     OutOfMemory,
+    PromptSource,
     build_prompt_ids,
     check_context,
 )
@@ -52,7 +52,7 @@ class EngineLimits:
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
     id: str
-    request: GenerationRequest
+    request: PromptSource
     params: SamplingParams
     deadline: float  # time.monotonic() past which the request fails with `job_timeout`
 

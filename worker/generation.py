@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from common.schemas import FinishReason, GenerationRequest
+from common.schemas import FinishReason
 from worker.loading import LoadedModel
+
+
+class Message(Protocol):
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def content(self) -> str: ...
+
+
+class PromptSource(Protocol):
+    """What a prompt is built from: the queue's work request, or a client's request (tests,
+    benchmarks)."""
+
+    @property
+    def prompt(self) -> str | None: ...
+
+    @property
+    def messages(self) -> Sequence[Message] | None: ...
 
 
 class GenerationError(Exception):
@@ -41,13 +62,15 @@ class Generation:
         return len(self.token_ids)
 
 
-def build_prompt_ids(lm: LoadedModel, request: GenerationRequest) -> list[int]:
+def build_prompt_ids(lm: LoadedModel, request: PromptSource) -> list[int]:
     tokenizer = lm.tokenizer
     if request.messages is not None:
         if not tokenizer.chat_template:
             raise GenerationError(f"model {lm.name} has no chat template; send `prompt` instead")
         text = tokenizer.apply_chat_template(
-            [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=False
+            [{"role": m.role, "content": m.content} for m in request.messages],
+            add_generation_prompt=True,
+            tokenize=False,
         )
         return list(tokenizer(text, add_special_tokens=False).input_ids)
     return list(tokenizer(request.prompt).input_ids)

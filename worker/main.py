@@ -1,4 +1,5 @@
-"""The worker process: an arq worker whose one job function runs generation requests."""
+"""The worker process: an arq worker whose job function runs generation requests, with its
+heartbeat (which renews its jobs' leases), the reaper, the watchdog and its probes."""
 
 from __future__ import annotations
 
@@ -12,46 +13,46 @@ import uuid
 from typing import Any
 
 import orjson
-from arq import Worker
+import redis
 from arq.worker import func
-from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
 from common import keys, registry
 from common.catalog import CatalogError, CatalogSource
+from common.contract import (
+    DELIVER_WEBHOOK_FUNCTION,
+    GENERATE_FUNCTION,
+    deserialize_payload,
+    serialize_payload,
+)
 from common.jobstore import JobStore
 from common.logs import setup_logging
-from common.redisconn import create_redis, deserialize_job, serialize_job
-from common.schemas import GenerationRequest
+from common.reaper import Reaper
+from common.redisconn import create_redis
 from common.settings import Settings
-from common.webhooks import DELIVER_FUNCTION
+from worker.arq_worker import ResilientWorker
+from worker.engine import Engine
 from worker.loading import ModelLoadError
-from worker.service import JobPayload, JobRunner
+from worker.probes import serve_probes
+from worker.service import JobRunner
+from worker.watchdog import Watchdog
 from worker.webhooks import WebhookSender, deliver_webhook
 
 logger = logging.getLogger(__name__)
 
-JOB_FUNCTION = "generate"
+# Beyond GENQ_WORKER_JOB_COMPLETION_WAIT_S, what a stopping worker may take to hand its jobs
+# back and close: past it, it exits anyway.
+SHUTDOWN_MARGIN_S = 10
+# arq's own job timeout is only a backstop: a job ends itself at GENQ_JOB_TIMEOUT_S, then may
+# spend a minute or two retrying its writes while Redis is away.
+_BACKSTOP_MARGIN_S = 180
 
 
-async def generate(
-    ctx: dict[str, Any],
-    job_id: str,
-    request: dict[str, Any],
-    seed: int,
-    max_new_tokens: int,
-    model: str,
-) -> str:
+async def generate(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> str:
+    """The job function; its one argument is the work item (`common.contract.WorkItem`)."""
     runner: JobRunner = ctx["runner"]
-    payload = JobPayload(
-        job_id=job_id,
-        request=GenerationRequest.model_validate(request),
-        seed=seed,
-        max_new_tokens=max_new_tokens,
-        model=model,
-    )
-    job = await runner.run(payload, attempt=ctx["job_try"])
-    return job.status.value
+    payload = args[0] if len(args) == 1 and not kwargs else {"args": args, **kwargs}
+    return await runner.run(ctx["job_id"], payload, attempt=ctx["job_try"])
 
 
 class WorkerProcess:
@@ -60,14 +61,28 @@ class WorkerProcess:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started_at = time.time()
         self.redis = create_redis(settings)
-        store = JobStore(
+        self.store = JobStore(
             self.redis, ttl_s=settings.result_ttl_s, events_maxlen=settings.events_maxlen
         )
+        self.draining = False
         self._beat_now = asyncio.Event()
-        self.runner = JobRunner(store, settings, self.redis, source, self._beat_now.set)
-        self.webhooks = WebhookSender(store, settings)
-        self._beating: asyncio.Task[None] | None = None
-        self._listening: asyncio.Task[None] | None = None
+        self.runner = JobRunner(
+            self.store,
+            settings,
+            self.redis,
+            source,
+            self._beat_now.set,
+            self.id,
+            lambda: self.draining,
+        )
+        self.webhooks = WebhookSender(self.store, settings)
+        self.reaper = Reaper(self.redis, self.store, settings.max_tries)
+        self.watchdog = Watchdog(
+            self._engines, settings.worker_watchdog_timeout_s, self._release_leases
+        )
+        self.lease_ms = int(settings.worker_heartbeat_s * registry.MISSED_BEATS * 1000)
+        self.worker: ResilientWorker | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
 
     def info(self) -> registry.WorkerInfo:
@@ -81,38 +96,93 @@ class WorkerProcess:
             pid=os.getpid(),
         )
 
+    def live(self) -> str | None:
+        """Why the worker is not live: what tripped (or would trip) its watchdog."""
+        return self.watchdog.tripped or self.watchdog.problem()
+
+    def ready(self) -> str | None:
+        """Why the worker should get no work now."""
+        if self.draining:
+            return "shutting down"
+        if self.worker is None:
+            return "loading its models"
+        if not self.worker.connected:
+            return "Redis unreachable"
+        return self.live()
+
     async def startup(self, ctx: dict[str, Any]) -> None:
         ctx["runner"] = self.runner
         ctx["webhooks"] = self.webhooks
         await self.runner.start()
-        await registry.heartbeat(self.redis, self.info(), self.settings.worker_heartbeat_s)
-        self._beating = asyncio.create_task(self._beat_forever())
-        self._listening = asyncio.create_task(self._listen())
+        self._tasks = [
+            asyncio.create_task(coroutine)
+            for coroutine in (self._beat_forever(), self._listen(), self._tick_forever())
+        ]
+        self.watchdog.start()
         held = ", ".join(m.key for m in self.runner.models.holdings()) or "none yet"
         logger.info("worker %s ready: pool %s, models %s", self.id, self.settings.pool, held)
 
     async def shutdown(self, ctx: dict[str, Any]) -> None:
-        for task in (self._beating, self._listening):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        with contextlib.suppress(OSError):
-            await registry.remove_worker(self.redis, self.info())
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(OSError, RedisError, TimeoutError):
+            async with asyncio.timeout(1):
+                await registry.remove_worker(self.redis, self.info())
         await self.runner.stop()
         await self.webhooks.close()
 
+    def _engines(self) -> list[Engine]:
+        return self.runner.models.engines()
+
+    def _held(self) -> dict[str, int | None]:
+        """The jobs this worker holds a lease on, with the attempt it runs (None: not started)."""
+        tasks = self.worker.tasks if self.worker is not None else {}
+        return {
+            job_id: self.runner.attempt_of(job_id)
+            for job_id, task in list(tasks.items())
+            if not task.done()
+        }
+
     async def _beat_forever(self) -> None:
-        """Beat every GENQ_WORKER_HEARTBEAT_S, and at once when a model's state changes, so
-        that `GET /v1/models` shows loads, failures and evictions as they happen."""
-        while True:
+        """Every GENQ_WORKER_HEARTBEAT_S, and at once when a model's state changes (so that
+        `GET /v1/models` shows loads, failures and evictions as they happen): say it is alive,
+        renew the leases of its jobs, and take its turn at reaping its pool. Stops for good
+        once the watchdog tripped, so that its jobs' leases lapse."""
+        while self.watchdog.healthy:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), self.settings.worker_heartbeat_s)
             self._beat_now.clear()
+            if not self.watchdog.healthy:
+                return
             try:
                 await registry.heartbeat(self.redis, self.info(), self.settings.worker_heartbeat_s)
-            except (OSError, RedisError) as e:  # Redis away: arq reconnects; keep beating.
+                for job_id in await self.store.renew_leases(self._held(), self.lease_ms):
+                    self.runner.lose(job_id)
+                await self.reaper.take_turn(
+                    self.settings.pool, self.id, self.settings.worker_heartbeat_s
+                )
+            except (OSError, RedisError) as e:  # Redis away: the arq loop reconnects
                 logger.warning("heartbeat failed: %s", e)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            self.watchdog.loop_alive()
+            await asyncio.sleep(1)
+
+    def _release_leases(self) -> None:
+        """Called by a tripped watchdog, off the event loop: let other workers take this one's
+        jobs now rather than when their leases lapse."""
+        held = list(self._held())
+        if not held:
+            return
+        client = redis.Redis.from_url(
+            self.settings.redis_url.get_secret_value(), socket_timeout=1, socket_connect_timeout=1
+        )
+        with contextlib.suppress(RedisError, OSError):
+            client.delete(*(keys.arq_in_progress(job_id) for job_id in held))
+        client.close()
 
     async def _listen(self) -> None:
         """Relay cancel requests and reload commands as they are published.
@@ -145,31 +215,37 @@ class WorkerProcess:
             self._reloads.add(task)
             task.add_done_callback(self._reloads.discard)
 
-    def build(self) -> Worker:
+    def _drain(self) -> None:
+        self.draining = True
+
+    def build(self) -> ResilientWorker:
         s = self.settings
-        return Worker(
+        self.worker = ResilientWorker(
             # One try more than GENQ_MAX_TRIES so the job function itself records the failure.
             functions=[
-                func(generate, name=JOB_FUNCTION, max_tries=s.max_tries + 1),
-                func(deliver_webhook, name=DELIVER_FUNCTION, max_tries=s.webhook_max_tries),
+                func(generate, name=GENERATE_FUNCTION, max_tries=s.max_tries + 1),
+                func(deliver_webhook, name=DELIVER_WEBHOOK_FUNCTION, max_tries=s.webhook_max_tries),
             ],
             queue_name=keys.queue(s.pool),
             redis_pool=self.redis,
             on_startup=self.startup,
             on_shutdown=self.shutdown,
             max_jobs=s.worker_max_jobs,
-            # A backstop only: generation stops itself at GENQ_JOB_TIMEOUT_S with a recorded error.
-            job_timeout=s.job_timeout_s + 10,
+            job_timeout=s.job_timeout_s + _BACKSTOP_MARGIN_S,
             job_completion_wait=s.worker_job_completion_wait_s,
             keep_result=0,
             poll_delay=s.worker_poll_delay_s,
             queue_read_limit=s.worker_queue_read_limit,
             health_check_key=keys.worker_health(self.id),
             health_check_interval=max(1, int(s.worker_heartbeat_s)),
-            job_serializer=serialize_job,
-            job_deserializer=deserialize_job,
+            job_serializer=serialize_payload,
+            job_deserializer=deserialize_payload,
             allow_abort_jobs=True,
+            lease_s=self.lease_ms / 1000,
+            grace_s=s.worker_job_completion_wait_s + SHUTDOWN_MARGIN_S,
+            on_drain=self._drain,
         )
+        return self.worker
 
 
 def run_worker(settings: Settings) -> None:
@@ -178,10 +254,14 @@ def run_worker(settings: Settings) -> None:
     setup_logging(settings)
     try:
         process = WorkerProcess(settings, CatalogSource(settings))
-        process.runner.models.preload()
-    except (CatalogError, ModelLoadError) as e:
+    except CatalogError as e:
         logger.error("%s", e)
         raise SystemExit(2) from e
     if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port)
+        serve_probes(settings.worker_metrics_port, process.live, process.ready)
+    try:
+        process.runner.models.preload()
+    except ModelLoadError as e:
+        logger.error("%s", e)
+        raise SystemExit(2) from e
     process.build().run()

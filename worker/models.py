@@ -102,6 +102,11 @@ class ModelManager:
     def holdings(self) -> list[HeldModel]:
         return [held.info() for held in self._held.values()]
 
+    def engines(self) -> list[Engine]:
+        """Every engine thread this worker runs, retiring ones included."""
+        held = [*self._held.values(), *self._retiring]
+        return [h.engine for h in held if h.engine is not None]
+
     def preload(self) -> None:
         """Load the pool's `preload` models before the worker takes jobs (engines start with
         `start`). Raises if there were some and none loaded: the worker cannot serve."""

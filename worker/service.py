@@ -6,17 +6,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 from arq.connections import ArqRedis
+from arq.worker import Retry
 from redis.exceptions import RedisError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
-from common.catalog import CatalogSource
-from common.jobstore import JobStore
+from common.catalog import CatalogSource, ModelSpec
+from common.contract import ErrorCode, InvalidWorkItem, WorkItem, decode_item
+from common.jobstore import Fenced, JobStore
 from common.schemas import (
-    GenerationRequest,
     Job,
     JobError,
     JobResult,
@@ -36,39 +44,36 @@ from worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# How long a step's tokens are retried against an unreachable Redis before its jobs give up.
-_PUBLISH_RETRY_S = 30
+# How long a job's reads and writes are retried while Redis is unreachable.
+_PERSIST_RETRY_S = 60
+# After that, when arq offers the job again (it goes back to the queue).
+_RETRY_DEFER_S = 1
+# The engine ends a generation at GENQ_JOB_TIMEOUT_S itself; the job's own timeout is later.
+_ENGINE_GRACE_S = 5
+# How long a stopping worker tries to hand a job back before leaving it to the reaper.
+_HAND_BACK_S = 2
 
 
-@dataclass(frozen=True, slots=True)
-class JobPayload:
-    """What the gateway enqueues: the validated request and the seed it drew for it.
+def sampling_params(item: WorkItem) -> SamplingParams:
+    r = item.request
+    return SamplingParams(
+        max_new_tokens=item.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        seed=item.seed,
+        stop=tuple(r.stop),
+    )
 
-    The seed is drawn once at submission so that a job re-run after its worker died generates
-    the same tokens, and the tokens already streamed are not sent twice.
-    """
 
-    job_id: str
-    request: GenerationRequest
-    seed: int
-    max_new_tokens: int
-    model: str  # name@version the gateway routed the job to
-
-    def sampling(self) -> SamplingParams:
-        r = self.request
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            seed=self.seed,
-            stop=tuple(r.stop),
-        )
+class LostAttempt(Exception):
+    """Another attempt of the job owns it now (this worker's lease lapsed): stop, write nothing."""
 
 
 @dataclass(eq=False)
 class _Pending:
     future: asyncio.Future[Generation]
+    attempt: int
     skip: int  # token events an earlier attempt already published
     engine: Engine
     next_index: int = 0
@@ -76,12 +81,24 @@ class _Pending:
 
 @dataclass
 class JobRunner:
+    """Runs a job's attempt: start it (fenced), load its model, generate through the engine,
+    write its result (fenced), whatever fails on the way.
+
+    Every accepted job ends: a job that fails for a reason of its own (its input, its model, its
+    deadline) is recorded failed; one this worker cannot finish (it is stopping, or Redis stays
+    away) goes back to the queue for another attempt. Writes to Redis are retried while it is
+    away, so an outage shorter than `_PERSIST_RETRY_S` costs no job anything but time.
+    """
+
     store: JobStore
     settings: Settings
     arq: ArqRedis  # to queue webhook deliveries
     source: CatalogSource
     on_models_changed: Callable[[], None]
+    worker_id: str
+    draining: Callable[[], bool]  # the worker is shutting down
     _pending: dict[str, _Pending] = field(default_factory=dict)
+    _attempts: dict[str, int] = field(default_factory=dict)  # started jobs, by id
     _steps: asyncio.Queue[list[RowOutput]] = field(default_factory=asyncio.Queue)
     _loop: asyncio.AbstractEventLoop | None = None
     _publisher: asyncio.Task[None] | None = None
@@ -95,6 +112,10 @@ class JobRunner:
     def running(self) -> int:
         return len(self._pending)
 
+    def attempt_of(self, job_id: str) -> int | None:
+        """The attempt this worker runs, once it has started the job."""
+        return self._attempts.get(job_id)
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.models.start()
@@ -107,26 +128,38 @@ class JobRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._publisher
 
-    async def run(self, payload: JobPayload, attempt: int) -> Job:
-        job = await self.store.load(payload.job_id)
+    async def run(self, job_id: str, payload: object, attempt: int) -> str:
+        """The job function's body: returns how the job ended here, for arq's log."""
+        job = await _persist(self.store.load, job_id)
         if job is None:
-            raise LookupError(f"job {payload.job_id} has no record (expired?)")
+            return "expired"
         if job.status.finished:
-            return job
+            return job.status.value
+        try:
+            item = decode_item(payload)
+        except InvalidWorkItem as e:
+            return await self._finish(job, error=JobError(code=e.code, message=str(e)))
         if attempt > self.settings.max_tries:
             error = JobError(
-                code="worker_lost",
+                code=ErrorCode.worker_lost,
                 message=f"the job was interrupted {attempt - 1} times (GENQ_MAX_TRIES)",
             )
             return await self._finish(job, error=error)
-        deadline = time.monotonic() + self.settings.job_timeout_s
         try:
-            spec = self.models.spec_for(payload.model, payload.request.model)
+            spec = self.models.spec_for(item.model, item.request.model)
         except GenerationError as e:
             return await self._finish(job, error=JobError(code=e.code, message=str(e)))
-        await self.store.mark_running(
-            job.id, model=spec.key, attempt=attempt, pool=self.settings.pool
+        started = await _persist(
+            self.store.start_attempt,
+            job.id,
+            attempt=attempt,
+            worker=self.worker_id,
+            model=spec.key,
+            pool=self.settings.pool,
         )
+        if started is not Fenced.ok:
+            logger.info("job %s not started: %s", job.id, started.value)
+            return started.value
         job = job.model_copy(
             update={
                 "status": JobStatus.running,
@@ -135,53 +168,92 @@ class JobRunner:
                 "started_at": time.time(),
             }
         )
+        self._attempts[job.id] = attempt
         try:
-            held, load_s = await self.models.acquire(spec, deadline)
-        except GenerationError as e:
-            return await self._finish(job, error=JobError(code=e.code, message=str(e)))
-        try:
-            return await self._generate(job, payload, held, load_s, attempt, deadline)
+            return await self._run_attempt(job, item, spec)
         finally:
-            self.models.release(held)
+            del self._attempts[job.id]
 
-    async def _generate(
-        self,
-        job: Job,
-        payload: JobPayload,
-        held: Held,
-        load_s: float,
-        attempt: int,
-        deadline: float,
-    ) -> Job:
+    async def _run_attempt(self, job: Job, item: WorkItem, spec: ModelSpec) -> str:
+        deadline = time.monotonic() + self.settings.job_timeout_s
+        load_s = 0.0
+        try:
+            # The engine ends a generation at the deadline itself; this bounds the model load.
+            async with asyncio.timeout(self.settings.job_timeout_s + _ENGINE_GRACE_S):
+                held, load_s = await self.models.acquire(spec, deadline)
+                try:
+                    outcome = await self._generate(job, item, held)
+                finally:
+                    self.models.release(held)
+        except LostAttempt:
+            logger.warning("job %s: attempt %d lost its lease to another", job.id, job.attempt)
+            return "superseded"
+        except GenerationError as e:
+            return await self._finish(
+                job, error=JobError(code=e.code, message=str(e)), load_s=load_s
+            )
+        except TimeoutError:
+            error = JobError(
+                code=ErrorCode.job_timeout,
+                message=f"the job ran past GENQ_JOB_TIMEOUT_S ({self.settings.job_timeout_s} s)",
+            )
+            return await self._finish(job, error=error, load_s=load_s)
+        except asyncio.CancelledError:
+            await self._on_cancelled(job)
+            raise
+        except Exception as e:
+            logger.exception("job %s failed on an internal error", job.id)
+            error = JobError(code=ErrorCode.generation_failed, message=f"internal error: {e}")
+            return await self._finish(job, error=error, load_s=load_s)
+        return await self._finish(job, outcome=outcome, load_s=load_s)
+
+    async def _on_cancelled(self, job: Job) -> None:
+        """arq cancelled the job function: the worker is stopping (the job goes back to the
+        queue), or arq's backstop timeout fired (the job fails)."""
+        if self.draining():
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(_HAND_BACK_S):
+                    await self.store.hand_back(job.id, attempt=job.attempt, pool=self.settings.pool)
+            logger.info("job %s handed back to the queue", job.id)
+            return
+        error = JobError(code=ErrorCode.job_timeout, message="the job ran past its deadline")
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(_HAND_BACK_S):
+                await self._write(self._final(job, error=error))
+
+    async def _generate(self, job: Job, item: WorkItem, held: Held) -> Generation:
         assert self._loop is not None, "start() first"
         assert held.engine is not None
         engine = held.engine
         # Only a re-run can find tokens of an earlier attempt: spare first runs the round trip.
-        skip = await self.store.published_tokens(job.id) if attempt > 1 else 0
-        pending = _Pending(self._loop.create_future(), skip, engine)
+        skip = await _persist(self.store.published_tokens, job.id) if job.attempt > 1 else 0
+        pending = _Pending(self._loop.create_future(), job.attempt, skip, engine)
         self._pending[job.id] = pending
         metrics.RUNNING_JOBS.inc()
-        engine.submit(EngineRequest(job.id, payload.request, payload.sampling(), deadline))
-        if await self.store.cancel_requested(job.id):
-            engine.cancel(job.id)  # asked for while the job was being picked up
+        deadline = time.monotonic() + self.settings.job_timeout_s
+        engine.submit(EngineRequest(job.id, item.request, sampling_params(item), deadline))
         try:
-            outcome = await pending.future
-        except GenerationError as e:
-            error = JobError(code=e.code, message=str(e))
-            return await self._finish(job, error=error, load_s=load_s)
-        except asyncio.CancelledError:
-            # Shutdown or abort: free the row at the next step; arq re-queues the job.
+            if await _persist(self.store.cancel_requested, job.id):
+                engine.cancel(job.id)  # asked for while the job was being picked up
+            return await pending.future
+        except BaseException:
+            # Cancelled, timed out or lost: free the row at the next step.
             engine.cancel(job.id)
             raise
         finally:
             del self._pending[job.id]
             metrics.RUNNING_JOBS.dec()
-        return await self._finish(job, outcome=outcome, load_s=load_s)
 
     def cancel(self, job_id: str) -> None:
         """Stop a job this worker is running (a no-op for any other job)."""
         if (pending := self._pending.get(job_id)) is not None:
             pending.engine.cancel(job_id)
+
+    def lose(self, job_id: str) -> None:
+        """Another attempt owns the job: stop generating it and write nothing more."""
+        if (pending := self._pending.get(job_id)) is not None:
+            pending.engine.cancel(job_id)
+            self._settle(job_id, LostAttempt(job_id))
 
     async def sweep_cancel_flags(self) -> None:
         """Cancel running jobs whose records carry a cancel flag: the safety net for requests
@@ -208,8 +280,9 @@ class JobRunner:
             await self._publish(outputs)
 
     async def _publish(self, outputs: list[RowOutput]) -> None:
-        """Write the steps' tokens in one pipeline, then settle the jobs that ended in them:
-        a job's `done` event must follow its last token."""
+        """Write the steps' tokens in one round trip, then settle the jobs that ended in them:
+        a job's `done` event must follow its last token. While Redis is away the steps wait
+        (the engine goes on) and go out together once it is back."""
         tokens: dict[str, list[TokenEvent]] = {}
         for out in outputs:
             pending = self._pending.get(out.request_id)
@@ -219,22 +292,17 @@ class JobRunner:
             pending.next_index += 1
             if index >= pending.skip:
                 tokens.setdefault(out.request_id, []).append(TokenEvent(index=index, text=out.text))
-        try:
-            if tokens:
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type(RedisError),
-                    wait=wait_exponential(multiplier=0.1, max=2),
-                    stop=stop_after_delay(_PUBLISH_RETRY_S),
-                    reraise=True,
-                ):
-                    with attempt:
-                        await self.store.append_step(tokens)
-        except RedisError as e:
-            logger.error("cannot publish tokens of %d jobs: %s", len(tokens), e)
-            for request_id in {out.request_id for out in outputs}:
-                self.cancel(request_id)
-                self._settle(request_id, e)
-            return
+        if tokens:
+            attempts = {job_id: self._pending[job_id].attempt for job_id in tokens}
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type((RedisError, OSError)),
+                wait=wait_random_exponential(multiplier=0.1, max=2),
+                before_sleep=_log_retry,
+            ):
+                with attempt:
+                    lost = await self.store.append_step(tokens, attempts)
+            for job_id in lost:
+                self.lose(job_id)
         for out in outputs:
             if out.error is not None:
                 self._settle(out.request_id, out.error)
@@ -251,6 +319,34 @@ class JobRunner:
             pending.future.set_result(outcome)
 
     async def _finish(
+        self,
+        job: Job,
+        *,
+        outcome: Generation | None = None,
+        error: JobError | None = None,
+        load_s: float = 0.0,
+    ) -> str:
+        """Write the job's end, retrying while Redis is away. If it still cannot be written, the
+        job goes back to the queue (arq's Retry) and a later attempt finishes it."""
+        final = self._final(job, outcome=outcome, error=error, load_s=load_s)
+        try:
+            written = await _persist(self._write, final)
+        except (RedisError, OSError) as e:
+            logger.error("cannot record the end of job %s; it will run again: %s", job.id, e)
+            raise Retry(defer=_RETRY_DEFER_S) from e
+        if written is Fenced.ok:
+            metrics.JOBS_FINISHED.labels(job.model, final.status.value).inc()
+            if outcome is not None:
+                metrics.observe_generation(job.model, outcome)
+        return final.status.value if written is Fenced.ok else written.value
+
+    async def _write(self, final: Job) -> Fenced:
+        written = await self.store.finish(final, pool=self.settings.pool)
+        if written is Fenced.ok and (webhook := await self.store.webhook(final.id)):
+            await enqueue_delivery(self.arq, self.settings.pool, final.id, webhook)
+        return written
+
+    def _final(
         self,
         job: Job,
         *,
@@ -277,11 +373,10 @@ class JobRunner:
                     cached_prompt_tokens=outcome.cached_prompt_tokens,
                 ),
             )
-            metrics.observe_generation(job.model, outcome)
         status = JobStatus.failed if error else JobStatus.succeeded
         if outcome is not None and outcome.finish_reason == "cancelled":
             status = JobStatus.cancelled
-        final = job.model_copy(
+        return job.model_copy(
             update={
                 "status": status,
                 "finished_at": now,
@@ -290,8 +385,26 @@ class JobRunner:
                 "timings": timings,
             }
         )
-        await self.store.finish(final)
-        metrics.JOBS_FINISHED.labels(job.model, status.value).inc()
-        if webhook := await self.store.webhook(final.id):
-            await enqueue_delivery(self.arq, self.settings.pool, final.id, webhook)
-        return final
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def _persist(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+    """`fn`, retried for up to `_PERSIST_RETRY_S` while Redis is unreachable."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type((RedisError, OSError)),
+        wait=wait_random_exponential(multiplier=0.1, max=2),
+        stop=stop_after_delay(_PERSIST_RETRY_S),
+        before_sleep=_log_retry,
+        reraise=True,
+    ):
+        with attempt:
+            return await fn(*args, **kwargs)
+    raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+def _log_retry(state: RetryCallState) -> None:
+    if state.attempt_number == 1 and state.outcome is not None:
+        logger.warning("Redis unreachable, retrying: %s", state.outcome.exception())

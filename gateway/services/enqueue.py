@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from typing import Any
 
 import orjson
 from arq.constants import expires_extra_ms
@@ -13,13 +14,11 @@ from redis.asyncio.client import Pipeline
 
 from common import keys
 from common.catalog import ModelSpec
+from common.contract import GENERATE_FUNCTION, WorkItem, WorkRequest, serialize_payload
 from common.jobstore import JobStore
-from common.redisconn import serialize_job
 from common.schemas import GenerationRequest, Job
 from common.settings import Settings
 from gateway.services.models import Route
-
-JOB_FUNCTION = "generate"
 
 # Score offsets (in priority steps) on the arq queue, which runs the lowest score first. A job's
 # score is its enqueue time plus this, so waiting ages a job: after one step a `low` job ranks
@@ -46,29 +45,35 @@ def stage_enqueue(
     request: GenerationRequest,
     route: Route,
 ) -> None:
-    """Add a job's record, arq's payload for it and its place in the queue to `pipe`.
-
-    What arq's `enqueue_job` writes, minus its check for an existing id (ours are fresh UUIDs),
-    so that a batch of jobs costs one round trip.
-    """
-    # Drawn here, not by the worker, so that a re-run after a worker dies reproduces the tokens
-    # already streamed.
-    seed = request.seed if request.seed is not None else secrets.randbits(63)
-    max_new_tokens = request.max_new_tokens or default_max_new_tokens(route.spec, settings)
-    now_ms = int(time.time() * 1000)
-    score = now_ms + _PRIORITY_STEPS[request.priority] * settings.priority_step_s * 1000
-    payload = arq_payload(
-        JOB_FUNCTION,
-        (job.id, request.model_dump(mode="json"), seed, max_new_tokens, route.model),
-        {},
-        None,
-        now_ms,
-        serializer=serialize_job,
+    """Add a job's record, its work item and its place in the queue to `pipe`."""
+    item = WorkItem(
+        job_id=job.id,
+        request=WorkRequest.model_validate(request.model_dump(mode="json")),
+        # Drawn here, not by the worker, so that a re-run reproduces the tokens already streamed.
+        seed=request.seed if request.seed is not None else secrets.randbits(63),
+        max_new_tokens=request.max_new_tokens or default_max_new_tokens(route.spec, settings),
+        model=route.model,
     )
+    head_start_ms = -_PRIORITY_STEPS[request.priority] * settings.priority_step_s * 1000
     webhook = str(request.webhook) if request.webhook else None
     store.stage_create(pipe, job, pool=route.pool, webhook=webhook)
-    pipe.psetex(keys.arq_job(job.id), score - now_ms + expires_extra_ms, payload)
-    pipe.zadd(keys.queue(route.pool), {job.id: score})
+    stage_item(pipe, item.model_dump(mode="json"), pool=route.pool, head_start_ms=head_start_ms)
+
+
+def stage_item(pipe: Pipeline, item: dict[str, Any], *, pool: str, head_start_ms: int) -> None:
+    """Add arq's payload for a work item and its place in the pool's queue to `pipe`.
+
+    What arq's `enqueue_job` writes, minus its check for an existing id (ours are fresh UUIDs),
+    so that a batch of jobs costs one round trip. A job ranks by enqueue time less its head
+    start.
+    """
+    now_ms = int(time.time() * 1000)
+    score = now_ms - head_start_ms
+    payload = arq_payload(
+        GENERATE_FUNCTION, (item,), {}, None, now_ms, serializer=serialize_payload
+    )
+    pipe.psetex(keys.arq_job(item["job_id"]), score - now_ms + expires_extra_ms, payload)
+    pipe.zadd(keys.queue(pool), {item["job_id"]: score})
 
 
 def default_max_new_tokens(spec: ModelSpec, settings: Settings) -> int:

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from common import events, keys
 from common.catalog import DEFAULT_ALIAS
 from common.events import Event
-from common.jobstore import JobStore
+from common.jobstore import Fenced, JobStore
 from common.schemas import (
     BatchItem,
     BatchResponse,
@@ -45,6 +45,8 @@ from gateway.services.queue import QueueService
 
 # How long a request that lost an Idempotency-Key race waits for the winner's job record.
 _IDEMPOTENCY_WAIT_S = 2.0
+# Marks an Idempotency-Key answered by an identical earlier job (`cached: true`).
+_SERVED = "served"
 
 
 class JobService:
@@ -73,9 +75,10 @@ class JobService:
         check_model_limits(request, route.spec)
         job = self._new_job(route.model)
         claims: list[str] = []  # keys now naming this job, released if it is not queued
+        # Idempotency is keyed by the name asked for: a canary split may route a retry to
+        # another version.
+        asked = request.model or DEFAULT_ALIAS
         if idempotency_key is not None:
-            # Keyed by the name asked for: a canary split may route a retry to another version.
-            asked = request.model or DEFAULT_ALIAS
             earlier = await self._claim_idempotency(idempotency_key, asked, request, job.id)
             if earlier is not None:
                 return earlier
@@ -86,6 +89,9 @@ class JobService:
             served = await self._from_cache(cache_key, job.id)
             if served is not None:
                 metrics.CACHE_HITS.inc()
+                if idempotency_key is not None:
+                    # A retry must get this same answer, not a conflict with a job never made.
+                    await self._repoint_idempotency(idempotency_key, asked, request, served.id)
                 return served
             claims.append(cache_key)
         try:
@@ -172,7 +178,7 @@ class JobService:
         owner = await self.redis.get(redis_key)
         if owner is None:  # expired just now: claim it again
             return await self._claim_idempotency(key, model, request, job_id)
-        owner_id, owner_digest = owner.decode().split(" ", 1)
+        owner_id, owner_digest, *served = owner.decode().split(" ")
         if owner_digest != digest:
             raise IdempotencyConflict(
                 f"Idempotency-Key {key!r} was used with a different request body"
@@ -184,7 +190,14 @@ class JobService:
                     f"the request holding Idempotency-Key {key!r} has not created its job"
                 )
             await asyncio.sleep(0.05)
-        return await self._with_position(job)
+        job = await self._with_position(job)
+        return job.model_copy(update={"cached": True}) if served else job
+
+    async def _repoint_idempotency(
+        self, key: str, model: str, request: GenerationRequest, job_id: str
+    ) -> None:
+        value = f"{job_id} {fingerprint(model, request)} {_SERVED}"
+        await self.redis.set(keys.idempotency(key), value, ex=self.settings.idempotency_ttl_s)
 
     async def _from_cache(self, cache_key: str, job_id: str) -> Job | None:
         """The job serving identical requests, unless it failed; else register `job_id`."""
@@ -196,6 +209,8 @@ class JobService:
         if job is None or job.status in (JobStatus.failed, JobStatus.cancelled):
             await self.redis.set(cache_key, job_id, ex=ttl)
             return None
+        if not job.status.finished:
+            await self.store.add_holder(job.id)
         job = await self._with_position(job)
         return job.model_copy(update={"cached": True})
 
@@ -215,10 +230,11 @@ class JobService:
         return job
 
     async def cancel(self, job_id: str) -> Job:
-        """A queued job is taken off its queue and never runs; a running one is stopped by its
+        """Let go of a job. Once no client holds it (identical requests share one job), a
+        queued job is taken off its queue and never runs, and a running one is stopped by its
         worker within a decode step or two and ends `cancelled` with its partial text."""
         job = await self.get(job_id)
-        if job.status.finished:
+        if job.status.finished or await self.store.release_holder(job_id) > 0:
             return job
         pool = await self.store.pool(job_id)
         if pool is not None and await self.queue.remove_waiting(pool, job_id):
@@ -234,7 +250,8 @@ class JobService:
                     ),
                 }
             )
-            await self.store.finish(final)
+            if await self.store.finish(final, pool=pool) is not Fenced.ok:
+                return await self.get(job_id)  # it ended, or a worker took it, meanwhile
             if webhook := await self.store.webhook(job_id):
                 await enqueue_delivery(self.redis, pool, job_id, webhook)
             return final

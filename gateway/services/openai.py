@@ -214,9 +214,9 @@ class OpenAIService:
                 err = map_exception(e)
                 yield _error(err.code, err.message)
             finally:
-                if not finished and not job.cached:
-                    # The client went away (or the stream broke): stop spending the GPU on it.
-                    # A job shared with identical requests (`cached`) is not this client's.
+                if not finished:
+                    # The client went away (or the stream broke): let go of the job, which stops
+                    # once no identical request shares it, so no GPU time goes to unread text.
                     task = asyncio.create_task(self.jobs.cancel(job.id))
                     self._cancelling.add(task)
                     task.add_done_callback(self._cancelling.discard)

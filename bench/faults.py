@@ -1,0 +1,410 @@
+"""Faults injected into a running genq stack, and what its clients see.
+
+    python -m bench.faults [--model PATH] [--clients 4] [--max-new-tokens 24] [--json]
+
+It starts a stack of its own (a Redis with an append-only file, two gateways, one worker; the
+default model unless --model names another), puts it under a steady load of careful clients,
+and injects one fault after another, each time while jobs are running:
+
+- a poisoned request (`temperature: 1e-40`) among running jobs;
+- a worker killed with SIGKILL mid-job (the harness restarts it, as a supervisor would);
+- a worker stopped with SIGTERM mid-job (it drains and hands its jobs back);
+- a worker whose engine thread dies (its watchdog exits it; the harness restarts it);
+- Redis paused for 8 s (SIGSTOP, then SIGCONT);
+- Redis killed with SIGKILL and restarted on its append-only file;
+- a gateway stopped with SIGTERM while streams are open (clients move to the other one).
+
+A client submits a job (retrying a refused submission with the same Idempotency-Key), follows
+its event stream to the end (resuming with Last-Event-ID wherever it breaks off, on either
+gateway), and then checks the job: one closing event, token indexes without gap or repeat,
+streamed text equal to the result. For each fault the table shows what the clients saw, the
+time until tokens flowed again after the fault ended, jobs lost (accepted, never finished) and
+jobs with two results. Both must be 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import orjson
+from httpx_sse import connect_sse
+
+from genq.redis_server import RedisServer, free_port
+from tests.procs import Proc, genq_env, start_gateway, start_worker
+
+# How long a client keeps trying before it calls a job lost.
+JOB_DEADLINE_S = 180
+_FINISHED = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class Observed:
+    """What the clients saw, shared by the client threads."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    answers: Counter[str] = field(default_factory=Counter)  # "503", "resumed", ...
+    token_times: list[float] = field(default_factory=list)
+    accepted: dict[str, float] = field(default_factory=dict)  # job id -> when
+    finished: dict[str, dict[str, object]] = field(default_factory=dict)  # job id -> final job
+    doubled: set[str] = field(default_factory=set)  # jobs with other than one result
+    longest_refusal_s: float = 0.0
+
+    def saw(self, what: str, took_s: float = 0.0) -> None:
+        with self.lock:
+            self.answers[what] += 1
+            if what == "503":
+                self.longest_refusal_s = max(self.longest_refusal_s, took_s)
+
+    def token(self) -> None:
+        with self.lock:
+            self.token_times.append(time.monotonic())
+
+
+class Client(threading.Thread):
+    """Submits jobs one after another and follows each one to its end."""
+
+    def __init__(
+        self, bases: list[str], body: dict[str, object], seen: Observed, stop: threading.Event
+    ) -> None:
+        super().__init__(daemon=True)
+        self.bases = bases
+        self.body = body
+        self.seen = seen
+        self.stop = stop
+        self.turn = 0
+        self.http = httpx.Client(timeout=httpx.Timeout(10, read=30))
+
+    def base(self) -> str:
+        return self.bases[self.turn % len(self.bases)]
+
+    def other(self) -> None:
+        """Move to the next gateway (the one in use is gone, or refusing)."""
+        self.turn += 1
+
+    def run(self) -> None:
+        with self.http:
+            while not self.stop.is_set():
+                job_id = self.submit()
+                if job_id is not None:
+                    self.follow(job_id)
+
+    def submit(self) -> str | None:
+        key = uuid.uuid4().hex
+        body = {**self.body, "prompt": f"{self.body['prompt']} {key[:8]}"}
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                resp = self.http.post(
+                    f"{self.base()}/v1/jobs", json=body, headers={"Idempotency-Key": key}
+                )
+            except httpx.TransportError:
+                self.seen.saw("connection error")
+                self.other()
+                time.sleep(0.2)
+                continue
+            if resp.status_code == 202:
+                job_id: str = resp.json()["id"]
+                with self.seen.lock:
+                    self.seen.accepted.setdefault(job_id, time.monotonic())
+                return job_id
+            self.seen.saw(str(resp.status_code), time.monotonic() - started)
+            self.other()
+            time.sleep(float(resp.headers.get("retry-after", "1")) / 4)
+        return None
+
+    def follow(self, job_id: str) -> None:
+        """Read the stream to its closing event, resuming wherever it breaks off."""
+        last: str | None = None
+        deadline = time.monotonic() + JOB_DEADLINE_S
+        while time.monotonic() < deadline:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                with connect_sse(
+                    self.http, "GET", f"{self.base()}/v1/jobs/{job_id}/events", headers=headers
+                ) as source:
+                    if source.response.status_code != 200:
+                        self.seen.saw(str(source.response.status_code))
+                        self.other()
+                        time.sleep(0.25)
+                        continue
+                    for event in source.iter_sse():
+                        if not event.id:  # a resumable break: the stream ended early
+                            self.seen.saw(f"stream {orjson.loads(event.data)['error']['code']}")
+                            break
+                        last = event.id
+                        if event.event == "token":
+                            self.seen.token()
+                        else:
+                            self.check(job_id)
+                            return
+            except httpx.TransportError:
+                self.seen.saw("stream cut")
+                self.other()
+                time.sleep(0.25)
+            if last is not None:
+                self.seen.saw("resumed")
+
+    def check(self, job_id: str) -> None:
+        """The whole stream once more, from the start: exactly one result, nothing repeated."""
+        with connect_sse(self.http, "GET", f"{self.base()}/v1/jobs/{job_id}/events") as source:
+            events = list(source.iter_sse())
+        closing = [e for e in events if e.event != "token"]
+        tokens = [orjson.loads(e.data) for e in events if e.event == "token"]
+        final = orjson.loads(closing[-1].data) if closing else {}
+        text = "".join(t["text"] for t in tokens)
+        whole = (
+            len(closing) == 1
+            and [t["index"] for t in tokens] == list(range(len(tokens)))
+            and (final.get("result") is None or final["result"]["text"] == text)
+        )
+        with self.seen.lock:
+            if not whole or job_id in self.seen.finished:
+                self.seen.doubled.add(job_id)
+            self.seen.finished[job_id] = final
+
+
+class Stack:
+    """Redis (append-only file), two gateways and a worker, each of which a fault may hit."""
+
+    def __init__(self, data_dir: Path, log_dir: Path, **settings: str) -> None:
+        self.redis = RedisServer(data_dir / "redis", free_port(), persist=True)
+        self.log_dir = log_dir
+        self.redis.start()
+        self.env = genq_env(self.redis.url, **settings)
+        self.model = settings.get("GENQ_MODEL_NAME")
+        self.gateways: list[Proc] = []
+        self.bases: list[str] = []
+        self.workers: list[Proc] = []
+        try:
+            for _ in range(2):
+                gateway, base = start_gateway(self.env, log_dir)
+                self.gateways.append(gateway)
+                self.bases.append(base)
+            self.start_worker()
+        except BaseException:
+            self.close()
+            raise
+
+    def start_worker(self, module: str = "genq") -> Proc:
+        proc = start_worker(self.env, self.log_dir, self.bases[0], self.model, module=module)
+        self.workers.append(proc)
+        return proc
+
+    def replace_worker(self, sig: int) -> tuple[int, float]:
+        """Signal the worker, wait for it to exit, start another; its exit status and how long
+        it took to exit."""
+        worker = self.workers.pop()
+        started = time.monotonic()
+        worker.popen.send_signal(sig)
+        status = worker.popen.wait(timeout=120)
+        took = time.monotonic() - started
+        self.start_worker()
+        return status, took
+
+    def pause_redis(self, seconds: float) -> None:
+        assert self.redis.pid is not None
+        os.kill(self.redis.pid, signal.SIGSTOP)
+        time.sleep(seconds)
+        os.kill(self.redis.pid, signal.SIGCONT)
+
+    def restart_redis(self) -> None:
+        """SIGKILL, then a new redis-server on the same port and append-only file."""
+        assert self.redis.pid is not None
+        os.kill(self.redis.pid, signal.SIGKILL)
+        self.redis.stop()
+        self.redis.start()
+
+    def genq_exited(self) -> list[str]:
+        return [
+            f"{p.name} (status {p.popen.returncode})"
+            for p in [*self.gateways, *self.workers]
+            if p.popen.poll() is not None
+        ]
+
+    def close(self) -> None:
+        for proc in [*self.workers, *self.gateways]:
+            proc.stop()
+        self.redis.stop()
+
+
+@dataclass
+class Outcome:
+    fault: str
+    clients_saw: str
+    recovery_s: float | None  # from the end of the fault to the next token any client got
+    accepted: int
+    lost: int
+    doubled: int
+    exited: list[str]
+
+
+@contextlib.contextmanager
+def load(stack: Stack, clients: int, body: dict[str, object]) -> Iterator[Observed]:
+    seen = Observed()
+    stop = threading.Event()
+    threads = [Client(stack.bases, body, seen, stop) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=JOB_DEADLINE_S + 30)
+
+
+def run_fault(
+    stack: Stack, name: str, *, clients: int, body: dict[str, object], settle_s: float = 3.0
+) -> Outcome:
+    """Load the stack, let jobs run for a moment, inject the fault (it returns a note on what
+    it did), keep the load on until tokens flow again, then let every accepted job finish."""
+    with load(stack, clients, body) as seen:
+        _wait_for(lambda: len(seen.token_times) >= clients * 3, 120, "tokens before the fault")
+        note = FAULTS[name](stack, body)
+        ended = time.monotonic()
+        _wait_for(lambda: any(t > ended for t in seen.token_times), 120, "tokens after the fault")
+        time.sleep(settle_s)
+    after = [t for t in seen.token_times if t > ended]
+    lost = [j for j in seen.accepted if j not in seen.finished]
+    saw = dict(seen.answers)
+    if seen.longest_refusal_s:
+        saw["503 slowest (ms)"] = round(seen.longest_refusal_s * 1000)
+    return Outcome(
+        fault=name,
+        clients_saw="; ".join(
+            filter(None, [", ".join(f"{k}: {v}" for k, v in sorted(saw.items())), note])
+        )
+        or "nothing unusual",
+        recovery_s=round(after[0] - ended, 2) if after else None,
+        accepted=len(seen.accepted),
+        lost=len(lost),
+        doubled=len(seen.doubled),
+        exited=stack.genq_exited(),
+    )
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+def poison(stack: Stack, body: dict[str, object]) -> str:
+    with httpx.Client(base_url=stack.bases[0], timeout=60) as http:
+        job = http.post("/v1/generate", json={**body, "temperature": 1e-40, "timeout_s": 55}).json()
+    return f"the poisoned job ended {job['status']}"
+
+
+def kill_worker(stack: Stack, body: dict[str, object]) -> str:
+    status, _ = stack.replace_worker(signal.SIGKILL)
+    return f"worker exit {status}"
+
+
+def term_worker(stack: Stack, body: dict[str, object]) -> str:
+    status, took = stack.replace_worker(signal.SIGTERM)
+    return f"worker exit {status} after {took:.1f} s"
+
+
+def engine_dies(stack: Stack, body: dict[str, object]) -> str:
+    stack.workers.pop().stop()
+    dying = stack.start_worker(module="bench.fault_worker")
+    status = dying.popen.wait(timeout=120)
+    stack.workers.remove(dying)
+    stack.start_worker()
+    return f"worker exit {status}"
+
+
+def pause_redis(stack: Stack, body: dict[str, object]) -> str:
+    stack.pause_redis(8)
+    return ""
+
+
+def restart_redis(stack: Stack, body: dict[str, object]) -> str:
+    stack.restart_redis()
+    return ""
+
+
+def term_gateway(stack: Stack, body: dict[str, object]) -> str:
+    gateway = stack.gateways[0]
+    started = time.monotonic()
+    gateway.popen.send_signal(signal.SIGTERM)
+    status = gateway.popen.wait(timeout=60)
+    took = time.monotonic() - started
+    stack.gateways[0], stack.bases[0] = start_gateway(stack.env, stack.log_dir)
+    return f"gateway exit {status} after {took:.1f} s"
+
+
+Fault = Callable[[Stack, dict[str, object]], str]
+
+FAULTS: dict[str, Fault] = {
+    "poisoned request among running jobs": poison,
+    "worker SIGKILL mid-job": kill_worker,
+    "worker SIGTERM mid-job": term_worker,
+    "engine thread dies": engine_dies,
+    "Redis paused 8 s": pause_redis,
+    "Redis SIGKILL + restart (AOF)": restart_redis,
+    "gateway SIGTERM with open streams": term_gateway,
+}
+
+
+def table(outcomes: list[Outcome]) -> str:
+    rows = [
+        "| fault | what the clients saw | recovery (s) | jobs accepted | lost | two results |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        recovery = "n/a" if o.recovery_s is None else f"{o.recovery_s:.2f}"
+        rows.append(
+            f"| {o.fault} | {o.clients_saw} | {recovery} | {o.accepted} | {o.lost} | {o.doubled} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="checkpoint directory (default: the default model)")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--data-dir", type=Path, default=Path("var/bench-faults"))
+    args = parser.parse_args()
+
+    settings = {"GENQ_LOG_FORMAT": "json", "GENQ_CACHE_ENABLED": "false"}
+    if args.model:
+        settings |= {"GENQ_MODEL": args.model, "GENQ_MODEL_NAME": "bench"}
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = args.data_dir / f"logs-{time.strftime('%Y%m%d-%H%M%S')}"
+    log_dir.mkdir()
+    body = {"prompt": "Tell me about", "max_new_tokens": args.max_new_tokens, "temperature": 1.0}
+    stack = Stack(args.data_dir / f"run-{uuid.uuid4().hex[:8]}", log_dir, **settings)
+    outcomes = []
+    try:
+        for name in FAULTS:
+            print(f"{name}...", file=sys.stderr, flush=True)
+            outcomes.append(run_fault(stack, name, clients=args.clients, body=body))
+    finally:
+        stack.close()
+    if args.json:
+        print(orjson.dumps([o.__dict__ for o in outcomes]).decode())
+    else:
+        print(table(outcomes))
+    if any(o.lost or o.doubled or o.exited for o in outcomes):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

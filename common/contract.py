@@ -1,0 +1,121 @@
+"""What crosses the queue between gateways and workers: one versioned work item, the names of the
+job functions, the payload codec and the codes a job can fail with.
+
+A rolling deploy runs gateways and workers of two releases side by side, so the item evolves by
+these rules:
+- a new field that an older worker may safely ignore is simply added: workers ignore fields they
+  do not know;
+- a field that changes what a worker must do (an older worker would silently do the wrong thing)
+  is added together with a feature name in `requires`; a worker that does not implement every
+  required feature fails the job with `unsupported_feature`, naming what it lacks;
+- `WORK_ITEM_VERSION` moves only when the layout itself breaks; a worker refuses a newer
+  version with `invalid_work_item`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+WORK_ITEM_VERSION = 1
+
+# arq function names: the gateway enqueues them, workers register them.
+GENERATE_FUNCTION = "generate"
+DELIVER_WEBHOOK_FUNCTION = "deliver_webhook"
+
+# Optional features a work item may require, as this release's workers implement them.
+SUPPORTED_FEATURES: frozenset[str] = frozenset()
+
+
+class ErrorCode(StrEnum):
+    """`error.code` of a failed job."""
+
+    generation_failed = "generation_failed"  # anything else; the message says what
+    context_length_exceeded = "context_length_exceeded"
+    job_timeout = "job_timeout"  # ran past GENQ_JOB_TIMEOUT_S
+    out_of_memory = "out_of_memory"
+    model_unavailable = "model_unavailable"  # not served by the pool, or failed to load
+    worker_lost = "worker_lost"  # its workers died GENQ_MAX_TRIES times
+    invalid_prompt = "invalid_prompt"  # the chat template or the tokenizer refused it
+    numerical_error = "numerical_error"  # the model gave logits that cannot be sampled
+    detokenization_failed = "detokenization_failed"
+    engine_error = "engine_error"  # a fault of a whole engine step, not of this request
+    unsupported_feature = "unsupported_feature"  # needs a feature its worker lacks
+    invalid_work_item = "invalid_work_item"  # its queue payload cannot be read
+
+
+class _Lenient(BaseModel):
+    # A newer gateway may send more: ignoring it is the compatibility rule above.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class WorkMessage(_Lenient):
+    role: str
+    content: str
+
+
+class WorkRequest(_Lenient):
+    """The part of a validated generation request that a worker acts on."""
+
+    prompt: str | None = None
+    messages: list[WorkMessage] | None = None
+    model: str | None = Field(None, description="The name the client asked for.")
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = Field(default_factory=list)
+
+
+class WorkItem(_Lenient):
+    version: int = WORK_ITEM_VERSION
+    job_id: str
+    request: WorkRequest
+    # Drawn once at submission, so that a re-run after a worker died generates the same tokens
+    # and the ones already streamed are not sent twice.
+    seed: int
+    max_new_tokens: int
+    model: str = Field(description="name@version the gateway routed the job to.")
+    requires: list[str] = Field(default_factory=list)
+
+
+class InvalidWorkItem(ValueError):
+    """The payload cannot be run by this worker; `code` says why."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def decode_item(raw: object) -> WorkItem:
+    """The work item of a job function's argument, or InvalidWorkItem."""
+    try:
+        item = WorkItem.model_validate(raw)
+    except ValidationError as e:
+        raise InvalidWorkItem(
+            ErrorCode.invalid_work_item, f"the queued work item cannot be read: {e}"
+        ) from e
+    if item.version > WORK_ITEM_VERSION:
+        raise InvalidWorkItem(
+            ErrorCode.invalid_work_item,
+            f"work item version {item.version} is newer than this worker's "
+            f"({WORK_ITEM_VERSION}); upgrade the workers",
+        )
+    missing = sorted(set(item.requires) - SUPPORTED_FEATURES)
+    if missing:
+        raise InvalidWorkItem(
+            ErrorCode.unsupported_feature,
+            f"this worker does not support {', '.join(missing)}; upgrade the workers",
+        )
+    return item
+
+
+def serialize_payload(obj: dict[str, Any]) -> bytes:
+    """arq payloads are msgpack: plain data, so reading a payload can never execute code."""
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def deserialize_payload(data: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(data, raw=False)  # type: ignore[no-any-return]

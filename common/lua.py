@@ -1,0 +1,140 @@
+"""Server-side scripts that make a job's state changes atomic and fenced by attempt.
+
+A job can have two attempts alive at once: a worker cut off from Redis for longer than its lease
+goes on generating while another worker runs the job again. Every write of an attempt therefore
+checks, in the same script, that the record still names that attempt; the loser's writes are
+refused and it learns it lost. So a job gets one result and one closing event, whatever races.
+
+Each script returns a status string (or a list of losers) for the caller to act on.
+"""
+
+from __future__ import annotations
+
+from common.events import EventType
+
+_FINISHED = "s == 'succeeded' or s == 'failed' or s == 'cancelled'"
+
+# KEYS: job, running set, starts set. ARGV: job id, attempt, worker id, model, now (epoch s),
+# drain window (s).
+START = f"""
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return 'missing' end
+if {_FINISHED} then return 'finished' end
+if tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') > tonumber(ARGV[2]) then
+  return 'superseded'
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'attempt', ARGV[2], 'worker', ARGV[3],
+  'model', ARGV[4], 'started_at', ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[5] - ARGV[6])
+redis.call('EXPIRE', KEYS[3], ARGV[6])
+return 'ok'
+"""
+
+# One decode step's tokens for several jobs. KEYS: job 1, events 1, job 2, events 2, ...
+# ARGV: maxlen, ttl, then per job: attempt, token count, that many event payloads.
+# Returns the 1-based numbers of the jobs whose attempt lost (their tokens were dropped).
+APPEND = f"""
+local at, lost = 3, {{}}
+for i = 1, #KEYS, 2 do
+  local attempt, n = ARGV[at], tonumber(ARGV[at + 1])
+  at = at + 2
+  local rec = redis.call('HMGET', KEYS[i], 'status', 'attempt')
+  if rec[1] == 'running' and rec[2] == attempt then
+    for j = 0, n - 1 do
+      redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV[1], '*',
+        'type', '{EventType.token.value}', 'data', ARGV[at + j])
+    end
+    -- A job whose worker vanished must not leave its stream behind forever.
+    redis.call('EXPIRE', KEYS[i + 1], ARGV[2])
+  else
+    table.insert(lost, (i + 1) / 2)
+  end
+  at = at + n
+end
+return lost
+"""
+
+# The final record and the closing event, once. KEYS: job, events, running set, lease, queue,
+# arq payload, arq try count. ARGV: job id, attempt, ttl, event type, event data, orphan
+# ("1": only if no lease is held, and take the job off its queue), then the record's fields and
+# values.
+FINISH = f"""
+local rec = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+local s = rec[1]
+if not s then return 'missing' end
+if {_FINISHED} then return 'finished' end
+if (rec[2] or '0') ~= ARGV[2] then return 'superseded' end
+if ARGV[6] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then return 'held' end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('XADD', KEYS[2], '*', 'type', ARGV[4], 'data', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if ARGV[6] == '1' then
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  redis.call('DEL', KEYS[6], KEYS[7])
+end
+return 'ok'
+"""
+
+# An attempt hands its job back to the queue (its worker is shutting down). KEYS: job, running
+# set. ARGV: job id, attempt.
+HAND_BACK = """
+local rec = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if rec[1] ~= 'running' or rec[2] ~= ARGV[2] then return 'superseded' end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 'ok'
+"""
+
+# The reaper's look at one started job. KEYS: job, lease, running set, queue. ARGV: job id,
+# GENQ_MAX_TRIES. 'held': a live worker has it; 'requeued': its worker is gone and it waits on
+# the queue for another; 'fail': it must fail (out of tries, or its queue entry is gone);
+# 'settled'/'gone': it had already ended or expired, and left the running set.
+REAP = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'held' end
+local rec = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+local s = rec[1]
+if not s then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 'gone'
+end
+if s ~= 'running' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 'settled'
+end
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) or tonumber(rec[2] or '0') >= tonumber(ARGV[2]) then
+  return 'fail'
+end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 'requeued'
+"""
+
+# A worker's heartbeat renews the leases of the jobs it holds. KEYS: n leases, then the n jobs'
+# records. ARGV: lease (ms), then each job's attempt ('' where the worker has not started it).
+# A lease that lapsed (Redis was away longer than the lease) is taken again if the record still
+# names this attempt; otherwise the job is lost to this worker. Returns the 1-based numbers of
+# the lost jobs.
+RENEW = """
+local n, lost = #KEYS / 2, {}
+for i = 1, n do
+  if redis.call('PEXPIRE', KEYS[i], ARGV[1]) == 0 then
+    local rec = redis.call('HMGET', KEYS[n + i], 'status', 'attempt')
+    local ours = ARGV[i + 1] ~= '' and rec[1] == 'running' and rec[2] == ARGV[i + 1]
+    if not (ours and redis.call('SET', KEYS[i], '1', 'PX', ARGV[1], 'NX')) then
+      table.insert(lost, i)
+    end
+  end
+end
+return lost
+"""
+
+# A client lets go of a job it shares with others (dedup). KEYS: job. Returns the holders left
+# (-1: no record).
+RELEASE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return redis.call('HINCRBY', KEYS[1], 'holders', -1)
+"""

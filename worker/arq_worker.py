@@ -1,0 +1,159 @@
+"""arq's worker, made to ride out Redis outages and to stop in bounded time.
+
+Stock arq lets a Redis error escape its poll loop, which ends the worker, and leaks a job slot
+when claiming a job fails half way, so that after a few blips it never takes another job. Here a
+lost connection only pauses the loop: the worker keeps its models, reports itself disconnected,
+retries with jittered backoff, and takes jobs again when Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from arq import Worker
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
+from redis.exceptions import RedisError, ResponseError, WatchError
+
+logger = logging.getLogger(__name__)
+
+_BACKOFF_BASE_S = 0.1
+_BACKOFF_MAX_S = 5.0
+# Exit status of a worker that did not stop within its grace period.
+EXIT_SHUTDOWN_TIMEOUT = 4
+
+
+class ResilientWorker(Worker):
+    def __init__(
+        self,
+        *args: Any,
+        lease_s: float,
+        grace_s: float,
+        on_drain: Callable[[], None],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        # A claim is a lease the heartbeat renews, not arq's fixed job timeout: a dead worker's
+        # jobs are free again once it lapses.
+        self.in_progress_timeout_s = lease_s
+        self.grace_s = grace_s
+        self.on_drain = on_drain
+        self.connected = False
+        self._failures = 0
+
+    async def main(self) -> None:
+        while True:
+            try:
+                await super().main()
+                return
+            except (RedisError, OSError) as e:  # before the poll loop: Redis is not there yet
+                await self._disconnected(e)
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as e:
+            await self._disconnected(e)
+            return
+        if not self.connected:
+            logger.info("Redis reachable: taking jobs")
+        self.connected = True
+        self._failures = 0
+
+    async def _disconnected(self, error: Exception) -> None:
+        if self.connected or not self._failures:
+            logger.warning("Redis unreachable, not taking jobs until it is back: %s", error)
+        self.connected = False
+        self._failures += 1
+        cap = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**self._failures)
+        await asyncio.sleep(random.uniform(0, cap))
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's claim of each job, with the job slot given back when Redis fails midway."""
+        for job_id_b in job_ids:
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            try:
+                score = await self._claim(job_id)
+            except BaseException:
+                self._release_sem_dec_counter_on_complete()
+                raise
+            if score is None:
+                self._release_sem_dec_counter_on_complete()
+                continue
+            task = self.loop.create_task(self.run_job(job_id, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+    async def _claim(self, job_id: str) -> int | None:
+        """The job's score once this worker holds its lease; None if another worker has it,
+        it finished, or it is not due."""
+        in_progress_key = in_progress_key_prefix + job_id
+        async with self.pool.pipeline(transaction=True) as pipe:
+            await pipe.watch(in_progress_key)
+            ongoing = await pipe.exists(in_progress_key)
+            score = await pipe.zscore(self.queue_name, job_id)
+            if ongoing or not score or score > timestamp_ms():
+                return None
+            pipe.multi()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            pipe.psetex(in_progress_key, int(self.in_progress_timeout_s * 1000), b"1")
+            try:
+                await pipe.execute()
+            except (ResponseError, WatchError):
+                return None
+        return int(score)
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await super().run_job(job_id, score)
+        except (RedisError, OSError) as e:
+            # arq could not read or settle the job; its lease lapses and it runs again.
+            logger.warning("job %s: Redis failed around the job (%s); it will run again", job_id, e)
+
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        self.on_drain()
+        _exit_after(self.grace_s)
+        super().handle_sig_wait_for_completion(signum)
+
+    def handle_sig(self, signum: signal.Signals) -> None:
+        self.on_drain()
+        _exit_after(self.grace_s)
+        super().handle_sig(signum)
+
+    async def close(self) -> None:
+        """arq's close, tolerating a Redis that is gone: the hard deadline set at the signal
+        ends the process anyway."""
+        if not self._pool:
+            return
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            await self.pool.delete(self.health_check_key)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        with contextlib.suppress(RedisError, OSError):
+            await self.pool.close(close_connection_pool=True)
+        self._pool = None
+
+
+def _exit_after(grace_s: float) -> None:
+    """However shutdown goes (a hung step, Redis stalled), the process is gone by `grace_s`."""
+
+    def force() -> None:
+        logger.error("shutdown took longer than %.0f s; exiting now", grace_s)
+        os._exit(EXIT_SHUTDOWN_TIMEOUT)
+
+    timer = threading.Timer(grace_s, force)
+    timer.daemon = True
+    timer.start()
