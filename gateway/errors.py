@@ -85,6 +85,7 @@ class GatewayTimeout(ApiError):
 _FAILED_JOB_STATUS = {
     "context_length_exceeded": 400,
     "generation_failed": 400,
+    "invalid_prompt": 400,
     "out_of_memory": 503,
     "model_unavailable": 503,
     "worker_lost": 503,
