@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="torch.compile the model (falls back if it fails).")
     max_batch_size: int = Field(32, ge=1, description="Rows decoded together.")
     max_batch_tokens: int = Field(
-        65_536, ge=1, description="KV-cache tokens all rows may reserve (prompt + max_new_tokens)."
+        65_536, ge=1, description="KV-cache tokens the left-padded batch may hold at its peak."
     )
     max_prefill_tokens: int = Field(
         4_096, ge=1, description="Padded prompt tokens prefilled in one step."

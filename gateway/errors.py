@@ -12,6 +12,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.contract import ErrorCode
+
 logger = logging.getLogger(__name__)
 
 
@@ -82,13 +84,19 @@ class GatewayTimeout(ApiError):
 
 # HTTP status of a failed generation, by the job's error code, where a route must answer with
 # one (OpenAI routes); bad input is the client's, the rest the server's.
-_FAILED_JOB_STATUS = {
-    "context_length_exceeded": 400,
-    "generation_failed": 400,
-    "out_of_memory": 503,
-    "model_unavailable": 503,
-    "worker_lost": 503,
-    "job_timeout": 504,
+_FAILED_JOB_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.generation_failed: 400,
+    ErrorCode.context_length_exceeded: 400,
+    ErrorCode.invalid_prompt: 400,
+    ErrorCode.numerical_error: 502,
+    ErrorCode.detokenization_failed: 502,
+    ErrorCode.job_timeout: 504,
+    ErrorCode.out_of_memory: 503,
+    ErrorCode.model_unavailable: 503,
+    ErrorCode.worker_lost: 503,
+    ErrorCode.engine_error: 503,
+    ErrorCode.unsupported_feature: 503,
+    ErrorCode.invalid_work_item: 503,
 }
 
 
@@ -96,7 +104,8 @@ class GenerationFailed(ApiError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-        self.status_code = _FAILED_JOB_STATUS.get(code, 500)
+        known = code in ErrorCode.__members__
+        self.status_code = _FAILED_JOB_STATUS[ErrorCode(code)] if known else 500
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -13,95 +10,22 @@ import torch
 
 from common.schemas import ChatMessage, GenerationRequest
 from common.settings import Settings
+from tests.engine_driver import (
+    PROMPTS,
+    SHARED_START,
+    Job,
+    greedy,
+    reference,
+    run,
+)
 from tests.tiny_model import build_tiny_model
 from worker import fused, metrics
-from worker.batch import Batch, RowOutput, SlotLayer
-from worker.engine import Engine, EngineLimits, EngineRequest
-from worker.generation import Generation, GenerationError, build_prompt_ids
+from worker.batch import Batch, SlotLayer
+from worker.engine import Engine, EngineLimits
+from worker.generation import build_prompt_ids
 from worker.loading import LoadedModel, load_model
 from worker.models import swappable
 from worker.sampling import SamplingParams
-
-PROMPTS = [
-    "Hi",
-    "The capital of France is",
-    "Once upon a time, in a land far away, there lived a small model that",
-]
-
-SHARED_START = "You are a careful assistant: answer briefly, precisely, and in plain words. "
-
-
-@dataclass
-class Collector:
-    text: dict[str, str] = field(default_factory=dict)
-    done: dict[str, Generation] = field(default_factory=dict)
-    errors: dict[str, GenerationError] = field(default_factory=dict)
-    batch_sizes: list[int] = field(default_factory=list)
-
-    def __call__(self, outputs: list[RowOutput]) -> None:
-        for out in outputs:
-            self.text[out.request_id] = self.text.get(out.request_id, "") + out.text
-            if out.finished is not None:
-                self.done[out.request_id] = out.finished
-            if out.error is not None:
-                self.errors[out.request_id] = out.error
-
-
-@dataclass
-class Job:
-    id: str
-    prompt: str
-    params: SamplingParams
-    at_step: int = 0  # the step before which it is submitted
-    chat: bool = False
-
-
-def run(
-    lm: LoadedModel,
-    jobs: list[Job],
-    limits: EngineLimits | None = None,
-    cancel: dict[int, str] | None = None,
-    before_step: Callable[[int, Engine], object] | None = None,
-) -> Collector:
-    out = Collector()
-    engine = Engine(lm, limits or EngineLimits(), out)
-    step = 0
-    while len(out.done) + len(out.errors) < len(jobs):
-        for job in jobs:
-            if job.at_step == step:
-                request = (
-                    GenerationRequest(messages=[ChatMessage(role="user", content=job.prompt)])
-                    if job.chat
-                    else GenerationRequest(prompt=job.prompt)
-                )
-                engine.submit(EngineRequest(job.id, request, job.params, deadline=float("inf")))
-        if cancel and step in cancel:
-            engine.cancel(cancel[step])
-        if before_step:
-            before_step(step, engine)
-        engine.step()
-        out.batch_sizes.append(engine.running)
-        step += 1
-        assert step < 10_000, "engine made no progress"
-    return out
-
-
-def reference(lm: LoadedModel, prompt: str, max_new_tokens: int, chat: bool = False) -> list[int]:
-    """model.generate on the prompt alone: what the batched engine must reproduce."""
-    request = (
-        GenerationRequest(messages=[ChatMessage(role="user", content=prompt)])
-        if chat
-        else GenerationRequest(prompt=prompt)
-    )
-    ids = torch.tensor([build_prompt_ids(lm, request)], device=lm.device)
-    out = lm.model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
-    )
-    return list(out[0, ids.shape[1] :].tolist())
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=n, temperature=0.0)
 
 
 def hit_tokens(lm: LoadedModel) -> float:
@@ -457,36 +381,3 @@ def test_default_model_greedy_batch_equals_model_generate(default_lm: LoadedMode
         assert out.done[job.id].token_ids == reference(default_lm, job.prompt, 24, chat=True)
         assert out.text[job.id] == out.done[job.id].text
     assert "Paris" in out.done["0"].text
-
-
-def test_engine_thread_survives_a_failing_step(
-    tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    out = Collector()
-    finished = threading.Event()
-
-    def on_step(outputs: list[RowOutput]) -> None:
-        out(outputs)
-        if len(out.done) + len(out.errors) == 3:
-            finished.set()
-
-    def broken(*args: object, **kwargs: object) -> object:
-        raise RuntimeError("kaboom")
-
-    engine = Engine(tiny_lm, EngineLimits(), on_step)
-    monkeypatch.setattr(tiny_lm.model.model.norm, "forward", broken)
-    engine.start()
-    try:
-        for rid in ("a", "b"):
-            engine.submit(EngineRequest(rid, GenerationRequest(prompt="Hi"), greedy(5), 1e18))
-        deadline = time.monotonic() + 30
-        while len(out.errors) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        monkeypatch.undo()
-        engine.submit(EngineRequest("c", GenerationRequest(prompt="Hi"), greedy(5), 1e18))
-        assert finished.wait(30)
-    finally:
-        engine.stop()
-    assert "internal engine error: kaboom" in str(out.errors["a"])
-    assert "internal engine error" in str(out.errors["b"])
-    assert out.done["c"].completion_tokens == 5

@@ -20,10 +20,16 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from common.schemas import FinishReason
 from worker import fused
-from worker.generation import Generation, GenerationError
+from worker.generation import (
+    DetokenizationError,
+    Generation,
+    GenerationError,
+    NumericalError,
+    is_device_error,
+)
 from worker.loading import LoadedModel
 from worker.prefix_cache import KV, PrefixHit
-from worker.sampling import Sampler, SamplingParams
+from worker.sampling import Sampler, SamplingParams, sanitize
 from worker.textstream import TextStream
 
 
@@ -56,8 +62,22 @@ class Row:
 
     @property
     def reserved_tokens(self) -> int:
-        """KV-cache tokens this row may grow to."""
+        """KV-cache tokens this row may grow to, alone."""
         return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def steps_left(self) -> int:
+        """Forward passes to go if the row runs to `max_new_tokens`."""
+        return self.params.max_new_tokens - len(self.token_ids)
+
+    def end(self, reason: FinishReason, text: str = "") -> RowOutput:
+        """The row's last output: `text`, whatever its stream held back, and the generation."""
+        self.finish = reason
+        try:
+            text += self.stream.flush()
+        except DetokenizationError as e:
+            return RowOutput(self.request_id, error=e)
+        return RowOutput(self.request_id, text, finished=self.generation())
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +88,10 @@ class RowOutput:
     text: str = ""
     finished: Generation | None = None
     error: GenerationError | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.finished is not None or self.error is not None
 
 
 def new_row(lm: LoadedModel, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Row:
@@ -104,9 +128,12 @@ class Batch:
     def cached_tokens(self) -> int:
         return self.attention_mask.shape[1] - self.input_ids.shape[1]
 
-    @property
-    def reserved_tokens(self) -> int:
-        return sum(row.reserved_tokens for row in self.rows)
+    def extents(self) -> list[tuple[int, int]]:
+        """Each row's (span, steps) for `padded_peak`: the cache columns it spans at the next
+        forward pass, from its first real one, and the forward passes it has left."""
+        first_real = self.attention_mask.argmax(dim=1)  # the mask is 0s, then 1s (and gaps)
+        spans: list[int] = (self.attention_mask.shape[1] - first_real).tolist()
+        return [(span, row.steps_left) for span, row in zip(spans, self.rows, strict=True)]
 
     @classmethod
     def prefill(
@@ -132,6 +159,18 @@ class Batch:
         if prefix_width:
             _load_prefixes(cache, hits, prefix_width)
         return cls(rows, ids.to(lm.device), mask.to(lm.device), cache)
+
+    @staticmethod
+    def prefill_extents(rows: list[Row], prefixes: list[PrefixHit | None]) -> list[tuple[int, int]]:
+        """`extents` of the rows once `prefill(rows, prefixes)` has run its forward pass: a row
+        spans its prompt, or, with a cached prefix, the prefix and the longest rest."""
+        cached = [hit.length if hit else 0 for hit in prefixes]
+        rests = [len(row.prompt_ids) - n for row, n in zip(rows, cached, strict=True)]
+        longest_rest = max(rests)
+        return [
+            (n + longest_rest if n else n + rest, row.steps_left)
+            for row, n, rest in zip(rows, cached, rests, strict=True)
+        ]
 
     def prompt_kv(self, i: int) -> KV:
         """Row `i`'s prompt keys and values (1 x H x prompt x D per layer), between its prefill
@@ -375,32 +414,26 @@ def forward(lm: LoadedModel, batch: Batch) -> torch.Tensor:
 def advance(
     lm: LoadedModel, batch: Batch, logits: torch.Tensor
 ) -> tuple[list[RowOutput], Batch | None]:
-    """Pick every row's token from `logits`, stream its text, and drop the rows that ended."""
+    """Pick every row's token from `logits`, stream its text, and drop the rows that ended. A
+    row whose scores cannot be sampled, or whose text cannot be decoded, fails alone."""
     now = time.perf_counter()
     outputs: list[RowOutput] = []
     keep: list[int] = []
     next_ids: list[int] = []
-    greedy = logits.argmax(dim=-1).tolist()
+    logits = sanitize(logits)
+    # One transfer for every row: its best token, and whether it has a finite score at all.
+    best = torch.stack((logits.argmax(dim=-1), logits.amax(dim=-1).isfinite().long()))
+    greedy, usable = best.tolist()
     for i, row in enumerate(batch.rows):
-        token = greedy[i] if row.params.greedy else row.sampler.next_token(logits[i : i + 1])
-        row.token_ids.append(token)
-        if row.first_token_s is None:
-            row.first_token_s = now - row.started
-        text = ""
-        if token in lm.eos_token_ids and not row.params.ignore_eos:
-            row.finish = "stop"
-        else:
-            text = row.stream.push(token)
-            if row.stream.stopped:
-                row.finish = "stop"
-            elif len(row.token_ids) >= row.params.max_new_tokens:
-                row.finish = "length"
-        if row.finish is not None:
-            text += row.stream.flush()
-            outputs.append(RowOutput(row.request_id, text, finished=row.generation()))
-        else:
-            if text:
-                outputs.append(RowOutput(row.request_id, text))
+        token = 0  # fed for a failed row until `filter` drops it
+        try:
+            token = _next_token(row, logits[i : i + 1], greedy[i], usable[i])
+            output = _take(lm, row, token, now)
+        except GenerationError as e:
+            output = RowOutput(row.request_id, error=e)
+        if output is not None:
+            outputs.append(output)
+        if output is None or not output.ended:
             keep.append(i)
         next_ids.append(token)
     batch.input_ids = torch.tensor(next_ids, device=batch.input_ids.device).unsqueeze(1)
@@ -408,3 +441,31 @@ def advance(
         [batch.attention_mask, batch.attention_mask.new_ones((len(batch), 1))], dim=1
     )
     return outputs, batch.filter(keep)
+
+
+def _next_token(row: Row, logits: torch.Tensor, greedy: int, usable: bool) -> int:
+    if not usable:
+        raise NumericalError("the model's next-token scores for this request are all NaN or -inf")
+    if row.params.greedy:
+        return greedy
+    try:
+        return row.sampler.next_token(logits)
+    except Exception as e:
+        if is_device_error(e):
+            raise  # the whole step's: the device cannot go on
+        raise NumericalError(f"sampling the next token failed: {e}") from e
+
+
+def _take(lm: LoadedModel, row: Row, token: int, now: float) -> RowOutput | None:
+    """Append `token` to the row: its new text, or its last output if the row ends here."""
+    row.token_ids.append(token)
+    if row.first_token_s is None:
+        row.first_token_s = now - row.started
+    if token in lm.eos_token_ids and not row.params.ignore_eos:
+        return row.end("stop")
+    text = row.stream.push(token)
+    if row.stream.stopped:
+        return row.end("stop", text)
+    if len(row.token_ids) >= row.params.max_new_tokens:
+        return row.end("length", text)
+    return RowOutput(row.request_id, text) if text else None

@@ -3,6 +3,10 @@ waiting requests into the running batch and drops finished or cancelled ones.
 
 Callers (arq job coroutines) `submit` requests and `cancel` them from any thread; the engine
 reports every step's outputs, for all rows at once, through `on_step` (called on its thread).
+Every request it accepts gets a last output (finished or failed), whatever goes wrong: a fault of
+one row fails that row; a fault of a whole step fails the rows of that step, and a device error
+or repeated step faults make the engine give up (`health().fatal`), answering every request with
+`engine_error` until the worker restarts it.
 """
 
 from __future__ import annotations
@@ -20,16 +24,18 @@ import torch
 from worker import metrics
 from worker.batch import Batch, Row, RowOutput, advance, check_supported, forward_all, new_row
 from worker.generation import (
+    EngineFault,
     GenerationError,
     GenerationTimeout,
     OutOfMemory,
     PromptSource,
     build_prompt_ids,
     check_context,
+    is_device_error,
 )
 from worker.loading import LoadedModel
-from worker.memory import MemoryMonitor, kv_bytes_per_token
-from worker.prefix_cache import PrefixCache
+from worker.memory import MemoryMonitor, kv_bytes_per_token, padded_peak
+from worker.prefix_cache import PrefixCache, PrefixHit
 from worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -38,12 +44,14 @@ StepCallback = Callable[[list[RowOutput]], None]
 
 # How long an idle engine waits for work before it looks at its stop flag again.
 _IDLE_WAIT_S = 0.5
+# Step faults in a row after which the engine gives up: something is broken for good.
+_MAX_FAULTS_IN_ROW = 3
 
 
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
     max_batch_size: int = 32
-    max_batch_tokens: int = 65_536  # KV-cache tokens reserved by all rows (prompt + max_new)
+    max_batch_tokens: int = 65_536  # KV-cache tokens the padded batch may hold at its peak
     max_prefill_tokens: int = 4_096  # padded prompt tokens prefilled in one step
     memory_limit_bytes: int = 0  # 0: off
     prefix_cache_bytes: int = 256 * 2**20  # 0: off
@@ -55,6 +63,16 @@ class EngineRequest:
     request: PromptSource
     params: SamplingParams
     deadline: float  # time.monotonic() past which the request fails with `job_timeout`
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """What a watchdog polls, from any thread."""
+
+    alive: bool  # the engine thread runs (False before `start()`)
+    stopped: bool  # `stop()` was called: a thread that is no longer alive ended on purpose
+    step_started: float | None  # time.monotonic() when the step in progress began; None: idle
+    fatal: str | None  # why the engine gave up (or its thread died); None while it serves
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +96,16 @@ class Engine:
         self.prefix_cache = PrefixCache(lm.name, limits.prefix_cache_bytes)
         self._inbox: queue.SimpleQueue[EngineRequest | _Cancel | _Swap] = queue.SimpleQueue()
         self._waiting: deque[Row] = deque()
-        self._deadlines: dict[str, float] = {}
+        # Every request accepted and not yet answered, with its deadline: a request leaves it
+        # when its last output goes into `_outputs`, so a failed step knows whom to answer.
+        self._open: dict[str, float] = {}
         self._batch: Batch | None = None
-        self._admitted: list[Row] = []  # taken off the queue, not yet in the batch
+        self._outputs: list[RowOutput] = []  # of the step in progress
         # Set by an out-of-memory prefill; admitting again waits until a running row finishes.
         self._admission_paused = False
+        self._faults_in_row = 0
+        self._fatal: str | None = None
+        self._step_started: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="genq-engine", daemon=True)
 
@@ -109,40 +132,60 @@ class Engine:
     def running(self) -> int:
         return len(self._batch) if self._batch else 0
 
+    def health(self) -> EngineHealth:
+        return EngineHealth(
+            alive=self._thread.is_alive(),
+            stopped=self._stop.is_set(),
+            step_started=self._step_started,
+            fatal=self._fatal,
+        )
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
+        try:
+            while not self._stop.is_set() and self._fatal is None:
                 self.step()
-            except Exception as e:
-                # A bug must not leave jobs waiting forever on a dead thread: fail what the
-                # engine holds and carry on with an empty batch.
-                logger.exception("engine step failed; failing every row it held")
-                self.on_step(self._fail_all(GenerationError(f"internal engine error: {e}")))
+        except BaseException as e:
+            # `step` answers its own faults; what gets here (`on_step` raising, say) ends the
+            # thread, and `health()` shows a thread that died, for the watchdog to act on.
+            self._fatal = f"the engine thread died: {e!r}"
+            logger.critical("the engine thread died", exc_info=True)
 
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: take new work, then one forward pass that decodes a token for every
-        running row and prefills the admitted rows' prompts."""
-        outputs = self._take_inbox(block=self._batch is None and not self._waiting)
-        outputs += self._expire()
-        self._admitted = self._admit()
-        if self._admitted or self._batch is not None:
-            outputs += self._generate()
+        running row and prefills the admitted rows' prompts. A fault of the step as a whole
+        fails the rows it held (`_on_fault`); the outputs go to `on_step` once, at the end."""
+        idle = self._batch is None and not self._waiting
+        first = self._next_item(block=idle)
+        self._step_started = time.monotonic()
+        try:
+            if first is not None:
+                self._take_inbox(first)
+            self._expire()
+            admitted, hits = self._admit()
+            if admitted or self._batch is not None:
+                self._emit(self._generate(admitted, hits))
+            metrics.BATCH_SIZE.labels(self.lm.name).set(self.running)
+            metrics.WAITING_REQUESTS.labels(self.lm.name).set(len(self._waiting))
+            self.memory.sample()
+        except Exception as e:
+            self._on_fault(e)
+        finally:
+            self._step_started = None
+        outputs, self._outputs = self._outputs, []
         if outputs:
             self.on_step(outputs)
-        metrics.BATCH_SIZE.labels(self.lm.name).set(self.running)
-        metrics.WAITING_REQUESTS.labels(self.lm.name).set(len(self._waiting))
-        self.memory.sample()
 
-    def _take_inbox(self, *, block: bool) -> list[RowOutput]:
-        outputs: list[RowOutput] = []
+    def _next_item(self, *, block: bool) -> EngineRequest | _Cancel | _Swap | None:
         try:
-            item = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+            return self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
         except queue.Empty:
-            return outputs
+            return None
+
+    def _take_inbox(self, item: EngineRequest | _Cancel | _Swap) -> None:
         while True:
             if isinstance(item, _Cancel):
-                outputs += self._cancel(item.id)
+                self._cancel(item.id)
             elif isinstance(item, _Swap):
                 logger.info("now decoding with %s (%s)", item.lm.name, item.lm.source)
                 metrics.BATCH_SIZE.labels(self.lm.name).set(0)
@@ -150,86 +193,100 @@ class Engine:
                 self.lm = item.lm
                 self.prefix_cache.clear()  # keys and values of the old weights
             else:
-                outputs += self._intake(item)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return outputs
+                self._intake(item)
+            next_item = self._next_item(block=False)
+            if next_item is None:
+                return
+            item = next_item
 
-    def _intake(self, request: EngineRequest) -> list[RowOutput]:
+    def _intake(self, request: EngineRequest) -> None:
+        # Open from here on: should anything below raise, the step's fault answers it.
+        self._open[request.id] = request.deadline
         try:
             prompt_ids = build_prompt_ids(self.lm, request.request)
             check_context(self.lm, len(prompt_ids), request.params.max_new_tokens)
         except GenerationError as e:
-            return [RowOutput(request.id, error=e)]
-        reserved = len(prompt_ids) + request.params.max_new_tokens
-        if reserved > self.limits.max_batch_tokens:
+            self._emit([RowOutput(request.id, error=e)])
+            return
+        row = new_row(self.lm, request.id, prompt_ids, request.params)
+        if row.reserved_tokens > self.limits.max_batch_tokens:
             error = GenerationError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
                 f"({request.params.max_new_tokens}) exceed the engine's token budget "
                 f"({self.limits.max_batch_tokens}, GENQ_MAX_BATCH_TOKENS)"
             )
-            return [RowOutput(request.id, error=error)]
-        self._deadlines[request.id] = request.deadline
-        self._waiting.append(new_row(self.lm, request.id, prompt_ids, request.params))
-        return []
+            self._emit([RowOutput(request.id, error=error)])
+            return
+        self._waiting.append(row)
 
-    def _cancel(self, request_id: str) -> list[RowOutput]:
+    def _cancel(self, request_id: str) -> None:
         for row in self._waiting:
             if row.request_id == request_id:
                 self._waiting.remove(row)
-                row.finish = "cancelled"
-                self._deadlines.pop(request_id, None)
-                return [RowOutput(request_id, row.stream.flush(), finished=row.generation())]
+                self._emit([row.end("cancelled")])
+                return
         if self._batch is not None:
             for i, row in enumerate(self._batch.rows):
                 if row.request_id == request_id:
-                    row.finish = "cancelled"
                     self._drop_rows([i])
-                    return [RowOutput(request_id, row.stream.flush(), finished=row.generation())]
-        return []
+                    self._emit([row.end("cancelled")])
+                    return
 
-    def _expire(self) -> list[RowOutput]:
+    def _emit(self, outputs: list[RowOutput]) -> None:
+        """Outputs for `on_step`; a request whose last output this is leaves `_open`."""
+        for output in outputs:
+            if output.ended:
+                self._open.pop(output.request_id, None)
+        self._outputs += outputs
+
+    def _expire(self) -> None:
         now = time.monotonic()
-        late = {rid for rid, deadline in self._deadlines.items() if deadline < now}
+        late = {rid for rid, deadline in self._open.items() if deadline < now}
         if not late:
-            return []
+            return
         error = GenerationTimeout("generation ran past GENQ_JOB_TIMEOUT_S")
         self._waiting = deque(r for r in self._waiting if r.request_id not in late)
         if self._batch is not None:
             self._drop_rows([i for i, r in enumerate(self._batch.rows) if r.request_id in late])
-        for rid in late:
-            del self._deadlines[rid]
-        return [RowOutput(rid, error=error) for rid in late]
+        self._emit([RowOutput(rid, error=error) for rid in late])
 
-    def _admit(self) -> list[Row]:
-        """Waiting rows that fit the batch size, the KV token budget, the prefill budget and
+    def _admit(self) -> tuple[list[Row], list[PrefixHit | None]]:
+        """Waiting rows that fit the batch size, the prefill budget, the KV token budget and
         the memory limit, in arrival order (a row that does not fit holds back those behind it,
-        so large requests are not starved by small ones)."""
-        if self._admission_paused:
-            return []
+        so large requests are not starved by small ones), with their cached prompt prefixes.
+
+        The KV budget and the memory limit are checked against the cache the batch will really
+        hold: rows are left-padded to the widest, so that is the peak, over the steps to come, of
+        (rows still running) x (cache width), as if every row ran to its `max_new_tokens`."""
         limits = self.limits
-        running = self.running
-        reserved = self._batch.reserved_tokens if self._batch else 0
+        if self._admission_paused or not self._waiting or self.running >= limits.max_batch_size:
+            return [], []
+        batch = self._batch
+        running = batch.extents() if batch else []
+        in_use = len(batch) * batch.cached_tokens if batch else 0
         admitted: list[Row] = []
+        hits: list[PrefixHit | None] = []
         longest = 0
-        while self._waiting and running + len(admitted) < limits.max_batch_size:
+        while self._waiting and len(running) + len(admitted) < limits.max_batch_size:
             row = self._waiting[0]
             longest_if = max(longest, len(row.prompt_ids))
             first = not admitted
             if not first and longest_if * (len(admitted) + 1) > limits.max_prefill_tokens:
                 break
-            if reserved + row.reserved_tokens > limits.max_batch_tokens:
+            hit = self.prefix_cache.lookup(row.prompt_ids) if self.prefix_cache.enabled else None
+            rows, prefixes = [*admitted, row], [*hits, hit]
+            peak = padded_peak([*running, *Batch.prefill_extents(rows, prefixes)])
+            if peak > limits.max_batch_tokens:
                 break
             # An empty engine always takes one row: waiting could never free anything.
-            kv_bytes = row.reserved_tokens * self._kv_bytes_per_token
+            kv_bytes = (peak - in_use) * self._kv_bytes_per_token
             if (running or not first) and not self._memory_for(kv_bytes):
                 break
             self._waiting.popleft()
             admitted.append(row)
-            reserved += row.reserved_tokens
+            hits.append(hit)
             longest = longest_if
-        return admitted
+        return admitted, hits
 
     def _memory_for(self, kv_bytes: int) -> bool:
         if self.memory.can_admit(kv_bytes):
@@ -241,9 +298,12 @@ class Engine:
         self.memory.release()
         return self.memory.can_admit(kv_bytes)
 
-    def _generate(self) -> list[RowOutput]:
+    def _generate(self, admitted: list[Row], hits: list[PrefixHit | None]) -> list[RowOutput]:
+        """The step's forward pass and its outputs, returned only once every row has advanced:
+        a step that fails half way has emitted nothing for its rows, and `_on_fault` answers
+        each of them once."""
         running = self._batch
-        prefill = self._prefill_batch(self._admitted) if self._admitted else None
+        prefill = self._prefill_batch(admitted, hits) if admitted else None
         batches = [b for b in (running, prefill) if b is not None]
         cached = running.cached_tokens if running else 0
         try:
@@ -253,13 +313,10 @@ class Engine:
                 running.restore_cache_length(cached)
             if prefill is not None:
                 # The running rows decode again next step, without these.
-                self._admitted = []
                 return self._on_prefill_oom(prefill.rows)
             return self._on_decode_oom()
-        self._admitted = []
         if prefill is not None and self.prefix_cache.enabled:
             self._remember_prompts(prefill)
-        rows = [row for batch in batches for row in batch.rows]
         outputs: list[RowOutput] = []
         survivors: list[Batch] = []
         for batch, batch_logits in zip(batches, logits, strict=True):
@@ -268,19 +325,18 @@ class Engine:
             if after is not None:
                 survivors.append(after)
         self._batch = Batch.concatenate(survivors) if survivors else None
-        finished = [row for row in rows if row.finish is not None]
-        if finished:
-            self._forget(finished)
+        self._faults_in_row = 0
+        if any(out.ended for out in outputs):
             self._admission_paused = False  # memory was freed
         if self._batch is None:
             self.memory.release()  # the batch drained: hand cached GPU blocks back
         return outputs
 
-    def _prefill_batch(self, rows: list[Row]) -> Batch:
+    def _prefill_batch(self, rows: list[Row], hits: list[PrefixHit | None]) -> Batch:
         for row in rows:
             row.started = time.perf_counter()
-        cache = self.prefix_cache
-        hits = [cache.lookup(row.prompt_ids) for row in rows] if cache.enabled else None
+        cached = sum(hit.length for hit in hits if hit is not None)
+        metrics.PREFIX_CACHE_HIT_TOKENS.labels(self.lm.name).inc(cached)
         return Batch.prefill(self.lm, rows, hits)
 
     def _remember_prompts(self, batch: Batch) -> None:
@@ -302,7 +358,6 @@ class Engine:
             self._waiting.extendleft(reversed(rows))
             self._admission_paused = True
             return []
-        self._forget(rows)
         error = OutOfMemory("out of memory prefilling this prompt; retry with a shorter one")
         return [RowOutput(r.request_id, error=error) for r in rows]
 
@@ -318,25 +373,37 @@ class Engine:
         error = OutOfMemory("out of memory while generating; retry, or lower max_new_tokens")
         return [RowOutput(victim.request_id, error=error)]
 
-    def _fail_all(self, error: GenerationError) -> list[RowOutput]:
-        rows = [*self._waiting, *self._admitted, *(self._batch.rows if self._batch else [])]
-        self._waiting.clear()
-        self._admitted = []
+    def _on_fault(self, error: Exception) -> None:
+        """A step failed as a whole, in the forward pass or anywhere no single row is to blame:
+        the running batch is in no state to go on, so every row it held and every row admitted
+        this step fails with `engine_error`; waiting rows wait on. A device error (sticky on
+        CUDA) or too many faults in a row makes the engine give up: its thread ends, and the
+        worker's watchdog restarts the worker, whose other jobs (waiting rows, new requests) then
+        run on another worker."""
+        self._faults_in_row += 1
+        what = f"{type(error).__name__}: {error}"
+        if self._fatal is None and is_device_error(error):
+            self._fatal = f"device error ({what})"
+        elif self._fatal is None and self._faults_in_row >= _MAX_FAULTS_IN_ROW:
+            self._fatal = f"{self._faults_in_row} step faults in a row, the last: {what}"
+        if self._fatal is None:
+            logger.exception("engine step failed; failing the rows it held")
+        else:
+            logger.critical(
+                "engine step failed; the engine gives up: %s", self._fatal, exc_info=error
+            )
+        keep = {row.request_id for row in self._waiting}
+        fault = EngineFault(f"the engine failed a step ({what})")
+        self._emit([RowOutput(rid, error=fault) for rid in self._open if rid not in keep])
         self._batch = None
-        self._deadlines.clear()
-        self.memory.release()
-        return [RowOutput(row.request_id, error=error) for row in rows]
+        self._admission_paused = False
+        self.prefix_cache.clear()  # it may hold what the failed step computed
+        if self._fatal is None:
+            self.memory.release()
 
     def _drop_rows(self, indexes: list[int]) -> None:
         assert self._batch is not None
         dropped = set(indexes)
-        for i in dropped:
-            self._deadlines.pop(self._batch.rows[i].request_id, None)
-        keep = [i for i in range(len(self._batch)) if i not in dropped]
-        self._batch = self._batch.filter(keep)
+        self._batch = self._batch.filter([i for i in range(len(self._batch)) if i not in dropped])
         if self._batch is None:
             self.memory.release()
-
-    def _forget(self, rows: list[Row]) -> None:
-        for row in rows:
-            self._deadlines.pop(row.request_id, None)

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from common.schemas import FinishReason
 from worker.loading import LoadedModel
 
@@ -47,6 +49,53 @@ class OutOfMemory(GenerationError):
     code = "out_of_memory"
 
 
+class InvalidPrompt(GenerationError):
+    """The chat template or the tokenizer refused the request."""
+
+    code = "invalid_prompt"
+
+
+class NumericalError(GenerationError):
+    """The row's next-token scores cannot be sampled (NaN or infinite)."""
+
+    code = "numerical_error"
+
+
+class DetokenizationError(GenerationError):
+    """Turning the row's tokens into text, or matching its stop strings, raised."""
+
+    code = "detokenization_failed"
+
+
+class EngineFault(GenerationError):
+    """A step failed as a whole (the forward pass, say), or the engine gave up."""
+
+    code = "engine_error"
+
+
+# How CUDA (and ROCm) errors read where torch raises them as plain RuntimeErrors.
+_DEVICE_ERROR_MARKERS = (
+    "cuda error",
+    "cublas",
+    "cudnn",
+    "device-side assert",
+    "illegal memory access",
+    "hip error",
+)
+
+
+def is_device_error(error: BaseException) -> bool:
+    """Whether `error` comes from the accelerator itself. On CUDA such errors are sticky: every
+    later call on the context fails too, so the engine cannot go on."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    if not isinstance(error, RuntimeError) or isinstance(error, torch.OutOfMemoryError):
+        return False
+    message = str(error).lower()
+    return any(marker in message for marker in _DEVICE_ERROR_MARKERS)
+
+
 @dataclass(frozen=True, slots=True)
 class Generation:
     text: str
@@ -63,17 +112,30 @@ class Generation:
 
 
 def build_prompt_ids(lm: LoadedModel, request: PromptSource) -> list[int]:
+    """The prompt's token ids; a chat template or tokenizer that raises (a template's
+    `raise_exception`, say) is an `InvalidPrompt` of this request alone."""
     tokenizer = lm.tokenizer
     if request.messages is not None:
         if not tokenizer.chat_template:
             raise GenerationError(f"model {lm.name} has no chat template; send `prompt` instead")
-        text = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in request.messages],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
-    return list(tokenizer(request.prompt).input_ids)
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in request.messages],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except Exception as e:
+            raise InvalidPrompt(f"the chat template of {lm.name} refused the messages: {e}") from e
+        return _encode(lm, str(text), add_special_tokens=False)
+    assert request.prompt is not None, "a request has messages or a prompt"
+    return _encode(lm, request.prompt, add_special_tokens=True)
+
+
+def _encode(lm: LoadedModel, text: str, *, add_special_tokens: bool) -> list[int]:
+    try:
+        return list(lm.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+    except Exception as e:
+        raise InvalidPrompt(f"the tokenizer of {lm.name} cannot encode the prompt: {e}") from e
 
 
 def check_context(lm: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:

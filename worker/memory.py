@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import psutil
 import torch
@@ -20,6 +21,26 @@ def kv_bytes_per_token(lm: LoadedModel) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     itemsize = torch.empty((), dtype=lm.dtype).element_size()
     return 2 * int(config.num_hidden_layers) * int(heads) * int(head_dim) * itemsize
+
+
+def padded_peak(rows: Iterable[tuple[int, int]]) -> int:
+    """The most KV-cache tokens a left-padded batch holds over the steps to come.
+
+    Each row is (span, steps): the cache columns it spans at the next forward pass (from its
+    first real column to the last, padding inside it included), and the forward passes it has
+    left if it runs to `max_new_tokens`. Every row sits in the batch's last columns, so the cache
+    is as wide as its widest row; each step adds one column, and a row leaves after its last
+    step. At step k the cache holds (rows with steps > k) x (their widest span + k). While no row
+    leaves, that grows with k, so the peak is at some row's last step: one sweep over the rows,
+    longest-lived first, finds it.
+    """
+    peak = widest = 0
+    longest_lived_first = sorted(rows, key=lambda row: row[1], reverse=True)
+    # At this row's last step, k = steps - 1, the rows before it are still there.
+    for count, (span, steps) in enumerate(longest_lived_first, start=1):
+        widest = max(widest, span)
+        peak = max(peak, count * (widest + steps - 1))
+    return peak
 
 
 class MemoryMonitor:

@@ -68,7 +68,6 @@ class PrefixCache:
         if best is None or length < MIN_MATCH_TOKENS:
             return None
         self._entries.move_to_end(best.tokens)
-        metrics.PREFIX_CACHE_HIT_TOKENS.labels(self.model).inc(length)
         return PrefixHit(length, [(k[:, :, :length], v[:, :, :length]) for k, v in best.kv])
 
     def covers(self, prompt_ids: list[int]) -> bool:

@@ -6,7 +6,12 @@ nothing emitted is ever taken back, which is what lets streamed text equal the r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from transformers import PreTrainedTokenizerBase
+
+from worker.generation import DetokenizationError
 
 # Prompt tokens decoded with the first generated ones, so that tokenizers which strip a leading
 # space from a lone token (SentencePiece) still produce it.
@@ -28,16 +33,18 @@ class TextStream:
 
     def push(self, token_id: int) -> str:
         """Add one generated token; return the text that is now safe to emit."""
-        self._ids.append(token_id)
-        self._decode_new(final=False)
-        return self._release(final=False)
+        with _detokenizing():
+            self._ids.append(token_id)
+            self._decode_new(final=False)
+            return self._release(final=False)
 
     def flush(self) -> str:
         """The end of generation: release everything held back, undecodable bytes included."""
         if self.stopped:
             return ""
-        self._decode_new(final=True)
-        return self._release(final=True)
+        with _detokenizing():
+            self._decode_new(final=True)
+            return self._release(final=True)
 
     @property
     def text(self) -> str:
@@ -79,3 +86,12 @@ class TextStream:
                     best = n
                     break
         return best
+
+
+@contextmanager
+def _detokenizing() -> Iterator[None]:
+    """Whatever the tokenizer or the stop strings raise is this sequence's fault alone."""
+    try:
+        yield
+    except Exception as e:
+        raise DetokenizationError(f"turning the generated tokens into text failed: {e}") from e
