@@ -183,24 +183,21 @@ class JobStore:
         for job_id in ids:
             keys_ += [keys.job(job_id), keys.events(job_id)]
             args += [attempts[job_id], len(tokens[job_id])]
-            args += [token.model_dump_json() for token in tokens[job_id]]
+            for token in tokens[job_id]:
+                args += [token.index, token.model_dump_json()]
         lost = await self._append(keys=keys_, args=args)
         return [ids[int(n) - 1] for n in lost]
 
     async def published_tokens(self, job_id: str) -> int:
         """Token events already published: what an earlier, interrupted attempt streamed."""
-        last = await self.redis.xrevrange(keys.events(job_id), count=1)
-        if not last:
-            return 0
-        event = events.decode(*last[0])
-        if event.type is not events.EventType.token:
-            return 0
-        return TokenEvent.model_validate_json(event.data).index + 1
+        raw = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "tokens"))
+        return 0 if raw is None else int(raw)
 
     async def finish(self, job: Job, *, pool: str, orphan: bool = False) -> Fenced:
         """Store the final record and close the event stream, atomically and once: refused if
         the job already ended or its record names another attempt than `job.attempt`. Both then
         expire. `orphan`: only if no worker holds the job's lease, and take it off its queue."""
+        assert job.finished_at is not None, "a final record says when it finished"
         kind, data = events.final_fields(job)
         keys_ = [
             keys.job(job.id),
@@ -211,8 +208,11 @@ class JobStore:
             keys.arq_job(job.id),
             keys.arq_retry(job.id),
         ]
-        fields = [item for pair in _to_hash(job).items() for item in pair]
-        args = [job.id, job.attempt, self.ttl_s, kind, data, "1" if orphan else "0", *fields]
+        record = _to_hash(job)
+        fields = [item for pair in record.items() for item in pair]
+        orphaned = "1" if orphan else "0"
+        args: list[str | int] = [job.id, job.attempt, self.ttl_s, kind, data, orphaned]
+        args += [record["finished_at"], *fields]
         return Fenced(_text(await self._finish(keys=keys_, args=args)))
 
     async def hand_back(self, job_id: str, *, attempt: int, pool: str) -> Fenced:

@@ -33,41 +33,54 @@ return 'ok'
 """
 
 # One decode step's tokens for several jobs. KEYS: job 1, events 1, job 2, events 2, ...
-# ARGV: maxlen, ttl, then per job: attempt, token count, that many event payloads.
-# Returns the 1-based numbers of the jobs whose attempt lost (their tokens were dropped).
+# ARGV: maxlen, ttl, then per job: attempt, token count, then that many (index, payload) pairs.
+# The record's `tokens` counts the token events in the stream: a token whose index is below it
+# is already there (a retried write that had gone through after all) and is skipped, so a
+# retry never repeats a token. Returns the 1-based numbers of the jobs whose attempt lost (their
+# tokens were dropped).
 APPEND = f"""
 local at, lost = 3, {{}}
 for i = 1, #KEYS, 2 do
   local attempt, n = ARGV[at], tonumber(ARGV[at + 1])
   at = at + 2
-  local rec = redis.call('HMGET', KEYS[i], 'status', 'attempt')
+  local rec = redis.call('HMGET', KEYS[i], 'status', 'attempt', 'tokens')
   if rec[1] == 'running' and rec[2] == attempt then
+    local have = tonumber(rec[3] or '0')
     for j = 0, n - 1 do
-      redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV[1], '*',
-        'type', '{EventType.token.value}', 'data', ARGV[at + j])
+      local index = tonumber(ARGV[at + 2 * j])
+      if index >= have then
+        redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV[1], '*',
+          'type', '{EventType.token.value}', 'data', ARGV[at + 2 * j + 1])
+        have = index + 1
+      end
     end
+    redis.call('HSET', KEYS[i], 'tokens', have)
     -- A job whose worker vanished must not leave its stream behind forever.
     redis.call('EXPIRE', KEYS[i + 1], ARGV[2])
   else
     table.insert(lost, (i + 1) / 2)
   end
-  at = at + n
+  at = at + 2 * n
 end
 return lost
 """
 
 # The final record and the closing event, once. KEYS: job, events, running set, lease, queue,
 # arq payload, arq try count. ARGV: job id, attempt, ttl, event type, event data, orphan
-# ("1": only if no lease is held, and take the job off its queue), then the record's fields and
-# values.
+# ("1": only if no lease is held, and take the job off its queue), finished_at, then the
+# record's fields and values. Replaying the same write (a retry of one that had gone through
+# after all) answers 'ok' again: its `finished_at` is already the record's.
 FINISH = f"""
-local rec = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+local rec = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'finished_at')
 local s = rec[1]
 if not s then return 'missing' end
-if {_FINISHED} then return 'finished' end
+if {_FINISHED} then
+  if rec[2] == ARGV[2] and rec[3] == ARGV[7] then return 'ok' end
+  return 'finished'
+end
 if (rec[2] or '0') ~= ARGV[2] then return 'superseded' end
 if ARGV[6] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then return 'held' end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 redis.call('XADD', KEYS[2], '*', 'type', ARGV[4], 'data', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])

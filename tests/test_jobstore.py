@@ -22,6 +22,7 @@ def succeeded(job: Job, text: str, attempt: int) -> Job:
         update={
             "status": JobStatus.succeeded,
             "attempt": attempt,
+            "finished_at": time.time(),
             "result": JobResult(
                 text=text,
                 finish_reason="length",
@@ -114,3 +115,25 @@ async def test_holders_count_down(redis: Redis) -> None:
     assert await store.release_holder("j1") == 0
     assert await store.release_holder("gone") == -1
     assert not await redis.exists(keys.job("gone"))
+
+
+async def test_a_replayed_write_repeats_nothing(redis: Redis) -> None:
+    """A write whose reply was lost (Redis stalled past the client's timeout, then carried it
+    out) is retried: the retry must neither repeat tokens nor count as another's result."""
+    store = JobStore(redis, ttl_s=100, events_maxlen=1000)
+    job = new_job()
+    await store.create(job, pool=POOL)
+    await start(store, "j1", 1)
+    await store.append_step({"j1": tokens("a", "b")}, {"j1": 1})
+    await store.append_step({"j1": tokens("a", "b")}, {"j1": 1})
+    await store.append_step({"j1": tokens("b", "c", first=1)}, {"j1": 1})
+    assert await store.published_tokens("j1") == 3
+    final = succeeded(job, "abc", attempt=1)
+    assert await store.finish(final, pool=POOL) is Fenced.ok
+    assert await store.finish(final, pool=POOL) is Fenced.ok
+    late = final.model_copy(update={"finished_at": time.time() + 1})
+    assert await store.finish(late, pool=POOL) is Fenced.finished
+    entries = [decode(i, f) for i, f in await redis.xrange(keys.events("j1"))]
+    assert [e.type for e in entries] == [EventType.token] * 3 + [EventType.done]
+    indexes = [TokenEvent.model_validate_json(e.data).index for e in entries[:3]]
+    assert indexes == [0, 1, 2]
