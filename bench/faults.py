@@ -214,10 +214,9 @@ class Stack:
         return status, took
 
     def pause_redis(self, seconds: float) -> None:
-        assert self.redis.pid is not None
-        os.kill(self.redis.pid, signal.SIGSTOP)
+        self.redis.pause()
         time.sleep(seconds)
-        os.kill(self.redis.pid, signal.SIGCONT)
+        self.redis.resume()
 
     def restart_redis(self) -> None:
         """SIGKILL, then a new redis-server on the same port and append-only file."""

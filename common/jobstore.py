@@ -150,6 +150,11 @@ class JobStore:
         """A client lets go of the job; how many still hold it."""
         return int(await self._release(keys=[keys.job(job_id)]))
 
+    async def status(self, job_id: str) -> JobStatus | None:
+        """The job's status; None once the record is gone (expired, or never there)."""
+        raw = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "status"))
+        return None if raw is None else JobStatus(raw.decode())
+
     async def request_cancel(self, job_id: str) -> None:
         """Flag a job for cancellation; a worker that picks it up later sees the flag."""
         await cast("Awaitable[int]", self.redis.hset(keys.job(job_id), "cancel", "1"))

@@ -1,19 +1,14 @@
-"""Redis clients, built the same way on both sides."""
+"""The worker's Redis client (the gateway's, with its breaker and bounded pools, is in
+`gateway.redisclient`)."""
 
 from __future__ import annotations
 
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
 
 from common import keys
 from common.contract import deserialize_payload, serialize_payload
 from common.settings import Settings
-
-
-def arq_redis_settings(settings: Settings) -> RedisSettings:
-    rs = RedisSettings.from_dsn(settings.redis_url.get_secret_value())
-    rs.conn_timeout = int(max(1, settings.redis_connect_timeout_s))
-    return rs
 
 
 def create_redis(settings: Settings) -> ArqRedis:

@@ -26,9 +26,38 @@ class Settings(BaseSettings):
         None, description="File holding the Redis URL (a mounted secret); wins over GENQ_REDIS_URL."
     )
     redis_connect_timeout_s: float = Field(1.0, gt=0)
-    redis_socket_timeout_s: float = Field(5.0, gt=0)
+    redis_socket_timeout_s: float = Field(
+        5.0, gt=0, description="Worker: timeout of one Redis command."
+    )
 
     # Gateway
+    redis_command_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        description="Gateway: longest wait for a pooled connection and for one Redis reply (a "
+        "blocking stream read gets it on top of its block time).",
+    )
+    redis_breaker_failures: int = Field(
+        3, ge=1, description="Redis errors or timeouts in a row that open the circuit breaker."
+    )
+    redis_breaker_reset_s: float = Field(
+        2.0, gt=0, description="How long the open breaker answers 503 before it tries Redis again."
+    )
+    redis_max_connections: int = Field(
+        100, ge=1, description="Gateway connections to Redis for ordinary commands."
+    )
+    redis_max_stream_connections: int = Field(
+        1000,
+        ge=1,
+        description="Gateway connections to Redis held by clients waiting on a job's events: "
+        "one per open event stream or synchronous wait.",
+    )
+    shutdown_grace_s: float = Field(
+        10.0,
+        gt=0,
+        description="On SIGTERM, how long requests still open after streams and waits were ended "
+        "get to finish before they are cut.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

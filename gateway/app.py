@@ -10,16 +10,19 @@ from fastapi import FastAPI
 
 from common.settings import Settings
 from gateway.deps import Services
+from gateway.drain import Drain
 from gateway.errors import install_error_handlers
 from gateway.metrics import MetricsMiddleware
 from gateway.middleware import AccessLogMiddleware, BodyLimitMiddleware
 from gateway.routes import admin, generate, health, jobs, models, openai
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, drain: Drain | None = None) -> FastAPI:
+    """`drain` is started by the server when it is told to stop (see `gateway.main`)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = Services.build(settings)
+        services = Services.build(settings, drain or Drain())
         app.state.services = services
         pools = services.models.source.get
         reaping = asyncio.create_task(
@@ -27,7 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         yield
         reaping.cancel()
-        await services.redis.aclose()
+        await services.aclose()
 
     app = FastAPI(
         title="genq",

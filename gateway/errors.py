@@ -13,6 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.contract import ErrorCode
+from gateway.redisclient import CircuitOpen, PoolExhausted
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,21 @@ class Unavailable(ApiError):
     code = "redis_unavailable"
 
 
+class RedisBusy(ApiError):
+    status_code = 503
+    code = "redis_pool_exhausted"
+
+
+class ShuttingDown(ApiError):
+    status_code = 503
+    code = "shutting_down"
+
+
+class JobExpired(ApiError):
+    status_code = 404
+    code = "job_expired"
+
+
 class GatewayTimeout(ApiError):
     status_code = 504
     code = "timeout"
@@ -134,6 +150,14 @@ def map_exception(exc: Exception) -> ApiError:
     """The ApiError a route answers for `exc`; streams use it to build their error event."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, PoolExhausted):
+        return RedisBusy(
+            f"{exc}: this gateway serves as many requests at once as {exc.setting} allows; "
+            "retry shortly or raise it",
+            retry_after_s=1,
+        )
+    if isinstance(exc, CircuitOpen):
+        return Unavailable(f"the job store is unreachable: {exc}", retry_after_s=exc.retry_after_s)
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
         return Unavailable("the job store (Redis) is unreachable; retry shortly", retry_after_s=1)
     return ApiError("internal error")
@@ -142,10 +166,12 @@ def map_exception(exc: Exception) -> ApiError:
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         err = map_exception(exc)
-        if err.status_code >= 500 and not isinstance(err, Unavailable):
+        if isinstance(err, Unavailable | RedisBusy):
+            # An open breaker is logged once, when it opens, not once per request.
+            if not isinstance(exc, CircuitOpen):
+                logger.warning("%s on %s %s: %s", err.code, request.method, request.url.path, exc)
+        elif err.status_code >= 500 and not isinstance(err, ShuttingDown):
             logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        elif isinstance(err, Unavailable):
-            logger.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
         return error_response(
             err.status_code, err.code, err.message, retry_after_s=err.retry_after_s
         )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
+import signal
+from types import FrameType
 
 import uvicorn
 
@@ -10,12 +13,32 @@ from common.catalog import CatalogError, CatalogSource
 from common.logs import setup_logging
 from common.settings import Settings
 from gateway.app import create_app
+from gateway.drain import Drain
 
 logger = logging.getLogger(__name__)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn runs the lifespan shutdown only once every connection has closed, and streams
+    and sync waits do not close by themselves: the drain starts with the signal instead."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        super().__init__(config)
+        self.drain = drain
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.drain.started:
+            logger.info("signal %s: draining (readyz 503, streams and waits end)", sig)
+        self.drain.start()
+        super().handle_exit(sig, frame)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def run_gateway(settings: Settings) -> None:
-    """Serve the API; exits 2 if the model registry file is invalid."""
+    """Serve the API; exits 2 if the model registry file is invalid, 0 after SIGTERM/SIGINT."""
     setup_logging(settings)
     try:
         CatalogSource(settings)
@@ -24,11 +47,17 @@ def run_gateway(settings: Settings) -> None:
         raise SystemExit(2) from e
     if settings.admin_token is None:
         logger.warning("GENQ_ADMIN_TOKEN is unset: the /v1/admin routes are open to every client")
-    uvicorn.run(
-        create_app(settings),
+    # uvicorn re-raises the stop signal once it has shut down, to the handler it found: a
+    # drained gateway then exits 0, as it does for a signal before serving starts.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
+    drain = Drain()
+    config = uvicorn.Config(
+        create_app(settings, drain),
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep our handlers: one log format for the whole process
         access_log=False,  # AccessLogMiddleware logs requests, with their request id
-        timeout_graceful_shutdown=settings.worker_job_completion_wait_s,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
     )
+    _Server(config, drain).run()

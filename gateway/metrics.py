@@ -25,6 +25,9 @@ CACHE_HITS = Counter(
 REJECTED = Counter("genq_jobs_rejected_total", "Submissions refused", ["reason"])
 QUEUE_DEPTH = Gauge("genq_queue_depth", "Jobs waiting in a pool's queue", ["pool"])
 WORKERS_ALIVE = Gauge("genq_workers_alive", "Workers heartbeating in a pool", ["pool"])
+REDIS_BREAKER_OPEN = Gauge(
+    "genq_redis_breaker_open", "1 while the Redis circuit breaker is open (answering 503)"
+)
 
 
 def record_queue_stats(stats: QueueStats) -> None:

@@ -1,9 +1,14 @@
-"""`genq run`: embedded Redis, one worker and the gateway on this machine, for development."""
+"""`genq run`: embedded Redis, one worker and the gateway on this machine, for development.
+
+The command supervises them: a child that exits is started again after a delay that doubles
+with every quick exit (1 s up to 30 s, back to 1 s once it has run for a minute). A child that
+exits with status 2 (invalid settings, a model that cannot be loaded) stops the stack instead:
+starting it again would fail the same way.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -14,12 +19,14 @@ import urllib.request
 from types import FrameType
 
 from common.settings import Settings
-from genq.redis_server import RedisServer
+from genq.redis_server import PortTaken, RedisServer, RedisServerError
 from worker.model_fetch import ensure_default_model
 
-logger = logging.getLogger(__name__)
-
-READY_TIMEOUT_S = 600
+FIRST_DELAY_S = 1.0
+MAX_DELAY_S = 30.0
+STABLE_AFTER_S = 60.0
+CONFIG_ERROR = 2
+_TICK_S = 0.2
 
 
 def _get_json(url: str) -> object:
@@ -54,22 +61,115 @@ Ctrl-C stops the gateway, the worker and Redis.
 """
 
 
+def _say(message: str) -> None:
+    print(f"genq run: {message}", file=sys.stderr, flush=True)
+
+
+class _Child:
+    """`genq gateway` or `genq worker`, in a session of its own so that a Ctrl-C reaches only the
+    supervisor, which stops the children in order."""
+
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "genq", self.name], env=self.env, start_new_session=True
+        )
+        _say(f"started {self.name} (pid {self.proc.pid})")
+
+    def exit_status(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float) -> bool:
+        """True if it has exited within `timeout_s`; else it is killed."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return False
+        return True
+
+
+class _EmbeddedRedis:
+    def __init__(self, server: RedisServer) -> None:
+        self.name = "redis"
+        self.server = server
+
+    def start(self) -> None:
+        self.server.start()  # the append-only file brings its data back
+        _say(f"restarted redis on {self.server.url}")
+
+    def exit_status(self) -> int | None:
+        return self.server.returncode
+
+
+class _Supervised:
+    """Starts `child` again after it exits, with capped exponential backoff."""
+
+    def __init__(self, child: _Child | _EmbeddedRedis) -> None:
+        self.child = child
+        self.started_at = time.monotonic()
+        self.delay_s = FIRST_DELAY_S
+        self.restart_at: float | None = None
+
+    def check(self) -> bool:
+        """Notice an exit and schedule the restart, or restart when it is due. False for an
+        exit that a restart cannot fix."""
+        now = time.monotonic()
+        if self.restart_at is None:
+            status = self.child.exit_status()
+            if status is None:
+                return True
+            name = self.child.name
+            if status == CONFIG_ERROR and isinstance(self.child, _Child):
+                _say(f"{name} exited with status {status} (its settings or model): stopping")
+                return False
+            if now - self.started_at >= STABLE_AFTER_S:
+                self.delay_s = FIRST_DELAY_S
+            _say(f"{name} exited with status {status}; restarting it in {self.delay_s:.0f}s")
+            self.restart_at = now + self.delay_s
+            self.delay_s = min(self.delay_s * 2, MAX_DELAY_S)
+        elif now >= self.restart_at:
+            self.restart_at = None
+            self.started_at = now
+            try:
+                self.child.start()
+            except RedisServerError as e:
+                _say(f"could not restart redis: {e}")
+                self.restart_at = now + self.delay_s
+                self.delay_s = min(self.delay_s * 2, MAX_DELAY_S)
+        return True
+
+
 def run_stack(settings: Settings) -> int:
     started = time.monotonic()
     if settings.model is None:
         print("default model:", ensure_default_model(settings.model_cache_dir), flush=True)
     redis = RedisServer(settings.var_dir / "redis", settings.embedded_redis_port, persist=True)
-    redis.start()
+    try:
+        redis.start()
+    except PortTaken as e:
+        _say(
+            f"{e}: is another `genq run` (or its Redis) still running? Stop it, or choose "
+            "another port with GENQ_EMBEDDED_REDIS_PORT"
+        )
+        return 1
+    except RedisServerError as e:
+        _say(str(e))
+        return 1
     print(f"embedded Redis on {redis.url} (data in {redis.data_dir})", flush=True)
     env = {**os.environ, "GENQ_REDIS_URL": redis.url}
-    # Children get their own sessions so that a Ctrl-C reaches only this supervisor, which then
-    # stops them in order: gateway and worker first, Redis last.
-    children = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "genq", name], env=env, start_new_session=True
-        )
-        for name in ("worker", "gateway")
-    }
+    worker, gateway = _Child("worker", env), _Child("gateway", env)
     base = f"http://{settings.host}:{settings.port}"
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -80,30 +180,33 @@ def run_stack(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, stop)
     code = 0
     try:
+        worker.start()
+        gateway.start()
+        supervised = [_Supervised(c) for c in (_EmbeddedRedis(redis), worker, gateway)]
         ready = False
         while True:
-            for name, proc in children.items():
-                if proc.poll() is not None:
-                    print(f"genq {name} exited with status {proc.returncode}", file=sys.stderr)
-                    return 1
+            if [child for child in supervised if not child.check()]:
+                code = 1
+                break
             if not ready and _stack_ready(base):
                 ready = True
                 print(_banner(base, started), flush=True)
-            elif not ready and time.monotonic() - started > READY_TIMEOUT_S:
-                print(f"not ready after {READY_TIMEOUT_S}s", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+            time.sleep(_TICK_S)
     except KeyboardInterrupt:
         print("\nstopping genq...", flush=True)
     finally:
-        for proc in children.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in children.values():
-            try:
-                proc.wait(timeout=settings.worker_job_completion_wait_s + 15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        # The stop is bounded by the grace below; a second Ctrl-C must not cut it short and
+        # leave Redis running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Gateway and worker first, together; Redis last, once nothing writes to it.
+        for child in (gateway, worker):
+            child.terminate()
+        grace_s = max(settings.worker_job_completion_wait_s, settings.shutdown_grace_s) + 15
+        deadline = time.monotonic() + grace_s
+        for child in (gateway, worker):
+            if not child.wait(max(0.0, deadline - time.monotonic())):
+                _say(f"{child.name} did not stop within {grace_s:.0f}s: killed")
                 code = 1
         redis.stop()
     return code

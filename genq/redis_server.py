@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import redis
 
 
 class RedisServerError(RuntimeError):
     pass
+
+
+class PortTaken(RedisServerError):
+    def __init__(self, port: int) -> None:
+        super().__init__(f"port {port} on 127.0.0.1 is taken by another process")
+        self.port = port
 
 
 def find_redis_server() -> str:
@@ -36,6 +44,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        # As redis-server binds: connections of an earlier server left in TIME_WAIT do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
 class RedisServer:
     """Loopback-only; `persist=True` keeps an append-only file in `data_dir`."""
 
@@ -53,7 +74,20 @@ class RedisServer:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the server has died by itself; None while it runs."""
+        return None if self._proc is None else self._proc.poll()
+
     def start(self, timeout_s: float = 10.0) -> None:
+        """Start the server and wait until it answers. Raises `PortTaken` if another process
+        holds the port: a client must never end up talking to someone else's Redis."""
+        if _port_taken(self.port):
+            raise PortTaken(self.port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             find_redis_server(),
@@ -70,28 +104,53 @@ class RedisServer:
             "--logfile",
             "redis.log",
         ]
+        log = self.data_dir / "redis.log"
+        log_start = log.stat().st_size if log.exists() else 0
         # Its own session: a Ctrl-C at the terminal must not kill Redis before the processes
         # that still write to it have shut down.
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=2)
         deadline = time.monotonic() + timeout_s
-        while True:
-            if self._proc.poll() is not None:
-                log = self.data_dir / "redis.log"
-                tail = log.read_text()[-2000:] if log.exists() else ""
-                raise RedisServerError(f"redis-server exited on port {self.port}:\n{tail}")
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    break
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RedisServerError(f"redis-server did not answer on port {self.port}")
-            time.sleep(0.05)
-        client.close()
+        try:
+            while not self._answers(client):
+                if self._proc.poll() is not None:
+                    self._proc = None
+                    tail = log.read_bytes()[log_start:][-2000:] if log.exists() else b""
+                    if b"Address already in use" in tail:
+                        raise PortTaken(self.port)
+                    raise RedisServerError(
+                        f"redis-server exited on port {self.port}:\n{tail.decode(errors='replace')}"
+                    )
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RedisServerError(f"redis-server did not answer on port {self.port}")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def _answers(self, client: redis.Redis) -> bool:
+        """True once the server on the port is the process started here (not one that took the
+        port between the check and the start)."""
+        assert self._proc is not None
+        try:
+            info = cast("dict[str, Any]", client.info("server"))
+        except redis.RedisError:
+            return False
+        return int(info["process_id"]) == self._proc.pid
+
+    def pause(self) -> None:
+        """SIGSTOP: the server accepts connections (the kernel does) but answers nothing."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         if self._proc is None:
             return
+        self._proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
         self._proc.terminate()  # redis-server flushes its append-only file on SIGTERM
         try:
             self._proc.wait(timeout=10)

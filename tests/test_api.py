@@ -114,6 +114,25 @@ def test_last_event_id_resumes_after_that_event(client: httpx.Client) -> None:
     ]
 
 
+def test_streams_and_waits_of_a_finished_job_end_at_once(client: httpx.Client) -> None:
+    body = {"prompt": "Finished already", "max_new_tokens": 5, "temperature": 0, "stop": [NEVER]}
+    job = submit(client, **body)
+    everything = read_stream(client, "GET", f"/v1/jobs/{job['id']}/events")
+    assert everything[-1].event == "done"
+    # No byte would come for 15 s (the ping): a stream or wait that blocks trips the timeout.
+    with httpx.Client(base_url=client.base_url, timeout=3) as impatient:
+        rest = read_stream(
+            impatient,
+            "GET",
+            f"/v1/jobs/{job['id']}/events",
+            headers={"Last-Event-ID": everything[-1].id},
+        )
+        again = impatient.post("/v1/generate", json=body)
+    assert rest == []
+    assert again.status_code == 200
+    assert again.json()["id"] == job["id"]  # the identical request is served by the finished job
+
+
 def test_generate_with_stream_true_answers_with_sse(client: httpx.Client) -> None:
     events = read_stream(
         client,

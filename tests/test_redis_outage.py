@@ -2,38 +2,168 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
+from httpx_sse import connect_sse
 
 from genq.redis_server import RedisServer, free_port
 from tests.procs import genq_env, start_gateway
 
 
-def test_readyz_and_routes_follow_redis_down_and_back(
-    tmp_path_factory: pytest.TempPathFactory, log_dir: Path
-) -> None:
+@contextmanager
+def gateway_on_own_redis(
+    tmp_path_factory: pytest.TempPathFactory, log_dir: Path, **settings: str
+) -> Iterator[tuple[RedisServer, str]]:
+    """A gateway (no worker: jobs stay queued) on a Redis of its own."""
     server = RedisServer(tmp_path_factory.mktemp("outage-redis"), free_port(), persist=False)
     server.start()
-    gateway, base = start_gateway(genq_env(server.url), log_dir)
+    gateway, base = start_gateway(genq_env(server.url, **settings), log_dir)
     try:
-        with httpx.Client(base_url=base, timeout=10) as client:
-            assert client.get("/readyz").status_code == 200
-            server.stop()
-
-            ready = client.get("/readyz")
-            assert ready.status_code == 503
-            assert ready.json()["error"]["code"] == "redis_unavailable"
-            submit = client.post("/v1/jobs", json={"prompt": "hi"})
-            assert submit.status_code == 503
-            assert submit.headers["retry-after"] == "1"
-            assert client.get("/v1/jobs/abc").status_code == 503
-            assert client.get("/healthz").status_code == 200  # alive, just not ready
-
-            server.start()
-            assert client.get("/readyz").status_code == 200
-            assert client.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202
+        yield server, base
     finally:
         gateway.stop()
         server.stop()
+
+
+def eventually(check: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_readyz_and_routes_follow_redis_down_and_back(
+    tmp_path_factory: pytest.TempPathFactory, log_dir: Path
+) -> None:
+    with (
+        gateway_on_own_redis(tmp_path_factory, log_dir) as (server, base),
+        httpx.Client(base_url=base, timeout=10) as client,
+    ):
+        assert client.get("/readyz").status_code == 200
+        server.stop()
+
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["error"]["code"] == "redis_unavailable"
+        submit = client.post("/v1/jobs", json={"prompt": "hi"})
+        assert submit.status_code == 503
+        assert submit.headers["retry-after"] == "1"
+        assert client.get("/v1/jobs/abc").status_code == 503
+        assert client.get("/healthz").status_code == 200  # alive, just not ready
+
+        server.start()
+        # The breaker opened on those failures; it tries Redis again after its reset time.
+        assert eventually(lambda: client.get("/readyz").status_code == 200, timeout_s=15)
+        assert client.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202
+
+
+def test_stalled_redis_is_answered_by_the_open_breaker_which_closes_by_itself(
+    tmp_path_factory: pytest.TempPathFactory, log_dir: Path
+) -> None:
+    """SIGSTOP: connects still succeed, commands never answer. A command waits 3 s for its
+    reply, while the measured requests give up after 1 s: only the open breaker, which does not
+    touch Redis, can answer them in time."""
+    settings = {
+        "GENQ_REDIS_COMMAND_TIMEOUT_S": "3",
+        "GENQ_REDIS_SOCKET_TIMEOUT_S": "60",
+        "GENQ_REDIS_BREAKER_FAILURES": "2",
+        "GENQ_REDIS_BREAKER_RESET_S": "8",
+    }
+    with (
+        gateway_on_own_redis(tmp_path_factory, log_dir, **settings) as (server, base),
+        httpx.Client(base_url=base, timeout=1.0) as fast,
+        httpx.Client(base_url=base, timeout=15) as patient,
+    ):
+        assert patient.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202
+        server.pause()
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                tripping = list(
+                    pool.map(lambda _: patient.post("/v1/jobs", json={"prompt": "hi"}), range(2))
+                )
+            assert [r.status_code for r in tripping] == [503, 503]
+
+            latencies_ms = []
+            for path in ["/v1/jobs", "/v1/jobs/abc", "/readyz"] * 7:
+                started = time.perf_counter()
+                if path == "/v1/jobs":
+                    answer = fast.post(path, json={"prompt": "hi"})
+                else:
+                    answer = fast.get(path)
+                latencies_ms.append((time.perf_counter() - started) * 1000)
+                assert answer.status_code == 503
+                assert answer.json()["error"]["code"] == "redis_unavailable"
+                assert 1 <= int(answer.headers["retry-after"]) <= 8
+            assert "genq_redis_breaker_open 1.0" in fast.get("/metrics").text
+            latencies_ms.sort()
+            print(
+                f"\n503 latency while Redis is stalled ({len(latencies_ms)} requests): "
+                f"min {latencies_ms[0]:.1f} ms, median {latencies_ms[len(latencies_ms) // 2]:.1f}"
+                f" ms, max {latencies_ms[-1]:.1f} ms"
+            )
+        finally:
+            server.resume()
+
+        # Half-open after 8 s; the first command that finds Redis answering closes it.
+        assert eventually(
+            lambda: patient.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202,
+            timeout_s=30,
+        )
+        assert "genq_redis_breaker_open 0.0" in patient.get("/metrics").text
+
+
+def test_sync_wait_cut_by_an_outage_answers_202_with_the_job(
+    tmp_path_factory: pytest.TempPathFactory, log_dir: Path
+) -> None:
+    with (
+        gateway_on_own_redis(tmp_path_factory, log_dir) as (server, base),
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        answers: list[httpx.Response] = []
+        waiter = threading.Thread(
+            target=lambda: answers.append(
+                client.post("/v1/generate", json={"prompt": "hi", "timeout_s": 60})
+            )
+        )
+        waiter.start()
+        assert eventually(lambda: _queued(client) == 1, timeout_s=10)
+        server.stop()
+        waiter.join(timeout=20)
+        assert not waiter.is_alive()
+        answer = answers[0]
+        assert answer.status_code == 202
+        job = answer.json()
+        assert answer.headers["location"] == f"/v1/jobs/{job['id']}"
+        assert job["status"] == "queued"
+
+
+def test_event_stream_cut_by_an_outage_ends_with_a_resumable_error(
+    tmp_path_factory: pytest.TempPathFactory, log_dir: Path
+) -> None:
+    with (
+        gateway_on_own_redis(tmp_path_factory, log_dir) as (server, base),
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        job = client.post("/v1/jobs", json={"prompt": "hi"}).json()
+        with connect_sse(client, "GET", f"/v1/jobs/{job['id']}/events") as source:
+            assert source.response.status_code == 200
+            server.stop()
+            events = list(source.iter_sse())
+        assert [e.event for e in events] == ["error"]
+        assert events[0].id == ""
+        assert orjson.loads(events[0].data)["error"]["code"] == "redis_unavailable"
+
+
+def _queued(client: httpx.Client) -> int:
+    pools = client.get("/v1/queue").json()["pools"]
+    return sum(p["depth"] for p in pools)

@@ -6,10 +6,10 @@ from fastapi import APIRouter, Response, status
 from sse_starlette import EventSourceResponse
 
 from common.schemas import Job, SyncGenerationRequest
-from gateway.deps import ServicesDep
+from gateway.deps import ListenerDep, ServicesDep
 from gateway.errors import LimitExceeded
 from gateway.routes.jobs import ERRORS, IdempotencyKey
-from gateway.services.sse import job_event_stream
+from gateway.services.sse import job_event_stream, sse_response
 
 router = APIRouter(tags=["generate"])
 
@@ -30,10 +30,12 @@ router = APIRouter(tags=["generate"])
 async def generate(
     body: SyncGenerationRequest,
     services: ServicesDep,
+    listener: ListenerDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> Job | EventSourceResponse:
-    """Run a job and answer with it finished (200), or still running at `timeout_s` (202)."""
+    """Run a job and answer with it finished (200), or still running at `timeout_s` (202); also
+    202 when the wait is cut short (Redis lost, the gateway shutting down): the job goes on."""
     settings = services.settings
     timeout_s = body.timeout_s or settings.sync_timeout_s
     if timeout_s > settings.max_sync_timeout_s:
@@ -43,9 +45,10 @@ async def generate(
         )
     job = await services.jobs.submit(body.generation(), idempotency_key=idempotency_key)
     if body.stream:
-        stream = await job_event_stream(services.jobs, job.id, None)
-        return EventSourceResponse(stream, ping=int(settings.sse_ping_s))
-    job = (await services.jobs.wait(job.id, timeout_s)).model_copy(update={"cached": job.cached})
+        stream = await job_event_stream(services.jobs, job.id, None, listener)
+        return sse_response(stream, settings)
+    waited = await services.jobs.wait(job.id, timeout_s, known=job, listener=listener)
+    job = waited.model_copy(update={"cached": job.cached})
     if not job.status.finished:
         response.status_code = status.HTTP_202_ACCEPTED
         response.headers["Location"] = f"/v1/jobs/{job.id}"

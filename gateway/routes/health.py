@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 from fastapi import APIRouter, Response
@@ -13,7 +12,7 @@ from redis.exceptions import RedisError
 from common.schemas import ErrorBody
 from gateway import metrics
 from gateway.deps import ServicesDep
-from gateway.errors import Unavailable
+from gateway.errors import ShuttingDown
 
 router = APIRouter(tags=["health"])
 
@@ -30,12 +29,11 @@ async def healthz() -> Health:
 
 @router.get("/readyz", responses={503: {"model": ErrorBody}})
 async def readyz(services: ServicesDep) -> Health:
-    """Readiness: Redis answers a PING within the connect timeout."""
-    try:
-        async with asyncio.timeout(services.settings.redis_connect_timeout_s * 2):
-            await services.redis.ping()
-    except (RedisError, OSError, TimeoutError) as e:
-        raise Unavailable(f"Redis is unreachable: {e}", retry_after_s=1) from e
+    """Readiness: not shutting down, and Redis answers a PING (within the command timeout, or at
+    once while the circuit breaker is open)."""
+    if services.drain.started:
+        raise ShuttingDown("draining: this gateway is shutting down", retry_after_s=1)
+    await services.redis.ping()  # a Redis error answers 503 + Retry-After (gateway.errors)
     return Health(status="ready")
 
 

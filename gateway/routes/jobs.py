@@ -8,8 +8,8 @@ from fastapi import APIRouter, Header, Response, status
 from sse_starlette import EventSourceResponse
 
 from common.schemas import BatchRequest, BatchResponse, ErrorBody, GenerationRequest, Job
-from gateway.deps import JobsDep, ServicesDep
-from gateway.services.sse import job_event_stream
+from gateway.deps import JobsDep, ListenerDep, ServicesDep
+from gateway.services.sse import job_event_stream, sse_response
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -68,8 +68,9 @@ async def cancel_job(job_id: str, jobs: JobsDep) -> Job:
 async def job_events(
     job_id: str,
     services: ServicesDep,
+    listener: ListenerDep,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
     """`token` events, then `done` (data: the Job) or `error`. Resume with `Last-Event-ID`."""
-    stream = await job_event_stream(services.jobs, job_id, last_event_id)
-    return EventSourceResponse(stream, ping=int(services.settings.sse_ping_s))
+    stream = await job_event_stream(services.jobs, job_id, last_event_id, listener)
+    return sse_response(stream, services.settings)

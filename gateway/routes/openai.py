@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
-from gateway.deps import Services
+from gateway.deps import ListenerDep, Services
 from gateway.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -16,6 +16,7 @@ from gateway.openai.protocol import (
 )
 from gateway.routes.jobs import ERRORS, IdempotencyKey
 from gateway.services.openai import JobStream, OpenAIService
+from gateway.services.sse import sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -30,9 +31,9 @@ def _openai(request: Request) -> OpenAIService:
 OpenAIDep = Annotated[OpenAIService, Depends(_openai)]
 
 
-def _sse(stream: JobStream) -> EventSourceResponse:
+def _sse(stream: JobStream, openai: OpenAIService) -> EventSourceResponse:
     # The header names the genq job before the first chunk, which may be a while coming.
-    return EventSourceResponse(stream.events, headers={"X-Genq-Job-Id": stream.job.id})
+    return sse_response(stream.events, openai.settings, {"X-Genq-Job-Id": stream.job.id})
 
 
 @router.post(
@@ -41,12 +42,15 @@ def _sse(stream: JobStream) -> EventSourceResponse:
     responses={**ERRORS, 200: {"model": Completion, **STREAMED}},
 )
 async def completions(
-    body: CompletionRequest, openai: OpenAIDep, idempotency_key: IdempotencyKey = None
+    body: CompletionRequest,
+    openai: OpenAIDep,
+    listener: ListenerDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> Completion | EventSourceResponse:
     """OpenAI text completion; with `stream: true`, chunks ending with `data: [DONE]`."""
     if body.stream:
-        return _sse(await openai.completion_stream(body, idempotency_key))
-    return await openai.completion(body, idempotency_key)
+        return _sse(await openai.completion_stream(body, idempotency_key, listener), openai)
+    return await openai.completion(body, idempotency_key, listener)
 
 
 @router.post(
@@ -55,9 +59,12 @@ async def completions(
     responses={**ERRORS, 200: {"model": ChatCompletion, **STREAMED}},
 )
 async def chat_completions(
-    body: ChatCompletionRequest, openai: OpenAIDep, idempotency_key: IdempotencyKey = None
+    body: ChatCompletionRequest,
+    openai: OpenAIDep,
+    listener: ListenerDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> ChatCompletion | EventSourceResponse:
     """OpenAI chat completion; the model's chat template is applied by the worker."""
     if body.stream:
-        return _sse(await openai.chat_stream(body, idempotency_key))
-    return await openai.chat(body, idempotency_key)
+        return _sse(await openai.chat_stream(body, idempotency_key, listener), openai)
+    return await openai.chat(body, idempotency_key, listener)

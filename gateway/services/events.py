@@ -1,48 +1,110 @@
-"""Reading a job's event stream without polling: `XREAD BLOCK` until the next entry arrives."""
+"""Reading a job's event stream without polling: what is there, then `XREAD BLOCK` for more."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from redis.asyncio import Redis
 
 from common import events, keys
 from common.events import Event
+from common.jobstore import JobStore
+from gateway.drain import Drain
+from gateway.errors import JobExpired, ShuttingDown
+from gateway.redisclient import STREAM_BLOCK_S, Listeners
 
 STREAM_ID = re.compile(r"^\d+-\d+$")
 
 # Entries fetched per XREAD; a slow client reads a long stream in several round trips.
 _READ_COUNT = 512
 
+_DRAINING = "this gateway is shutting down; retry (or resume with Last-Event-ID) on another"
 
-async def read_events(
-    redis: Redis, job_id: str, *, after: str, deadline: float | None, block_ms: int
-) -> AsyncIterator[Event]:
-    """Yield the job's events after stream id `after` ("0" for all) up to its terminal event.
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
-    Returns early at `deadline` (a `time.monotonic()` value), or when the job record is gone
-    while nothing arrives (it expired, or was never there). `block_ms` stays below the client's
-    socket timeout.
-    """
-    key = keys.events(job_id)
-    last = after
-    while True:
-        wait_ms = block_ms
+
+class EventReader:
+    """Reads on a listener: a connection of `Listeners`, held by one waiting client."""
+
+    def __init__(self, store: JobStore, listeners: Listeners, drain: Drain) -> None:
+        self.store = store
+        self.listeners = listeners
+        self.drain = drain
+
+    async def read(
+        self, listener: Redis, job_id: str, *, after: str, deadline: float | None
+    ) -> AsyncIterator[Event]:
+        """Yield the job's events after stream id `after` ("0" for all) up to its terminal event,
+        reading on `listener` (a connection held for this client).
+
+        Returns at once when the job had finished and the client has seen its end, and early at
+        `deadline` (a `time.monotonic()` value). Raises `JobExpired` when the record is gone while
+        nothing arrives, and `ShuttingDown` when the gateway drains.
+        """
+        key = keys.events(job_id)
+        last = after
+        block = False  # the first read takes what is there without waiting
+        while True:
+            entries = await self._next(listener, key, last, deadline) if block else None
+            if entries is None:
+                entries = await _xread(listener, key, last, block_ms=None)
+            if not entries:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                status = await self.store.status(job_id)
+                if status is None:
+                    raise JobExpired(f"job {job_id!r} expired before it finished")
+                if status.finished:
+                    # Its end was written before the read above (the client has seen it), or
+                    # since: take what is left and stop, rather than wait for events that
+                    # will never come.
+                    entries = await _xread(listener, key, last, block_ms=None)
+                    if not entries:
+                        return
+            for entry_id, fields in entries:
+                event = events.decode(entry_id, fields)
+                last = event.id
+                yield event
+                if event.type.terminal:
+                    return
+            block = True
+
+    async def _next(
+        self, listener: Redis, key: str, last: str, deadline: float | None
+    ) -> Entries | None:
+        """Entries after `last` once some arrive; [] after a quiet block; None when `deadline`
+        leaves no time to block. Raises `ShuttingDown` as soon as the gateway drains."""
+        block_s = STREAM_BLOCK_S
         if deadline is not None:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                return
-            wait_ms = min(block_ms, remaining_ms)
-        reply = await redis.xread({key: last}, count=_READ_COUNT, block=max(1, wait_ms))
-        if not reply:
-            if not await redis.exists(keys.job(job_id)):
-                return
-            continue
-        for entry_id, fields in reply[0][1]:
-            event = events.decode(entry_id, fields)
-            last = event.id
-            yield event
-            if event.type.terminal:
-                return
+            block_s = min(block_s, deadline - time.monotonic())
+            if block_s <= 0:
+                return None
+        if self.drain.started:
+            raise ShuttingDown(_DRAINING)
+        read = asyncio.ensure_future(
+            _xread(listener, key, last, block_ms=max(1, int(block_s * 1000)))
+        )
+        try:
+            await asyncio.wait((read, self.drain.stopping()), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not read.done():
+                read.cancel()  # redis-py drops a connection whose read was cancelled
+                read.add_done_callback(_retrieve)
+        if not read.done():
+            raise ShuttingDown(_DRAINING)
+        return read.result()
+
+
+async def _xread(redis: Redis, key: str, last: str, *, block_ms: int | None) -> Entries:
+    reply: Any = await redis.xread({key: last}, count=_READ_COUNT, block=block_ms)
+    return reply[0][1] if reply else []
+
+
+def _retrieve(task: asyncio.Future[Entries]) -> None:
+    """Consume the outcome of an abandoned read, so asyncio does not log it as lost."""
+    if not task.cancelled():
+        task.exception()

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
 from pydantic import ValidationError
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from common import events, keys
@@ -36,9 +37,10 @@ from gateway.errors import (
     JobNotFound,
     LimitExceeded,
     QueueFull,
+    ShuttingDown,
 )
 from gateway.services.enqueue import fingerprint, is_deterministic, stage_enqueue
-from gateway.services.events import STREAM_ID, read_events
+from gateway.services.events import STREAM_ID, EventReader
 from gateway.services.limits import check_limits, check_model_limits
 from gateway.services.models import ModelService, Route
 from gateway.services.queue import QueueService
@@ -57,12 +59,14 @@ class JobService:
         models: ModelService,
         queue: QueueService,
         settings: Settings,
+        reader: EventReader,
     ) -> None:
         self.redis = redis
         self.store = store
         self.models = models
         self.queue = queue
         self.settings = settings
+        self.reader = reader
 
     async def submit(
         self, request: GenerationRequest, *, idempotency_key: str | None = None
@@ -261,35 +265,50 @@ class JobService:
         await self.redis.publish(keys.cancellations(), job_id)
         return await self.wait(job_id, self.settings.cancel_wait_s)
 
-    async def wait(self, job_id: str, timeout_s: float) -> Job:
-        """The job once finished, or as it stands when `timeout_s` runs out."""
+    async def wait(
+        self,
+        job_id: str,
+        timeout_s: float,
+        *,
+        known: Job | None = None,
+        listener: Redis | None = None,
+    ) -> Job:
+        """The job once finished, or as it stands when `timeout_s` runs out or the gateway drains.
+
+        `listener` is the connection to wait on (`Listeners.hold`); without one, one is taken
+        here. `known`, the job as submitted, is the answer when Redis fails meanwhile: the job was
+        accepted and will finish, so the caller can still point the client at it.
+        """
         deadline = time.monotonic() + timeout_s
-        async for event in read_events(
-            self.redis, job_id, after="0", deadline=deadline, block_ms=self._block_ms()
-        ):
-            if event.type.terminal:
-                return events.decode_job(event)
+        try:
+            if listener is not None:
+                return await self._wait(listener, job_id, deadline)
+            async with self.reader.listeners.hold() as held:
+                return await self._wait(held, job_id, deadline)
+        except RedisError:
+            if known is None:
+                raise
+            return known
+
+    async def _wait(self, listener: Redis, job_id: str, deadline: float) -> Job:
+        with contextlib.suppress(ShuttingDown):
+            async for event in self.reader.read(listener, job_id, after="0", deadline=deadline):
+                if event.type.terminal:
+                    return events.decode_job(event)
         return await self.get(job_id)
 
-    async def events(self, job_id: str, last_event_id: str | None) -> AsyncIterator[Event]:
-        """The job's events after `last_event_id`; checks the job exists before streaming."""
+    async def events(
+        self, job_id: str, last_event_id: str | None, listener: Redis
+    ) -> AsyncIterator[Event]:
+        """The job's events after `last_event_id`, read on `listener`; checks the job exists
+        before streaming. A job that had finished streams what is left of it and ends."""
         if last_event_id is not None and not STREAM_ID.match(last_event_id):
             raise BadRequest(
                 f"Last-Event-ID {last_event_id!r} is not an event id of this API "
                 "(they look like 1732512345678-0)"
             )
         await self.get(job_id)
-        return read_events(
-            self.redis,
-            job_id,
-            after=last_event_id or "0",
-            deadline=None,
-            block_ms=self._block_ms(),
-        )
-
-    def _block_ms(self) -> int:
-        # XREAD BLOCK must return before the client's socket timeout would fire.
-        return max(100, int((self.settings.redis_socket_timeout_s - 1.0) * 1000))
+        return self.reader.read(listener, job_id, after=last_event_id or "0", deadline=None)
 
 
 def _item_error(code: str, error: ValidationError) -> ErrorDetail:

@@ -9,15 +9,20 @@ from dataclasses import dataclass
 
 import orjson
 from pydantic import BaseModel, ValidationError
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
 from common.events import EventType, decode_job
 from common.schemas import GenerationRequest, Job, JobResult, TokenEvent
+from common.settings import Settings
+from gateway.drain import Drain
 from gateway.errors import (
+    ApiError,
     BadRequest,
     GatewayTimeout,
     GenerationFailed,
+    ShuttingDown,
     error_body,
     map_exception,
 )
@@ -86,13 +91,17 @@ class JobStream:
 
 
 class OpenAIService:
-    def __init__(self, jobs: JobService) -> None:
+    def __init__(self, jobs: JobService, drain: Drain) -> None:
         self.jobs = jobs
+        self.drain = drain
+        self.settings: Settings = jobs.settings
         # Cancellations of abandoned streams run detached; kept here so they are not collected.
         self._cancelling: set[asyncio.Task[Job]] = set()
 
-    async def completion(self, body: CompletionRequest, idempotency_key: str | None) -> Completion:
-        job = await self._run(self._completion_request(body), idempotency_key)
+    async def completion(
+        self, body: CompletionRequest, idempotency_key: str | None, listener: Redis
+    ) -> Completion:
+        job = await self._run(self._completion_request(body), idempotency_key, listener)
         assert job.result is not None
         return Completion(
             id=f"cmpl-{job.id}",
@@ -105,9 +114,9 @@ class OpenAIService:
         )
 
     async def chat(
-        self, body: ChatCompletionRequest, idempotency_key: str | None
+        self, body: ChatCompletionRequest, idempotency_key: str | None, listener: Redis
     ) -> ChatCompletion:
-        job = await self._run(self._chat_request(body), idempotency_key)
+        job = await self._run(self._chat_request(body), idempotency_key, listener)
         assert job.result is not None
         return ChatCompletion(
             id=f"chatcmpl-{job.id}",
@@ -123,7 +132,7 @@ class OpenAIService:
         )
 
     async def completion_stream(
-        self, body: CompletionRequest, idempotency_key: str | None
+        self, body: CompletionRequest, idempotency_key: str | None, listener: Redis
     ) -> JobStream:
         request = self._completion_request(body)
         job = await self.jobs.submit(request, idempotency_key=idempotency_key)
@@ -137,10 +146,10 @@ class OpenAIService:
                 usage=usage,
             )
 
-        return await self._stream(job, body, chunk, first=None)
+        return await self._stream(job, body, chunk, first=None, listener=listener)
 
     async def chat_stream(
-        self, body: ChatCompletionRequest, idempotency_key: str | None
+        self, body: ChatCompletionRequest, idempotency_key: str | None, listener: Redis
     ) -> JobStream:
         job = await self.jobs.submit(self._chat_request(body), idempotency_key=idempotency_key)
 
@@ -165,13 +174,20 @@ class OpenAIService:
             model=job.model,
             choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
         )
-        return await self._stream(job, body, chunk, first=first)
+        return await self._stream(job, body, chunk, first=first, listener=listener)
 
-    async def _run(self, request: GenerationRequest, idempotency_key: str | None) -> Job:
+    async def _run(
+        self, request: GenerationRequest, idempotency_key: str | None, listener: Redis
+    ) -> Job:
         job = await self.jobs.submit(request, idempotency_key=idempotency_key)
-        job = await self.jobs.wait(job.id, self.jobs.settings.max_sync_timeout_s)
+        job = await self.jobs.wait(job.id, self.settings.max_sync_timeout_s, listener=listener)
         if not job.status.finished:
+            # Nobody can collect an OpenAI answer later: stop spending the GPU on it.
             await self.jobs.cancel(job.id)
+            if self.drain.started:
+                raise ShuttingDown(
+                    "this gateway is shutting down; retry on another", retry_after_s=1
+                )
             raise GatewayTimeout(
                 f"the job did not finish within {self.jobs.settings.max_sync_timeout_s}s "
                 "(GENQ_MAX_SYNC_TIMEOUT_S); use stream=true for long generations"
@@ -186,8 +202,9 @@ class OpenAIService:
         body: SamplingFields,
         chunk: Chunker,
         first: BaseModel | None,
+        listener: Redis,
     ) -> JobStream:
-        events = await self.jobs.events(job.id, None)
+        events = await self.jobs.events(job.id, None, listener)
 
         async def relay() -> AsyncIterator[ServerSentEvent]:
             finished = False
@@ -210,7 +227,7 @@ class OpenAIService:
                         if body.include_usage:
                             yield _data(chunk("", None, _usage(final.result)))
                     yield ServerSentEvent(data=DONE)
-            except RedisError as e:
+            except (RedisError, ApiError) as e:
                 err = map_exception(e)
                 yield _error(err.code, err.message)
             finally:

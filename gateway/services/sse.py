@@ -3,40 +3,55 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import orjson
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sse_starlette import ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from gateway.errors import error_body, map_exception
+from common.settings import Settings
+from gateway.errors import ApiError, ShuttingDown, error_body, map_exception
 from gateway.services.jobs import JobService
 
 logger = logging.getLogger(__name__)
 
 
+def sse_response(
+    events: AsyncIterator[ServerSentEvent],
+    settings: Settings,
+    headers: Mapping[str, str] | None = None,
+) -> EventSourceResponse:
+    # On SIGTERM the stream ends itself (the drain) with a resumable ending; the grace keeps
+    # sse-starlette from cutting it before that ending is sent.
+    return EventSourceResponse(
+        events,
+        headers=headers,
+        ping=int(settings.sse_ping_s),
+        shutdown_grace_period=settings.shutdown_grace_s,
+    )
+
+
 async def job_event_stream(
-    jobs: JobService, job_id: str, last_event_id: str | None
+    jobs: JobService, job_id: str, last_event_id: str | None, listener: Redis
 ) -> AsyncIterator[ServerSentEvent]:
     """Validate first (so a bad id or unknown job is an HTTP error), then relay events.
 
     Once the stream has started, failures arrive as an `error` event without an id, so the
-    client can resume from its last id.
+    client can resume from its last id: Redis unreachable, the job expired, or the gateway
+    shutting down.
     """
-    events = await jobs.events(job_id, last_event_id)
+    events = await jobs.events(job_id, last_event_id, listener)
 
     async def relay() -> AsyncIterator[ServerSentEvent]:
         try:
             async for event in events:
                 yield ServerSentEvent(id=event.id, event=event.type.value, data=event.data)
-                if event.type.terminal:
-                    return
-        except RedisError as e:
+        except (RedisError, ApiError) as e:
             err = map_exception(e)
-            logger.warning("event stream of job %s broke off: %s", job_id, e)
+            if not isinstance(e, ShuttingDown):
+                logger.warning("event stream of job %s broke off: %s", job_id, e)
             yield _error_event(err.code, err.message)
-            return
-        yield _error_event("job_expired", f"job {job_id!r} expired before it finished")
 
     return relay()
 
