@@ -41,6 +41,7 @@ import httpx
 import orjson
 from httpx_sse import connect_sse
 
+from common.settings import Settings
 from genq.redis_server import RedisServer, free_port
 from tests.procs import Proc, genq_env, start_gateway, start_worker
 
@@ -60,6 +61,7 @@ class Observed:
     finished: dict[str, dict[str, object]] = field(default_factory=dict)  # job id -> final job
     doubled: set[str] = field(default_factory=set)  # jobs with other than one result
     longest_refusal_s: float = 0.0
+    longest_stall_s: float = 0.0  # the longest a job's stream went without a token
 
     def saw(self, what: str, took_s: float = 0.0) -> None:
         with self.lock:
@@ -67,9 +69,13 @@ class Observed:
             if what == "503":
                 self.longest_refusal_s = max(self.longest_refusal_s, took_s)
 
-    def token(self) -> None:
+    def token(self, since: float) -> float:
+        """A token came; `since`: when the job's previous one did (or it was accepted)."""
+        now = time.monotonic()
         with self.lock:
-            self.token_times.append(time.monotonic())
+            self.token_times.append(now)
+            self.longest_stall_s = max(self.longest_stall_s, now - since)
+        return now
 
 
 class Client(threading.Thread):
@@ -97,8 +103,8 @@ class Client(threading.Thread):
         with self.http:
             while not self.stop.is_set():
                 job_id = self.submit()
-                if job_id is not None:
-                    self.follow(job_id)
+                if job_id is not None and self.follow(job_id):
+                    self.check(job_id)
 
     def submit(self) -> str | None:
         key = uuid.uuid4().hex
@@ -124,10 +130,12 @@ class Client(threading.Thread):
             time.sleep(float(resp.headers.get("retry-after", "1")) / 4)
         return None
 
-    def follow(self, job_id: str) -> None:
-        """Read the stream to its closing event, resuming wherever it breaks off."""
+    def follow(self, job_id: str) -> bool:
+        """Read the stream to its closing event, resuming wherever it breaks off; False if it
+        never came."""
         last: str | None = None
         deadline = time.monotonic() + JOB_DEADLINE_S
+        previous = self.seen.accepted[job_id]
         while time.monotonic() < deadline:
             headers = {"Last-Event-ID": last} if last else {}
             try:
@@ -140,26 +148,44 @@ class Client(threading.Thread):
                         time.sleep(0.25)
                         continue
                     for event in source.iter_sse():
-                        if not event.id:  # a resumable break: the stream ended early
-                            self.seen.saw(f"stream {orjson.loads(event.data)['error']['code']}")
+                        if not event.data:  # a keep-alive
+                            continue
+                        data = orjson.loads(event.data)
+                        if event.event == "error" and "status" not in data:
+                            # A resumable break (no id: the last one still stands), not the
+                            # job's end, whose data is the failed job.
+                            self.seen.saw(f"stream {data['error']['code']}")
                             break
                         last = event.id
-                        if event.event == "token":
-                            self.seen.token()
-                        else:
-                            self.check(job_id)
-                            return
+                        if event.event != "token":
+                            return True
+                        previous = self.seen.token(previous)
             except httpx.TransportError:
                 self.seen.saw("stream cut")
                 self.other()
                 time.sleep(0.25)
             if last is not None:
                 self.seen.saw("resumed")
+        return False
 
     def check(self, job_id: str) -> None:
         """The whole stream once more, from the start: exactly one result, nothing repeated."""
-        with connect_sse(self.http, "GET", f"{self.base()}/v1/jobs/{job_id}/events") as source:
-            events = list(source.iter_sse())
+        events = None
+        deadline = time.monotonic() + JOB_DEADLINE_S
+        while events is None:
+            if time.monotonic() > deadline:
+                return  # never verified: the job counts as lost
+            try:
+                url = f"{self.base()}/v1/jobs/{job_id}/events"
+                with connect_sse(self.http, "GET", url) as source:
+                    if source.response.status_code == 200:
+                        events = list(source.iter_sse())
+            except httpx.TransportError:
+                pass
+            if events is None:
+                self.other()
+                time.sleep(0.25)
+        events = [e for e in events if e.data]
         closing = [e for e in events if e.event != "token"]
         tokens = [orjson.loads(e.data) for e in events if e.event == "token"]
         final = orjson.loads(closing[-1].data) if closing else {}
@@ -243,6 +269,7 @@ class Outcome:
     fault: str
     clients_saw: str
     recovery_s: float | None  # from the end of the fault to the next token any client got
+    stall_s: float  # the longest any job's stream went without a token
     accepted: int
     lost: int
     doubled: int
@@ -287,6 +314,7 @@ def run_fault(
         )
         or "nothing unusual",
         recovery_s=round(after[0] - ended, 2) if after else None,
+        stall_s=round(seen.longest_stall_s, 2),
         accepted=len(seen.accepted),
         lost=len(lost),
         doubled=len(seen.doubled),
@@ -362,13 +390,15 @@ FAULTS: dict[str, Fault] = {
 
 def table(outcomes: list[Outcome]) -> str:
     rows = [
-        "| fault | what the clients saw | recovery (s) | jobs accepted | lost | two results |",
-        "|---|---|---|---|---|---|",
+        "| fault | what the clients saw | recovery (s) | longest stall (s) | jobs accepted | lost "
+        "| two results |",
+        "|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         recovery = "n/a" if o.recovery_s is None else f"{o.recovery_s:.2f}"
         rows.append(
-            f"| {o.fault} | {o.clients_saw} | {recovery} | {o.accepted} | {o.lost} | {o.doubled} |"
+            f"| {o.fault} | {o.clients_saw} | {recovery} | {o.stall_s:.2f} | {o.accepted} "
+            f"| {o.lost} | {o.doubled} |"
         )
     return "\n".join(rows)
 
@@ -382,7 +412,14 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("var/bench-faults"))
     args = parser.parse_args()
 
-    settings = {"GENQ_LOG_FORMAT": "json", "GENQ_CACHE_ENABLED": "false"}
+    defaults = Settings.model_fields
+    settings = {
+        "GENQ_LOG_FORMAT": "json",
+        "GENQ_CACHE_ENABLED": "false",
+        # The production timings, not the short ones of the test suite's processes.
+        "GENQ_WORKER_HEARTBEAT_S": str(defaults["worker_heartbeat_s"].default),
+        "GENQ_WORKER_JOB_COMPLETION_WAIT_S": str(defaults["worker_job_completion_wait_s"].default),
+    }
     if args.model:
         settings |= {"GENQ_MODEL": args.model, "GENQ_MODEL_NAME": "bench"}
     args.data_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import urllib.request
 from types import FrameType
 
 from common.settings import Settings
-from genq.redis_server import PortTaken, RedisServer, RedisServerError
+from genq.redis_server import PortTaken, RedisServer, RedisServerError, port_taken
 from worker.model_fetch import ensure_default_model
 
 FIRST_DELAY_S = 1.0
@@ -155,6 +155,13 @@ def run_stack(settings: Settings) -> int:
     started = time.monotonic()
     if settings.model is None:
         print("default model:", ensure_default_model(settings.model_cache_dir), flush=True)
+    if port_taken(settings.port, settings.host):
+        # Its readiness checks would find the other server and call this stack ready.
+        _say(
+            f"port {settings.port} on {settings.host} is taken by another process: is another "
+            "`genq run` (or gateway) still running? Stop it, or choose another port with GENQ_PORT"
+        )
+        return 1
     redis = RedisServer(settings.var_dir / "redis", settings.embedded_redis_port, persist=True)
     try:
         redis.start()

@@ -44,12 +44,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _port_taken(port: int) -> bool:
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server is listening on `host:port` (so another server cannot bind it)."""
     with socket.socket() as s:
-        # As redis-server binds: connections of an earlier server left in TIME_WAIT do not count.
+        # As servers bind: connections of an earlier server left in TIME_WAIT do not count.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 return True
@@ -86,7 +87,7 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the server and wait until it answers. Raises `PortTaken` if another process
         holds the port: a client must never end up talking to someone else's Redis."""
-        if _port_taken(self.port):
+        if port_taken(self.port):
             raise PortTaken(self.port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [

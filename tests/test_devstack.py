@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -129,3 +130,30 @@ def test_a_taken_redis_port_is_a_clear_error_and_the_other_redis_is_left_alone(
         assert redis.Redis(port=other.port).ping()
     finally:
         other.stop()
+
+
+def test_a_taken_gateway_port_is_a_clear_error(tmp_path: Path) -> None:
+    # Its readiness checks would otherwise find the other server and call the stack ready.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = genq_env(
+            "redis://unused",
+            GENQ_MODEL=str(tmp_path / "unused-model"),
+            GENQ_VAR_DIR=str(tmp_path / "var"),
+            GENQ_EMBEDDED_REDIS_PORT=str(free_port()),
+            GENQ_PORT=str(port),
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "genq", "run"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"port {port}" in result.stderr
+    assert "GENQ_PORT" in result.stderr
+    assert "embedded Redis" not in result.stdout

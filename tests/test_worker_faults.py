@@ -22,13 +22,8 @@ def test_job_of_a_killed_worker_is_finished_by_another(
 ) -> None:
     server = RedisServer(tmp_path_factory.mktemp("fault-redis"), free_port(), persist=False)
     server.start()
-    # A short job timeout makes arq hand the orphaned job out again after ~25 s, not minutes.
-    env = genq_env(
-        server.url,
-        GENQ_MODEL=str(tiny_model_dir),
-        GENQ_MODEL_NAME=TINY_NAME,
-        GENQ_JOB_TIMEOUT_S="5",
-    )
+    # The dead worker's lease on the job lapses after three heartbeats (3 s here).
+    env = genq_env(server.url, GENQ_MODEL=str(tiny_model_dir), GENQ_MODEL_NAME=TINY_NAME)
     gateway, base = start_gateway(env, log_dir)
     first = start_worker(env, log_dir, base, TINY_NAME)
     second = None

@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,7 @@ class ResilientWorker(Worker):
         self.on_drain = on_drain
         self.connected = False
         self._failures = 0
+        self._deadline: float | None = None  # time.monotonic() by which a stop must be done
 
     async def main(self) -> None:
         while True:
@@ -123,25 +125,36 @@ class ResilientWorker(Worker):
             logger.warning("job %s: Redis failed around the job (%s); it will run again", job_id, e)
 
     def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
-        self.on_drain()
-        _exit_after(self.grace_s)
+        self._stopping(signum)
         super().handle_sig_wait_for_completion(signum)
 
     def handle_sig(self, signum: signal.Signals) -> None:
-        self.on_drain()
-        _exit_after(self.grace_s)
+        self._stopping(signum)
         super().handle_sig(signum)
 
+    def _stopping(self, signum: signal.Signals) -> None:
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.grace_s
+            self.on_drain()
+            _exit_after(self.grace_s)
+
     async def close(self) -> None:
-        """arq's close, tolerating a Redis that is gone: the hard deadline set at the signal
-        ends the process anyway."""
+        """arq's close (the cancelled jobs hand themselves back, arq settles them, then the
+        worker's own shutdown), cut short a second before the grace period ends: a Redis that
+        is gone or stalled must not keep the worker from exiting cleanly."""
         if not self._pool:
             return
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        with contextlib.suppress(RedisError, OSError):
-            await self.pool.delete(self.health_check_key)
-        if self.on_shutdown:
-            await self.on_shutdown(self.ctx)
+        left_s = 3600.0 if self._deadline is None else self._deadline - time.monotonic() - 1
+        try:
+            async with asyncio.timeout(max(left_s, 0.1)):
+                await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+                if self.connected:
+                    with contextlib.suppress(RedisError, OSError):
+                        await self.pool.delete(self.health_check_key)
+                if self.on_shutdown:
+                    await self.on_shutdown(self.ctx)
+        except TimeoutError:
+            logger.warning("shutdown cut short at the end of its grace period (Redis away?)")
         with contextlib.suppress(RedisError, OSError):
             await self.pool.close(close_connection_pool=True)
         self._pool = None

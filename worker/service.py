@@ -182,7 +182,7 @@ class JobRunner:
             async with asyncio.timeout(self.settings.job_timeout_s + _ENGINE_GRACE_S):
                 held, load_s = await self.models.acquire(spec, deadline)
                 try:
-                    outcome = await self._generate(job, item, held)
+                    outcome = await self._generate(job, item, held, deadline)
                 finally:
                     self.models.release(held)
         except LostAttempt:
@@ -211,17 +211,19 @@ class JobRunner:
         """arq cancelled the job function: the worker is stopping (the job goes back to the
         queue), or arq's backstop timeout fired (the job fails)."""
         if self.draining():
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            try:
                 async with asyncio.timeout(_HAND_BACK_S):
                     await self.store.hand_back(job.id, attempt=job.attempt, pool=self.settings.pool)
-            logger.info("job %s handed back to the queue", job.id)
+                logger.info("job %s handed back to the queue", job.id)
+            except (RedisError, OSError, TimeoutError) as e:
+                logger.warning("job %s left to the reaper, Redis is away: %r", job.id, e)
             return
         error = JobError(code=ErrorCode.job_timeout, message="the job ran past its deadline")
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(_HAND_BACK_S):
                 await self._write(self._final(job, error=error))
 
-    async def _generate(self, job: Job, item: WorkItem, held: Held) -> Generation:
+    async def _generate(self, job: Job, item: WorkItem, held: Held, deadline: float) -> Generation:
         assert self._loop is not None, "start() first"
         assert held.engine is not None
         engine = held.engine
@@ -230,7 +232,6 @@ class JobRunner:
         pending = _Pending(self._loop.create_future(), job.attempt, skip, engine)
         self._pending[job.id] = pending
         metrics.RUNNING_JOBS.inc()
-        deadline = time.monotonic() + self.settings.job_timeout_s
         engine.submit(EngineRequest(job.id, item.request, sampling_params(item), deadline))
         try:
             if await _persist(self.store.cancel_requested, job.id):
