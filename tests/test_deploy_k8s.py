@@ -1,0 +1,449 @@
+"""Static checks of the Kubernetes manifests: every variant rendered with `kubectl kustomize`,
+every object validated against its schema, and the manifests cross-checked with the code."""
+
+from __future__ import annotations
+
+import copy
+import re
+from urllib.parse import urlsplit
+
+import jsonschema
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+
+import gateway.metrics  # noqa: F401  (registers the gateway's metrics)
+import worker.metrics  # noqa: F401  (registers the worker's metrics)
+from common import keys
+from common.catalog import parse_registry
+from common.settings import Settings
+from tests.deploy_files import (
+    K8S,
+    ROOT,
+    VARIANTS,
+    Obj,
+    container,
+    container_port,
+    crd_schema,
+    effective_env,
+    gateway_paths,
+    named,
+    of_kind,
+    pod_spec,
+    render,
+    selects,
+)
+
+# The oldest Kubernetes release the manifests are checked against (docs/deploy.md).
+KUBERNETES_VERSION = "1.30"
+DRAIN_MARGIN_S = 10
+SECRET_TEMPLATE = K8S / "secret.template.yaml"
+DEFAULTS = Settings()
+
+variants = pytest.mark.parametrize("variant", list(VARIANTS))
+
+
+def workloads(objs: tuple[Obj, ...]) -> list[Obj]:
+    return of_kind(objs, "Deployment") + of_kind(objs, "StatefulSet")
+
+
+def genq_containers(objs: tuple[Obj, ...]) -> list[tuple[Obj, Obj]]:
+    """(workload, container) for every gateway and worker container."""
+    return [
+        (w, c)
+        for w in workloads(objs)
+        for c in pod_spec(w)["containers"]
+        if c["name"] in ("gateway", "worker")
+    ]
+
+
+def worker_pools(objs: tuple[Obj, ...]) -> dict[str, tuple[Obj, Obj]]:
+    """pool -> (its worker Deployment, its ScaledObject)."""
+    pools = {}
+    for scaled in of_kind(objs, "ScaledObject"):
+        deployment = named(objs, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
+        env = effective_env(objs, container(deployment, "worker"))
+        pools[env.get("GENQ_POOL", DEFAULTS.pool)] = (deployment, scaled)
+    return pools
+
+
+def secret_template() -> Obj:
+    template: Obj = yaml.safe_load(SECRET_TEMPLATE.read_text())
+    return template
+
+
+def metric_names() -> set[str]:
+    return {family.name for family in REGISTRY.collect()}
+
+
+def known_metric(name: str) -> bool:
+    base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+    return name in metric_names() or base in metric_names()
+
+
+@variants
+def test_every_object_is_valid_kubernetes(variant: str) -> None:
+    errors = []
+    for obj in [*render(variant), secret_template()]:
+        if obj["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/")):
+            continue  # custom resources: checked below
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {list(e.path)}: {e.message}")
+    assert errors == []
+
+
+@variants
+def test_keda_objects_follow_the_keda_crds(variant: str) -> None:
+    keda = [o for o in render(variant) if o["apiVersion"] == "keda.sh/v1alpha1"]
+    assert {o["kind"] for o in keda} == {"ScaledObject", "TriggerAuthentication"}
+    for obj in keda:
+        errors = jsonschema.Draft7Validator(crd_schema(obj["kind"])).iter_errors(obj)
+        assert [f"{list(e.path)}: {e.message}" for e in errors] == [], obj["metadata"]["name"]
+
+
+def test_keda_schemas_refuse_a_misspelt_field() -> None:
+    scaled = copy.deepcopy(of_kind(render("prod"), "ScaledObject")[0])
+    scaled["spec"]["cooldownPeriods"] = 300
+    assert not jsonschema.Draft7Validator(crd_schema("ScaledObject")).is_valid(scaled)
+
+
+@variants
+def test_each_scaledobject_reads_the_queue_key_of_its_workers_pool(variant: str) -> None:
+    objs = render(variant)
+    for pool, (deployment, scaled) in worker_pools(objs).items():
+        env = effective_env(objs, container(deployment, "worker"))
+        batch = int(env.get("GENQ_MAX_BATCH_SIZE", DEFAULTS.max_batch_size))
+        for trigger in scaled["spec"]["triggers"]:
+            meta = trigger["metadata"]
+            if trigger["type"] == "redis":
+                assert meta["listName"] == keys.queue(pool)
+                assert int(meta["listLength"]) == batch  # one worker's rows at once
+                assert meta["activationListLength"] == "0"  # one queued job wakes the pool
+            else:
+                assert (
+                    f'pool="{pool}"' in meta["query"]
+                    or deployment["metadata"]["name"] in meta["query"]
+                )
+        formula = scaled["spec"].get("advanced", {}).get("scalingModifiers", {}).get("formula")
+        if formula is not None:
+            assert set(re.findall(r"\b\d+\b", formula)) <= {str(batch), "0"}, formula
+
+
+@variants
+def test_scaling_goes_to_zero_up_fast_down_slowly_and_waits_for_model_loads(variant: str) -> None:
+    objs = render(variant)
+    for deployment, scaled in worker_pools(objs).values():
+        spec = scaled["spec"]
+        assert spec["minReplicaCount"] == 0
+        behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
+        assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
+        assert spec["fallback"]["replicas"] >= 1
+        startup = container(deployment, "worker")["startupProbe"]
+        slowest_load_s = startup["periodSeconds"] * startup["failureThreshold"]
+        assert spec["cooldownPeriod"] >= slowest_load_s
+        assert spec["initialCooldownPeriod"] >= slowest_load_s
+
+
+@variants
+def test_redis_trigger_authenticates_against_the_redis_the_workers_use(variant: str) -> None:
+    objs = render(variant)
+    url = urlsplit(secret_template()["stringData"]["redis-url"])
+    service = named(objs, "Service", "genq-redis")
+    (port,) = service["spec"]["ports"]
+    address = f"genq-redis.{service['metadata']['namespace']}.svc.cluster.local:{port['port']}"
+    assert f"{url.hostname}:{url.port}" == address
+    for _, scaled in worker_pools(objs).values():
+        for trigger in scaled["spec"]["triggers"]:
+            if trigger["type"] != "redis":
+                continue
+            assert trigger["metadata"]["address"] == address
+            assert trigger["metadata"]["databaseIndex"] == url.path.strip("/")
+            auth = named(objs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+            (ref,) = auth["spec"]["secretTargetRef"]
+            assert ref["parameter"] == "password"
+            assert ref["key"] == "redis-password"
+
+
+def test_prometheus_trigger_queries_only_metrics_that_exist() -> None:
+    (scaled,) = of_kind(render("prod+prometheus-scaling"), "ScaledObject")
+    triggers = {t["name"]: t["metadata"]["query"] for t in scaled["spec"]["triggers"]}
+    assert set(triggers) == {"running", "waiting", "starting"}
+    formula = scaled["spec"]["advanced"]["scalingModifiers"]["formula"]
+    assert set(re.findall(r"[a-z]+", formula)) - {"max"} == set(triggers)
+    for query in triggers.values():
+        for name in re.findall(r"\bgenq_\w+", query):
+            assert known_metric(name), name
+    assert not known_metric("genq_no_such_metric")
+
+
+@variants
+def test_no_secret_is_rendered_and_every_secret_key_used_is_in_the_template(variant: str) -> None:
+    objs = render(variant)
+    assert of_kind(objs, "Secret") == []
+    template = secret_template()
+    name, provided = template["metadata"]["name"], set(template["stringData"])
+    used = set()
+    for w in workloads(objs):
+        for c in pod_spec(w)["containers"]:
+            for var in c.get("env", []):
+                if "valueFrom" in var:
+                    used.add(
+                        (
+                            var["valueFrom"]["secretKeyRef"]["name"],
+                            var["valueFrom"]["secretKeyRef"]["key"],
+                        )
+                    )
+        for volume in pod_spec(w).get("volumes", []):
+            if "secret" in volume:
+                used |= {
+                    (volume["secret"]["secretName"], i["key"]) for i in volume["secret"]["items"]
+                }
+    for auth in of_kind(objs, "TriggerAuthentication"):
+        used |= {(r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    assert used
+    assert used <= {(name, key) for key in provided}
+
+
+@variants
+def test_secret_and_registry_files_are_mounted_where_the_settings_point(variant: str) -> None:
+    objs = render(variant)
+    for w, c in genq_containers(objs):
+        env = effective_env(objs, c)
+        volumes = {v["name"]: v for v in pod_spec(w)["volumes"]}
+        files: dict[str, str] = {}
+        for mount in c["volumeMounts"]:
+            volume = volumes[mount["name"]]
+            if "secret" in volume:
+                files |= {
+                    f"{mount['mountPath']}/{i['path']}": i["key"] for i in volume["secret"]["items"]
+                }
+            if "configMap" in volume:
+                data = named(objs, "ConfigMap", volume["configMap"]["name"])["data"]
+                files |= {f"{mount['mountPath']}/{key}": key for key in data}
+        for var in ("GENQ_REDIS_URL_FILE", "GENQ_WEBHOOK_SECRET_FILE", "GENQ_MODELS_FILE"):
+            assert env[var] in files, (w["metadata"]["name"], var)
+        assert "GENQ_REDIS_URL" not in env
+
+
+@variants
+def test_gateway_listens_on_the_port_its_probes_and_service_use(variant: str) -> None:
+    objs = render(variant)
+    deployment = named(objs, "Deployment", "genq-gateway")
+    c = container(deployment, "gateway")
+    env = effective_env(objs, c)
+    port = int(env.get("GENQ_PORT", DEFAULTS.port))
+    assert env["GENQ_HOST"] == "0.0.0.0"
+    for probe, path in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")]:
+        get = c[probe]["httpGet"]
+        assert get["path"] == path
+        assert path in gateway_paths()
+        assert container_port(c, get["port"]) == port
+    service = named(objs, "Service", "genq-gateway")
+    assert container_port(c, service["spec"]["ports"][0]["targetPort"]) == port
+
+
+@variants
+def test_worker_probes_use_the_worker_metrics_port(variant: str) -> None:
+    objs = render(variant)
+    for deployment, _ in worker_pools(objs).values():
+        c = container(deployment, "worker")
+        port = int(effective_env(objs, c)["GENQ_WORKER_METRICS_PORT"])
+        assert port != 0
+        paths = {
+            "startupProbe": "/healthz",
+            "livenessProbe": "/healthz",
+            "readinessProbe": "/readyz",
+        }
+        for probe, path in paths.items():
+            assert c[probe]["httpGet"]["path"] == path
+            assert container_port(c, c[probe]["httpGet"]["port"]) == port
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the worker's /healthz and /readyz come with the reliability work (issue 11); "
+    "remove this mark when they land",
+)
+def test_the_worker_serves_the_paths_its_probes_use() -> None:
+    source = "".join(p.read_text() for p in (ROOT / "worker").glob("*.py"))
+    assert '"/healthz"' in source
+    assert '"/readyz"' in source
+
+
+@variants
+def test_termination_grace_covers_prestop_the_drain_and_a_margin(variant: str) -> None:
+    objs = render(variant)
+    checked = set()
+    for w, c in genq_containers(objs):
+        command = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep"
+        env = effective_env(objs, c)
+        wait_s = int(
+            env.get("GENQ_WORKER_JOB_COMPLETION_WAIT_S", DEFAULTS.worker_job_completion_wait_s)
+        )
+        grace_s = pod_spec(w)["terminationGracePeriodSeconds"]
+        assert grace_s >= float(command[1]) + wait_s + DRAIN_MARGIN_S, w["metadata"]["name"]
+        checked.add(c["name"])
+    assert checked == {"gateway", "worker"}
+
+
+@variants
+def test_services_ingress_autoscalers_and_budgets_point_at_what_exists(variant: str) -> None:
+    objs = render(variant)
+    for service in of_kind(objs, "Service"):
+        pods = [
+            w
+            for w in workloads(objs)
+            if selects(
+                {"matchLabels": service["spec"]["selector"]},
+                w["spec"]["template"]["metadata"]["labels"],
+            )
+        ]
+        assert pods, service["metadata"]["name"]
+        for port in service["spec"]["ports"]:
+            for w in pods:
+                assert any(
+                    p.get("name") == port["targetPort"]
+                    for c in pod_spec(w)["containers"]
+                    for p in c.get("ports", [])
+                ), (service["metadata"]["name"], port)
+    for ingress in of_kind(objs, "Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                service = named(objs, "Service", backend["name"])
+                assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    for hpa in of_kind(objs, "HorizontalPodAutoscaler"):
+        named(objs, hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"])
+    for pdb in of_kind(objs, "PodDisruptionBudget"):
+        assert any(
+            selects(pdb["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+            for w in workloads(objs)
+        )
+
+
+@variants
+def test_pods_run_as_non_root_read_only_without_capabilities(variant: str) -> None:
+    for w in workloads(render(variant)):
+        spec = pod_spec(w)
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in spec["containers"]:
+            context = c["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"])
+            assert "memory" in c["resources"]["limits"]
+
+
+@variants
+def test_workers_get_a_memory_backed_dev_shm_and_a_gpu_in_prod(variant: str) -> None:
+    objs = render(variant)
+    for deployment, _ in worker_pools(objs).values():
+        c = container(deployment, "worker")
+        (shm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == shm["name"])
+        assert volume["emptyDir"]["medium"] == "Memory"
+        gpus = c["resources"]["limits"].get("nvidia.com/gpu")
+        device = effective_env(objs, c)["GENQ_DEVICE"]
+        assert (gpus, device) == ((1, "cuda") if variant.startswith("prod") else (None, "cpu"))
+
+
+@variants
+def test_redis_persists_its_append_only_file_within_its_memory_limit(variant: str) -> None:
+    objs = render(variant)
+    redis = named(objs, "StatefulSet", "genq-redis")
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    c = container(redis, "redis")
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in c["volumeMounts"]
+    conf = named(objs, "ConfigMap", pod_spec(redis)["volumes"][0]["configMap"]["name"])["data"][
+        "redis.conf"
+    ]
+    assert re.search(r"^appendonly yes$", conf, re.M)
+    assert re.search(r"^maxmemory-policy noeviction$", conf, re.M)
+    (maxmemory_mb,) = re.findall(r"^maxmemory (\d+)mb$", conf, re.M)
+    limit = c["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    assert int(maxmemory_mb) < int(limit[:-2]) * 1024
+
+
+@variants
+def test_only_genq_pods_and_keda_reach_redis(variant: str) -> None:
+    objs = render(variant)
+    policy = named(objs, "NetworkPolicy", "genq-redis")
+    redis = named(objs, "StatefulSet", "genq-redis")
+    assert selects(policy["spec"]["podSelector"], redis["spec"]["template"]["metadata"]["labels"])
+    (rule,) = policy["spec"]["ingress"]
+    peers = [p for p in rule["from"] if "namespaceSelector" not in p]
+    (keda,) = [p for p in rule["from"] if "namespaceSelector" in p]
+    for w in of_kind(objs, "Deployment"):
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert any(selects(p["podSelector"], labels) for p in peers), w["metadata"]["name"]
+    stranger = {"app.kubernetes.io/part-of": "genq", "app.kubernetes.io/component": "debug"}
+    assert not any(selects(p["podSelector"], stranger) for p in peers)
+    assert keda["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
+    assert rule["ports"] == [
+        {"protocol": "TCP", "port": container_port(container(redis, "redis"), "redis")}
+    ]
+
+
+@variants
+def test_every_pool_of_the_registry_has_workers_and_a_scaler(variant: str) -> None:
+    objs = render(variant)
+    (registry,) = [
+        c for c in of_kind(objs, "ConfigMap") if c["metadata"]["name"].startswith("genq-models")
+    ]
+    path = K8S / "base" / "models.yaml"
+    assert yaml.safe_load(registry["data"]["models.yaml"]) == yaml.safe_load(path.read_text())
+    assert parse_registry(path).pools() <= set(worker_pools(objs))
+
+
+def test_registry_baked_into_the_worker_image_is_valid() -> None:
+    catalog = parse_registry(ROOT / "deploy" / "models.yaml")
+    assert all(
+        spec.source and spec.source.startswith("/models/") for spec in catalog.specs.values()
+    )
+
+
+def test_monitoring_scrapes_the_gateway_and_worker_services_with_their_pool() -> None:
+    objs = render("prod")
+    monitors = of_kind(objs, "ServiceMonitor")
+    assert {m["metadata"]["name"] for m in monitors} == {"genq-gateway", "genq-worker"}
+    for monitor in monitors:
+        services = [
+            s
+            for s in of_kind(objs, "Service")
+            if selects(monitor["spec"]["selector"], s["metadata"]["labels"])
+        ]
+        assert services
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["path"] == "/metrics"
+            for service in services:
+                assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    (worker_monitor,) = [m for m in monitors if m["metadata"]["name"] == "genq-worker"]
+    (relabel,) = worker_monitor["spec"]["endpoints"][0]["relabelings"]
+    # Prometheus names a pod label with every character outside [a-zA-Z0-9_] turned into `_`.
+    assert relabel["sourceLabels"] == [
+        "__meta_kubernetes_pod_label_" + re.sub(r"\W", "_", "genq.io/pool")
+    ]
+    assert relabel["targetLabel"] == "pool"
+
+
+def test_deployment_alert_rules_are_complete() -> None:
+    (rule_set,) = of_kind(render("prod"), "PrometheusRule")
+    rules = [r for group in rule_set["spec"]["groups"] for r in group["rules"]]
+    assert rules
+    for rule in rules:
+        assert rule["alert"].startswith("Genq")
+        assert rule["expr"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert rule["annotations"]["summary"]
+        assert rule["annotations"]["description"]
+        for name in re.findall(r"\bgenq_\w+", rule["expr"]):
+            assert known_metric(name), name
