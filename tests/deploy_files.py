@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,14 @@ def env_instructions(instructions: list[tuple[str, str]]) -> dict[str, str]:
 def gateway_paths() -> frozenset[str]:
     """The paths the gateway serves, from its OpenAPI document."""
     return frozenset(create_app(Settings()).openapi()["paths"])
+
+
+def drain_s(container: str, env: Mapping[str, str]) -> float:
+    """How long a genq process takes to stop once signalled, by its settings: a gateway its
+    shutdown grace, a worker the wait it gives running jobs."""
+    defaults = Settings()
+    if container.startswith("gateway"):
+        return float(env.get("GENQ_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s))
+    return float(
+        env.get("GENQ_WORKER_JOB_COMPLETION_WAIT_S", defaults.worker_job_completion_wait_s)
+    )

@@ -14,10 +14,11 @@ import jsonschema
 import yaml
 
 from common.settings import Settings
-from tests.deploy_files import ROOT, SCHEMAS, gateway_paths
+from tests.deploy_files import ROOT, SCHEMAS, drain_s, gateway_paths
+from worker.main import SHUTDOWN_MARGIN_S
 
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
-DRAIN_MARGIN_S = 10
+DRAIN_MARGIN_S = SHUTDOWN_MARGIN_S
 
 
 @cache
@@ -124,11 +125,8 @@ def test_probes_and_scrapes_use_the_ports_and_paths_the_code_serves() -> None:
 def test_stop_grace_periods_cover_the_drain() -> None:
     for name in ("worker-cpu", "worker-gpu", "gateway"):
         env = service(name)["environment"]
-        wait_s = float(
-            env.get("GENQ_WORKER_JOB_COMPLETION_WAIT_S", Settings().worker_job_completion_wait_s)
-        )
         grace_s = seconds(service(name)["stop_grace_period"])
-        assert grace_s >= wait_s + DRAIN_MARGIN_S, name
+        assert grace_s >= drain_s(name, env) + DRAIN_MARGIN_S, name
 
 
 def test_genq_processes_read_their_secrets_from_files() -> None:

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate  # type: ignore[import-untyped]
+import orjson
 import pytest
 import yaml
 from prometheus_client import REGISTRY
@@ -26,6 +27,7 @@ from tests.deploy_files import (
     container,
     container_port,
     crd_schema,
+    drain_s,
     effective_env,
     gateway_paths,
     named,
@@ -34,10 +36,13 @@ from tests.deploy_files import (
     render,
     selects,
 )
+from worker.main import SHUTDOWN_MARGIN_S
+from worker.probes import probe_app
 
 # The oldest Kubernetes release the manifests are checked against (docs/deploy.md).
 KUBERNETES_VERSION = "1.30"
-DRAIN_MARGIN_S = 10
+# What a stopping process may take beyond its drain setting (the worker's hard deadline).
+DRAIN_MARGIN_S = SHUTDOWN_MARGIN_S
 SECRET_TEMPLATE = K8S / "secret.template.yaml"
 DEFAULTS = Settings()
 
@@ -263,15 +268,23 @@ def test_worker_probes_use_the_worker_metrics_port(variant: str) -> None:
             assert container_port(c, c[probe]["httpGet"]["port"]) == port
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker's /healthz and /readyz come with the reliability work (issue 11); "
-    "remove this mark when they land",
-)
 def test_the_worker_serves_the_paths_its_probes_use() -> None:
-    source = "".join(p.read_text() for p in (ROOT / "worker").glob("*.py"))
-    assert '"/healthz"' in source
-    assert '"/readyz"' in source
+    """Each probe path of the worker's manifests is one of `worker.probes`' checks, not the
+    metrics page that the same port serves for every other path."""
+    app = probe_app(live=lambda: None, ready=lambda: "loading its models")
+    paths = {
+        c[probe]["httpGet"]["path"]
+        for _, c in genq_containers(render("prod"))
+        if c["name"] == "worker"
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe")
+        if probe in c
+    }
+    assert paths == {"/healthz", "/readyz"}
+    statuses: list[str] = []
+    for path in sorted(paths):
+        body = app({"PATH_INFO": path}, lambda status, _: statuses.append(status))
+        assert orjson.loads(b"".join(body))["status"] in ("ok", "loading its models")
+    assert statuses == ["200 OK", "503 Service Unavailable"]  # /healthz, /readyz
 
 
 @variants
@@ -282,11 +295,9 @@ def test_termination_grace_covers_prestop_the_drain_and_a_margin(variant: str) -
         command = c["lifecycle"]["preStop"]["exec"]["command"]
         assert command[0] == "sleep"
         env = effective_env(objs, c)
-        wait_s = int(
-            env.get("GENQ_WORKER_JOB_COMPLETION_WAIT_S", DEFAULTS.worker_job_completion_wait_s)
-        )
         grace_s = pod_spec(w)["terminationGracePeriodSeconds"]
-        assert grace_s >= float(command[1]) + wait_s + DRAIN_MARGIN_S, w["metadata"]["name"]
+        needed = float(command[1]) + drain_s(c["name"], env) + DRAIN_MARGIN_S
+        assert grace_s >= needed, w["metadata"]["name"]
         checked.add(c["name"])
     assert checked == {"gateway", "worker"}
 
