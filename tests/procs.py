@@ -97,10 +97,14 @@ def start_worker(
 
 
 def _serving(base: str, model: str | None) -> bool:
+    """Whether the gateway lists a worker serving `model`; not yet while it answers 503 (its
+    Redis just came back, say)."""
     if model is None:
-        pools = httpx.get(f"{base}/v1/queue", timeout=5).json()["pools"]
+        resp = httpx.get(f"{base}/v1/queue", timeout=5)
+        pools = resp.json()["pools"] if resp.status_code == 200 else []
         return any(p["workers_alive"] > 0 for p in pools)
-    live = httpx.get(f"{base}/v1/models", timeout=5).json()["data"]
+    resp = httpx.get(f"{base}/v1/models", timeout=5)
+    live = resp.json()["data"] if resp.status_code == 200 else []
     return any(m["id"] == model and m["workers"] > 0 for m in live)
 
 
