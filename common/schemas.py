@@ -105,11 +105,14 @@ class Timings(BaseModel):
 
 
 class WebhookDelivery(BaseModel):
+    """One delivery attempt. The receiver's status code, or none when no answer came (the
+    target refused, unreachable or too slow): the reason stays in the worker's log, so that
+    webhooks cannot be used to probe the network."""
+
     attempt: int
     at: float = Field(description="Epoch seconds.")
     delivered: bool
     status_code: int | None = None
-    error: str | None = None
 
 
 class Job(BaseModel):
@@ -162,16 +165,22 @@ class ModelVersion(BaseModel):
     id: str = Field(description="name@version, what a request may name to get this version.")
     version: str
     pool: str
-    source: str
+    source: str | None = Field(
+        None, description="Where its weights come from; shown to API keys with `admin` only."
+    )
     state: Literal["not_loaded", "loading", "ready", "reloading", "failed"] = Field(
         description="ready if any live worker serves it; failed only if every holder failed."
     )
-    reason: str | None = Field(None, description="Why it failed, when it did.")
+    reason: str | None = Field(
+        None, description="Why it failed, when it did; shown to API keys with `admin` only."
+    )
     traffic_weight: int | None = Field(
         None, description="Its weight in the model's traffic split, when one is set."
     )
     default: bool = Field(description="What the bare name serves without a traffic split.")
-    workers: list[WorkerHolding]
+    workers: list[WorkerHolding] | None = Field(
+        None, description="The live workers holding it; shown to API keys with `admin` only."
+    )
 
 
 class ModelCard(BaseModel):

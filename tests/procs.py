@@ -43,9 +43,12 @@ class Proc:
 
 
 def genq_env(redis_url: str, **overrides: str) -> dict[str, str]:
+    """Settings of test and benchmark stacks: on loopback, and anonymous (no API keys) unless
+    `overrides` give keys."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
     env.update(
         GENQ_REDIS_URL=redis_url,
+        GENQ_ALLOW_ANONYMOUS="true",
         GENQ_LOG_FORMAT="text",
         GENQ_WORKER_HEARTBEAT_S="1",
         GENQ_WORKER_JOB_COMPLETION_WAIT_S="2",

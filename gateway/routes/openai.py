@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
-from gateway.deps import ListenerDep, Services
+from gateway.deps import GeneratorDep, ListenerDep, Services
 from gateway.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -15,10 +15,11 @@ from gateway.openai.protocol import (
     CompletionRequest,
 )
 from gateway.routes.jobs import ERRORS, IdempotencyKey
+from gateway.security import StrictJSONRoute
 from gateway.services.openai import JobStream, OpenAIService
 from gateway.services.sse import sse_response
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(route_class=StrictJSONRoute, prefix="/v1", tags=["openai"])
 
 STREAMED = {"content": {"text/event-stream": {}}, "description": "With `stream: true`: chunks"}
 
@@ -44,13 +45,15 @@ def _sse(stream: JobStream, openai: OpenAIService) -> EventSourceResponse:
 async def completions(
     body: CompletionRequest,
     openai: OpenAIDep,
+    caller: GeneratorDep,
     listener: ListenerDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Completion | EventSourceResponse:
     """OpenAI text completion; with `stream: true`, chunks ending with `data: [DONE]`."""
     if body.stream:
-        return _sse(await openai.completion_stream(body, idempotency_key, listener), openai)
-    return await openai.completion(body, idempotency_key, listener)
+        stream = await openai.completion_stream(body, caller, idempotency_key, listener)
+        return _sse(stream, openai)
+    return await openai.completion(body, caller, idempotency_key, listener)
 
 
 @router.post(
@@ -61,10 +64,11 @@ async def completions(
 async def chat_completions(
     body: ChatCompletionRequest,
     openai: OpenAIDep,
+    caller: GeneratorDep,
     listener: ListenerDep,
     idempotency_key: IdempotencyKey = None,
 ) -> ChatCompletion | EventSourceResponse:
     """OpenAI chat completion; the model's chat template is applied by the worker."""
     if body.stream:
-        return _sse(await openai.chat_stream(body, idempotency_key, listener), openai)
-    return await openai.chat(body, idempotency_key, listener)
+        return _sse(await openai.chat_stream(body, caller, idempotency_key, listener), openai)
+    return await openai.chat(body, caller, idempotency_key, listener)
