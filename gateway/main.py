@@ -12,6 +12,7 @@ import uvicorn
 from common.catalog import CatalogError, CatalogSource
 from common.logs import setup_logging
 from common.settings import Settings
+from common.webhooks import WebhookPolicy, WebhookRefused
 from gateway.app import create_app
 from gateway.auth import InvalidKeys, KeyRing
 from gateway.drain import Drain
@@ -45,7 +46,8 @@ def run_gateway(settings: Settings) -> None:
     try:
         CatalogSource(settings)
         keyring = KeyRing.from_settings(settings)
-    except (CatalogError, InvalidKeys) as e:
+        WebhookPolicy.from_settings(settings)
+    except (CatalogError, InvalidKeys, WebhookRefused) as e:
         logger.error("%s", e)
         raise SystemExit(2) from e
     if keyring.anonymous is not None:

@@ -28,7 +28,7 @@ from common.schemas import (
     Usage,
 )
 from common.settings import Settings
-from common.webhooks import enqueue_delivery
+from common.webhooks import WebhookPolicy, enqueue_delivery
 from gateway import metrics
 from gateway.auth import Caller
 from gateway.errors import (
@@ -71,6 +71,7 @@ class JobService:
         self.settings = settings
         self.reader = reader
         self.limiter = limiter
+        self.webhooks = WebhookPolicy.from_settings(settings)
 
     def _sharing_scope(self, owner: str) -> str | None:
         """Whose jobs, results and cached prompts a request of `owner` may share: its own API
@@ -87,7 +88,7 @@ class JobService:
         """Queue a job, or answer with the job that already serves this request: the one an
         earlier request with the same Idempotency-Key created, or (for deterministic requests)
         an identical one of the same API key that is running or has finished (`cached: true`)."""
-        check_limits(request, self.settings)
+        check_limits(request, self.settings, self.webhooks)
         route = await self.models.resolve(request.model)
         check_model_limits(request, route.spec)
         await self.limiter.count_requests(caller, 1)
@@ -164,7 +165,7 @@ class JobService:
         for index, raw in enumerate(items):
             try:
                 request = GenerationRequest.model_validate(raw)
-                check_limits(request, self.settings)
+                check_limits(request, self.settings, self.webhooks)
                 route = await self.models.resolve(request.model)
                 check_model_limits(request, route.spec)
             except ValidationError as e:
