@@ -103,8 +103,13 @@ def decode_item(raw: object) -> WorkItem:
     try:
         item = WorkItem.model_validate(raw)
     except ValidationError as e:
+        # Without the input values: they hold the prompt, and this message is logged.
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in e.errors(include_input=False)
+        )
         raise InvalidWorkItem(
-            ErrorCode.invalid_work_item, f"the queued work item cannot be read: {e}"
+            ErrorCode.invalid_work_item, f"the queued work item cannot be read: {errors}"
         ) from e
     if item.version > WORK_ITEM_VERSION:
         raise InvalidWorkItem(
