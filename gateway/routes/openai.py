@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
+from common.schemas import ErrorBody
 from gateway.deps import GeneratorDep, ListenerDep, Services
 from gateway.openai.protocol import (
     ChatCompletion,
@@ -22,6 +23,9 @@ from gateway.services.sse import sse_response
 router = APIRouter(route_class=StrictJSONRoute, prefix="/v1", tags=["openai"])
 
 STREAMED = {"content": {"text/event-stream": {}}, "description": "With `stream: true`: chunks"}
+# A failed generation answers with the status of its error code (gateway.errors): the input the
+# model could not take, its output that could not be sampled or decoded, a job past its time.
+FAILED = {code: {"model": ErrorBody} for code in (400, 502, 504)}
 
 
 def _openai(request: Request) -> OpenAIService:
@@ -40,7 +44,7 @@ def _sse(stream: JobStream, openai: OpenAIService) -> EventSourceResponse:
 @router.post(
     "/completions",
     response_model=None,
-    responses={**ERRORS, 200: {"model": Completion, **STREAMED}},
+    responses={**ERRORS, **FAILED, 200: {"model": Completion, **STREAMED}},
 )
 async def completions(
     body: CompletionRequest,
@@ -59,7 +63,7 @@ async def completions(
 @router.post(
     "/chat/completions",
     response_model=None,
-    responses={**ERRORS, 200: {"model": ChatCompletion, **STREAMED}},
+    responses={**ERRORS, **FAILED, 200: {"model": ChatCompletion, **STREAMED}},
 )
 async def chat_completions(
     body: ChatCompletionRequest,
