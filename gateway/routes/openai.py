@@ -25,9 +25,7 @@ router = APIRouter(route_class=StrictJSONRoute, prefix="/v1", tags=["openai"])
 STREAMED = {"content": {"text/event-stream": {}}, "description": "With `stream: true`: chunks"}
 # A failed generation answers with the status of its error code (gateway.errors): the input the
 # model could not take, its output that could not be sampled or decoded, a job past its time.
-FAILED: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 502, 504)
-}
+FAILED: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 502, 504)}
 
 
 def _openai(request: Request) -> OpenAIService:
