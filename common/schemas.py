@@ -9,7 +9,10 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A client's body: unknown fields are refused, and so are values of another JSON type
+    (`true` for a number, `1` for a boolean), which lax validation would convert."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class JobStatus(StrEnum):
@@ -203,7 +206,7 @@ class ReloadAccepted(BaseModel):
 
 
 class TrafficSplit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     weights: dict[str, int] = Field(
         description='Weight of each version, e.g. {"1": 90, "2": 10}.', min_length=1
@@ -211,7 +214,7 @@ class TrafficSplit(BaseModel):
 
 
 class AliasTarget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     target: str = Field(description="A model name or name@version.")
 
@@ -237,7 +240,7 @@ class QueueStats(BaseModel):
 class BatchRequest(BaseModel):
     """Items are validated one by one: a bad item is reported, the others still run."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     requests: list[dict[str, object]] = Field(min_length=1)
 
