@@ -288,7 +288,7 @@ def test_a_chunked_body_over_the_limit_is_413(keyed: KeyedStack) -> None:
         (b'{"prompt": "x", "seed": 1e400}', "infinity"),
         (b'{"prompt": "x", "max_new_tokens": ' + b"9" * 5000 + b"}", "infinity"),
         (b'{"prompt": "x", "stop": ' + b"[" * 2000 + b"]" * 2000 + b"}", "depth limit"),
-        (b'{"prompt": "x", "seed": 99999999999999999999999}', "exceeded maximum size"),
+        (b'{"prompt": "x", "seed": 99999999999999999999999}', "valid integer"),
     ],
 )
 def test_hostile_json_is_a_422_that_says_why(keyed: KeyedStack, body: bytes, reason: str) -> None:
