@@ -29,13 +29,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--api-key", help="an API key with the generate scope (none: anonymous)")
     args = parser.parse_args()
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
     latencies: list[float] = []
     ttfts: list[float] = []
     tokens = 0
     run_id = time.time_ns()
-    with httpx.Client(base_url=args.url, timeout=300) as client:
+    with httpx.Client(base_url=args.url, timeout=300, headers=headers) as client:
         # One warm-up request: the first forward pass pays for lazy initialisation.
         client.post("/v1/generate", json={"prompt": f"Hi {run_id}", "max_new_tokens": 4})
         for i in range(args.requests):

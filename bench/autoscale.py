@@ -82,6 +82,10 @@ SETTINGS = {
     "GENQ_WORKER_MAX_JOBS": str(2 * BATCH),
     "GENQ_WORKER_JOB_COMPLETION_WAIT_S": str(DRAIN_WAIT_S),
     "GENQ_CACHE_ENABLED": "false",  # every request is a job of its own
+    # One anonymous client stands for all of them: no per-key limits on what is measured.
+    "GENQ_RATE_LIMIT_REQUESTS_PER_MINUTE": "0",
+    "GENQ_RATE_LIMIT_TOKENS_PER_MINUTE": "0",
+    "GENQ_RATE_LIMIT_CONCURRENT": "0",
     "OMP_NUM_THREADS": "1",  # workers share the machine's cores instead of fighting over them
 }
 

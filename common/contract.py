@@ -27,7 +27,10 @@ GENERATE_FUNCTION = "generate"
 DELIVER_WEBHOOK_FUNCTION = "deliver_webhook"
 
 # Optional features a work item may require, as this release's workers implement them.
-SUPPORTED_FEATURES: frozenset[str] = frozenset()
+# `prefix_cache_scope`: the worker matches a prompt only against cached prompts of the same
+# `cache_scope` (an API key), so a key cannot learn how other keys' prompts begin.
+PREFIX_CACHE_SCOPE = "prefix_cache_scope"
+SUPPORTED_FEATURES: frozenset[str] = frozenset({PREFIX_CACHE_SCOPE})
 
 
 class ErrorCode(StrEnum):
@@ -78,6 +81,12 @@ class WorkItem(_Lenient):
     seed: int
     max_new_tokens: int
     model: str = Field(description="name@version the gateway routed the job to.")
+    cache_scope: str | None = Field(
+        None,
+        description="Prefix-cache partition (the API key's principal): the prompt may reuse "
+        "only cached prompts of the same scope. None: any. Comes with `prefix_cache_scope` in "
+        "`requires`.",
+    )
     requires: list[str] = Field(default_factory=list)
 
 
@@ -94,8 +103,13 @@ def decode_item(raw: object) -> WorkItem:
     try:
         item = WorkItem.model_validate(raw)
     except ValidationError as e:
+        # Without the input values: they hold the prompt, and this message is logged.
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in e.errors(include_input=False)
+        )
         raise InvalidWorkItem(
-            ErrorCode.invalid_work_item, f"the queued work item cannot be read: {e}"
+            ErrorCode.invalid_work_item, f"the queued work item cannot be read: {errors}"
         ) from e
     if item.version > WORK_ITEM_VERSION:
         raise InvalidWorkItem(

@@ -68,6 +68,12 @@ def _from_hash(job_id: str, raw: Mapping[bytes, bytes]) -> Job:
     )
 
 
+def owner_field(owner: str) -> str:
+    """The record's field that lets API key `owner` see the job; its value counts the key's
+    holds on it (requests of that key sharing the job and not let go)."""
+    return f"owner:{owner}"
+
+
 def _text(reply: bytes | str) -> str:
     return reply.decode() if isinstance(reply, bytes) else reply
 
@@ -102,17 +108,42 @@ class JobStore:
         self._reap = redis.register_script(lua.REAP)
         self._renew = redis.register_script(lua.RENEW)
         self._release = redis.register_script(lua.RELEASE)
+        self._share = redis.register_script(lua.SHARE)
+        self._admit = redis.register_script(lua.ADMIT)
 
-    async def create(self, job: Job, *, pool: str, webhook: str | None = None) -> None:
+    async def create(
+        self,
+        job: Job,
+        *,
+        pool: str,
+        owner: str,
+        webhook: str | None = None,
+        in_flight: bool = False,
+    ) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            self.stage_create(pipe, job, pool=pool, webhook=webhook)
+            self.stage_create(
+                pipe, job, pool=pool, owner=owner, webhook=webhook, in_flight=in_flight
+            )
             await pipe.execute()
 
     def stage_create(
-        self, pipe: Pipeline, job: Job, *, pool: str, webhook: str | None = None
+        self,
+        pipe: Pipeline,
+        job: Job,
+        *,
+        pool: str,
+        owner: str,
+        webhook: str | None = None,
+        in_flight: bool = False,
     ) -> None:
-        """Add the record's creation to `pipe`, so it can share a round trip with the enqueue."""
-        extra = {"pool": pool, "holders": "1", **({"webhook": webhook} if webhook else {})}
+        """Add the record's creation to `pipe`, so it can share a round trip with the enqueue.
+        `owner` (an API key's principal) holds it; `in_flight`: the job counts towards the
+        owner's concurrency limit (`admit`) until it ends."""
+        extra = {"pool": pool, "holders": "1", owner_field(owner): "1"}
+        if webhook:
+            extra["webhook"] = webhook
+        if in_flight:
+            extra["in_flight"] = keys.in_flight(owner)
         pipe.hset(keys.job(job.id), mapping={**_to_hash(job), **extra})
         pipe.expire(keys.job(job.id), self.ttl_s)
 
@@ -120,12 +151,15 @@ class JobStore:
         raw = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "webhook"))
         return None if raw is None else raw.decode()
 
-    async def load(self, job_id: str) -> Job | None:
+    async def load(self, job_id: str, *, owner: str | None = None) -> Job | None:
+        """The job, or None if it is gone or, with `owner`, not that API key's to see."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.job(job_id))
             pipe.lrange(keys.deliveries(job_id), 0, -1)
             raw, deliveries = await pipe.execute()
         if not raw:
+            return None
+        if owner is not None and owner_field(owner).encode() not in raw:
             return None
         job = _from_hash(job_id, raw)
         job.webhook_deliveries = [WebhookDelivery.model_validate_json(d) for d in deliveries]
@@ -142,13 +176,26 @@ class JobStore:
         raw = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "pool"))
         return None if raw is None else raw.decode()
 
-    async def add_holder(self, job_id: str) -> None:
-        """Another client shares the job (an identical request attached to it)."""
-        await cast("Awaitable[int]", self.redis.hincrby(keys.job(job_id), "holders", 1))
+    async def share(self, job_id: str, owner: str, *, hold: bool) -> bool:
+        """An identical request of `owner` attached to the job: the key may see it and, with
+        `hold`, holds it too. False if the record is gone."""
+        args = [owner_field(owner), "1" if hold else "0"]
+        return bool(await self._share(keys=[keys.job(job_id)], args=args))
 
-    async def release_holder(self, job_id: str) -> int:
-        """A client lets go of the job; how many still hold it."""
-        return int(await self._release(keys=[keys.job(job_id)]))
+    async def release_holder(self, job_id: str, owner: str) -> int:
+        """`owner` lets go of one of its holds on the job; how many holds are left in all."""
+        return int(await self._release(keys=[keys.job(job_id)], args=[owner_field(owner)]))
+
+    async def admit(self, owner: str, job_ids: list[str], limit: int) -> tuple[bool, int]:
+        """Count new jobs towards `owner`'s concurrency limit, unless that would pass it:
+        (admitted, jobs in flight)."""
+        args: list[str | int] = [limit, keys.job_prefix(), *job_ids]
+        ok, count = await self._admit(keys=[keys.in_flight(owner)], args=args)
+        return bool(ok), int(count)
+
+    async def leave_in_flight(self, owner: str, job_ids: list[str]) -> None:
+        """Jobs admitted but never queued (the submission failed)."""
+        await cast("Awaitable[int]", self.redis.srem(keys.in_flight(owner), *job_ids))
 
     async def status(self, job_id: str) -> JobStatus | None:
         """The job's status; None once the record is gone (expired, or never there)."""

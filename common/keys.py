@@ -8,8 +8,14 @@ PREFIX = "genq"
 
 
 def job(job_id: str) -> str:
-    """Hash: the job record (status, model, timestamps, result, error)."""
+    """Hash: the job record (status, model, timestamps, result, error; `owner:<principal>`
+    fields name who may see it)."""
     return f"{PREFIX}:job:{job_id}"
+
+
+def job_prefix() -> str:
+    """What `job` puts before an id, for scripts that find records by id."""
+    return job("")
 
 
 def events(job_id: str) -> str:
@@ -90,11 +96,21 @@ def deliveries(job_id: str) -> str:
     return f"{PREFIX}:deliveries:{job_id}"
 
 
-def idempotency(key: str) -> str:
-    """String: `{job id} {request fingerprint}` for a client's Idempotency-Key."""
-    return f"{PREFIX}:idem:{key}"
+def idempotency(owner: str, key: str) -> str:
+    """String: `{job id} {request fingerprint}` for an Idempotency-Key of one API key."""
+    return f"{PREFIX}:idem:{owner}:{key}"
 
 
 def result_cache(fingerprint: str) -> str:
     """String: id of the job that serves identical deterministic requests."""
     return f"{PREFIX}:cache:{fingerprint}"
+
+
+def in_flight(owner: str) -> str:
+    """Set: ids of an API key's jobs that have not ended (its concurrency limit)."""
+    return f"{PREFIX}:inflight:{owner}"
+
+
+def rate_limits() -> str:
+    """Prefix of the `limits` library's counters (requests and tokens per key and minute)."""
+    return f"{PREFIX}:ratelimit"

@@ -69,7 +69,9 @@ return lost
 # arq payload, arq try count. ARGV: job id, attempt, ttl, event type, event data, orphan
 # ("1": only if no lease is held, and take the job off its queue), finished_at, then the
 # record's fields and values. Replaying the same write (a retry of one that had gone through
-# after all) answers 'ok' again: its `finished_at` is already the record's.
+# after all) answers 'ok' again: its `finished_at` is already the record's. The job leaves its
+# API key's in-flight set, which the record names (`in_flight`): the caller does not know whose
+# job it is, and genq's Redis is never a cluster, so a key read from the record is fine here.
 FINISH = f"""
 local rec = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'finished_at')
 local s = rec[1]
@@ -89,6 +91,8 @@ if ARGV[6] == '1' then
   redis.call('ZREM', KEYS[5], ARGV[1])
   redis.call('DEL', KEYS[6], KEYS[7])
 end
+local in_flight = redis.call('HGET', KEYS[1], 'in_flight')
+if in_flight then redis.call('SREM', in_flight, ARGV[1]) end
 return 'ok'
 """
 
@@ -145,9 +149,49 @@ end
 return lost
 """
 
-# A client lets go of a job it shares with others (dedup). KEYS: job. Returns the holders left
-# (-1: no record).
+# A client lets go of a job it shares with others (dedup). `owner:<principal>` counts the holds
+# of each API key, so that a key lets go only of its own. KEYS: job. ARGV: owner field. Returns
+# the holders left (-1: no record).
 RELEASE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') <= 0 then
+  return tonumber(redis.call('HGET', KEYS[1], 'holders') or '0')
+end
+redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
 return redis.call('HINCRBY', KEYS[1], 'holders', -1)
+"""
+
+# An identical request attaches to a job (dedup, the result cache): its API key may now see it,
+# and, while the job runs, holds it. KEYS: job. ARGV: owner field, "1" to hold. Returns 0 when
+# the record is gone (never recreated without its TTL).
+SHARE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[2] == '1' then
+  redis.call('HINCRBY', KEYS[1], 'holders', 1)
+  redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+else
+  redis.call('HSETNX', KEYS[1], ARGV[1], 0)
+end
+return 1
+"""
+
+# An API key's concurrency limit: add new jobs to its in-flight set unless that would pass the
+# limit. Jobs whose record is gone or ended leave the set first (FINISH takes them out too; this
+# heals a set after a record expired unseen). A job being submitted right now has no record yet
+# and is dropped by a concurrent admission of the same key: the set may undercount for that
+# instant, never overcount. KEYS: in-flight set. ARGV: limit, job key prefix, then the new ids.
+# Returns {1, jobs in flight after} when admitted, {0, jobs in flight} when refused.
+ADMIT = f"""
+local n = #ARGV - 2
+local limit = tonumber(ARGV[1])
+if redis.call('SCARD', KEYS[1]) + n > limit then
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    local s = redis.call('HGET', ARGV[2] .. id, 'status')
+    if not s or {_FINISHED} then redis.call('SREM', KEYS[1], id) end
+  end
+  local have = redis.call('SCARD', KEYS[1])
+  if have + n > limit then return {{0, have}} end
+end
+redis.call('SADD', KEYS[1], unpack(ARGV, 3))
+return {{1, redis.call('SCARD', KEYS[1])}}
 """

@@ -9,7 +9,10 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A client's body: unknown fields are refused, and so are values of another JSON type
+    (`true` for a number, `1` for a boolean), which lax validation would convert."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class JobStatus(StrEnum):
@@ -105,11 +108,14 @@ class Timings(BaseModel):
 
 
 class WebhookDelivery(BaseModel):
+    """One delivery attempt. The receiver's status code, or none when no answer came (the
+    target refused, unreachable or too slow): the reason stays in the worker's log, so that
+    webhooks cannot be used to probe the network."""
+
     attempt: int
     at: float = Field(description="Epoch seconds.")
     delivered: bool
     status_code: int | None = None
-    error: str | None = None
 
 
 class Job(BaseModel):
@@ -162,16 +168,22 @@ class ModelVersion(BaseModel):
     id: str = Field(description="name@version, what a request may name to get this version.")
     version: str
     pool: str
-    source: str
+    source: str | None = Field(
+        None, description="Where its weights come from; shown to API keys with `admin` only."
+    )
     state: Literal["not_loaded", "loading", "ready", "reloading", "failed"] = Field(
         description="ready if any live worker serves it; failed only if every holder failed."
     )
-    reason: str | None = Field(None, description="Why it failed, when it did.")
+    reason: str | None = Field(
+        None, description="Why it failed, when it did; shown to API keys with `admin` only."
+    )
     traffic_weight: int | None = Field(
         None, description="Its weight in the model's traffic split, when one is set."
     )
     default: bool = Field(description="What the bare name serves without a traffic split.")
-    workers: list[WorkerHolding]
+    workers: list[WorkerHolding] | None = Field(
+        None, description="The live workers holding it; shown to API keys with `admin` only."
+    )
 
 
 class ModelCard(BaseModel):
@@ -194,7 +206,7 @@ class ReloadAccepted(BaseModel):
 
 
 class TrafficSplit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     weights: dict[str, int] = Field(
         description='Weight of each version, e.g. {"1": 90, "2": 10}.', min_length=1
@@ -202,7 +214,7 @@ class TrafficSplit(BaseModel):
 
 
 class AliasTarget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     target: str = Field(description="A model name or name@version.")
 
@@ -228,7 +240,7 @@ class QueueStats(BaseModel):
 class BatchRequest(BaseModel):
     """Items are validated one by one: a bad item is reported, the others still run."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     requests: list[dict[str, object]] = Field(min_length=1)
 

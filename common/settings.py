@@ -65,9 +65,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted (413).")
     max_prompt_chars: int = Field(32_000, gt=0)
     max_messages: int = Field(256, gt=0)
-    admin_token: SecretStr | None = Field(
-        None, description="Bearer token the /v1/admin routes require; unset: they are open."
-    )
     max_new_tokens_limit: int = Field(2048, gt=0, description="Upper bound of max_new_tokens.")
     default_max_new_tokens: int = Field(128, gt=0)
     max_stop_sequences: int = Field(4, ge=0)
@@ -90,7 +87,11 @@ class Settings(BaseSettings):
     )
     webhook_allowed_hosts: list[str] = Field(
         default_factory=list,
-        description='Hosts webhooks may target, as JSON: ["hooks.example.com"]. Empty: none.',
+        description="Webhook targets, as JSON: host names, `host:port`, IP addresses or networks "
+        "(`10.0.0.0/24`). Empty: webhooks are off.",
+    )
+    webhook_allow_http: bool = Field(
+        False, description="Let webhooks use plain http (https is required otherwise)."
     )
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key of webhooks.")
     webhook_secret_file: Path | None = Field(None, description="File holding the webhook key.")
@@ -99,6 +100,53 @@ class Settings(BaseSettings):
         2.0, gt=0, description="First retry delay; it doubles with every failed attempt."
     )
     webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one delivery.")
+    # Security and traffic control (gateway)
+    api_keys: SecretStr | None = Field(
+        None,
+        description='API keys as JSON: {"<key>": {"name": ..., "scopes": [...], "limits": {...}}}.',
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="File holding the API keys' JSON (a mounted secret); wins over GENQ_API_KEYS.",
+    )
+    allow_anonymous: bool = Field(
+        False, description="Without API keys, serve every client as one anonymous caller."
+    )
+    allow_anonymous_remote: bool = Field(
+        False, description="Allow anonymous access on a bind address other than loopback."
+    )
+    share_across_keys: bool = Field(
+        False,
+        description="Let identical requests of different keys share jobs, cached results and "
+        "prefix-cache entries (off: each key sees only its own).",
+    )
+    rate_limit_requests_per_minute: int = Field(
+        600, ge=0, description="Generation requests per key and minute; 0 is off."
+    )
+    rate_limit_tokens_per_minute: int = Field(
+        200_000,
+        ge=0,
+        description="Tokens per key and minute, counted as max_new_tokens at acceptance; 0 is off.",
+    )
+    rate_limit_concurrent: int = Field(
+        256, ge=0, description="Jobs per key queued or running at once; 0 is off."
+    )
+    rate_limit_fail_open: bool = Field(
+        False,
+        description="When the limiter cannot reach Redis, accept submissions unlimited (off: 503).",
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description='Host header values the gateway answers, as JSON: ["api.example.com", '
+        '"*.example.com"]. Unset: the loopback names on a loopback bind, any host otherwise.',
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description='Origins browsers may call the API from, as JSON: ["https://app.example.com"].',
+    )
+    cors_allow_credentials: bool = Field(
+        False, description="Let those origins send credentials (cookies); not with a wildcard."
+    )
     priority_step_s: int = Field(
         30, ge=0, description="Queue head start of each priority level over the next one."
     )
@@ -183,6 +231,16 @@ class Settings(BaseSettings):
                     f"GENQ_WEBHOOK_SECRET_FILE {self.webhook_secret_file}: {e.strerror}"
                 ) from e
             object.__setattr__(self, "webhook_secret", SecretStr(secret))
+        if self.api_keys_file is not None:
+            try:
+                keys = self.api_keys_file.read_text()
+            except OSError as e:
+                raise ValueError(f"GENQ_API_KEYS_FILE {self.api_keys_file}: {e.strerror}") from e
+            object.__setattr__(self, "api_keys", SecretStr(keys))
+        if self.cors_allow_credentials and "*" in self.cors_origins:
+            raise ValueError(
+                "GENQ_CORS_ALLOW_CREDENTIALS=true needs explicit GENQ_CORS_ORIGINS, not '*'"
+            )
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(
                 "GENQ_DEFAULT_MAX_NEW_TOKENS must not exceed GENQ_MAX_NEW_TOKENS_LIMIT"

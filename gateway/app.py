@@ -7,14 +7,39 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from common.settings import Settings
 from gateway.deps import Services
 from gateway.drain import Drain
 from gateway.errors import install_error_handlers
 from gateway.metrics import MetricsMiddleware
-from gateway.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from gateway.middleware import AccessLogMiddleware
 from gateway.routes import admin, generate, health, jobs, models, openai
+from gateway.security import (
+    DeclaredBodyLimitMiddleware,
+    HostCheckMiddleware,
+    ResponseHeadersMiddleware,
+    allowed_hosts,
+)
+
+# What browsers may send and read across origins.
+CORS_REQUEST_HEADERS = [
+    "Authorization",
+    "X-API-Key",
+    "Content-Type",
+    "Idempotency-Key",
+    "Last-Event-ID",
+    "X-Request-ID",
+]
+CORS_RESPONSE_HEADERS = [
+    "Location",
+    "Retry-After",
+    "RateLimit",
+    "RateLimit-Policy",
+    "X-Request-ID",
+    "X-Genq-Job-Id",
+]
 
 
 def create_app(settings: Settings, drain: Drain | None = None) -> FastAPI:
@@ -39,10 +64,26 @@ def create_app(settings: Settings, drain: Drain | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # The last added runs first: hosts are checked before CORS, and every answer gets the
+    # security headers.
+    app.add_middleware(ResponseHeadersMiddleware)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=settings.cors_allow_credentials,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_RESPONSE_HEADERS,
+            max_age=600,
+        )
+    app.add_middleware(DeclaredBodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HostCheckMiddleware, hosts=allowed_hosts(settings))
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(AccessLogMiddleware)
     routers = (jobs, generate, openai, models, admin, health)
     for router in (module.router for module in routers):
-        app.include_router(router)
+        # Counted as the bytes arrive: a chunked body over it is refused before it is read.
+        # Per route, inside the middleware, so that the 413 goes through the error handlers.
+        app.include_router(router, max_body_size=settings.max_body_bytes)
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -14,7 +14,10 @@ from common.catalog import CatalogSource
 from common.jobstore import JobStore
 from common.reaper import Reaper
 from common.settings import Settings
+from gateway import metrics
+from gateway.auth import Caller, KeyRing, NotAuthenticated, Scope, presented_key
 from gateway.drain import Drain
+from gateway.errors import Forbidden, Unauthorized
 from gateway.redisclient import Listeners, create_gateway_redis
 from gateway.services.admin import AdminService
 from gateway.services.events import EventReader
@@ -22,6 +25,7 @@ from gateway.services.jobs import JobService
 from gateway.services.models import ModelService
 from gateway.services.openai import OpenAIService
 from gateway.services.queue import QueueService
+from gateway.services.ratelimit import RateLimiter
 
 
 @dataclass(frozen=True)
@@ -36,16 +40,20 @@ class Services:
     openai: OpenAIService
     admin: AdminService
     reaper: Reaper
+    keyring: KeyRing
 
     @classmethod
     def build(cls, settings: Settings, drain: Drain) -> Services:
+        """Raises `InvalidKeys` when the API keys (or their absence) do not allow serving."""
+        keyring = KeyRing.from_settings(settings)
         redis, listeners = create_gateway_redis(settings)
         store = JobStore(redis, ttl_s=settings.result_ttl_s, events_maxlen=settings.events_maxlen)
         source = CatalogSource(settings)
         models = ModelService(redis, source)
         queue = QueueService(redis, store, settings, source)
         reader = EventReader(store, listeners, drain)
-        jobs = JobService(redis, store, models, queue, settings, reader)
+        limiter = RateLimiter(redis, store, settings)
+        jobs = JobService(redis, store, models, queue, settings, reader, limiter)
         return cls(
             settings=settings,
             redis=redis,
@@ -57,6 +65,7 @@ class Services:
             openai=OpenAIService(jobs, drain),
             admin=AdminService(redis, models),
             reaper=Reaper(redis, store, settings.max_tries),
+            keyring=keyring,
         )
 
     async def aclose(self) -> None:
@@ -92,7 +101,41 @@ async def _listener(request: Request) -> AsyncIterator[Redis]:
         yield listener
 
 
+async def _caller(request: Request) -> Caller:
+    """The request's API key, as `Authorization: Bearer <key>` or `x-api-key: <key>`. The
+    caller is kept on the request: its answer carries the rate-limit headers of what it spent."""
+    try:
+        principal = _services(request).keyring.authenticate(presented_key(request.scope["headers"]))
+    except NotAuthenticated as e:
+        metrics.REJECTED.labels("unauthorized").inc()
+        raise Unauthorized(
+            "invalid API key"
+            if e.presented
+            else "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`"
+        ) from e
+    caller = Caller(principal)
+    request.state.caller = caller
+    return caller
+
+
+def _scoped(scope: Scope) -> Callable[[Caller], Awaitable[Caller]]:
+    async def check(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+        if not caller.principal.can(scope):
+            metrics.REJECTED.labels("forbidden").inc()
+            raise Forbidden(
+                f"the API key {caller.principal.name!r} lacks the `{scope}` scope this route needs"
+            )
+        return caller
+
+    return check
+
+
+require_admin = _scoped(Scope.admin)
+
 ServicesDep = Annotated[Services, Depends(_services)]
+CallerDep = Annotated[Caller, Depends(_caller)]
+GeneratorDep = Annotated[Caller, Depends(_scoped(Scope.generate))]
+ReaderDep = Annotated[Caller, Depends(_scoped(Scope.read))]
 JobsDep = Annotated[JobService, Depends(_jobs)]
 ModelsDep = Annotated[ModelService, Depends(_models)]
 QueueDep = Annotated[QueueService, Depends(_queue)]

@@ -11,8 +11,10 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from common.contract import ErrorCode
+from gateway import metrics
 from gateway.redisclient import CircuitOpen, PoolExhausted
 
 logger = logging.getLogger(__name__)
@@ -22,10 +24,17 @@ class ApiError(Exception):
     status_code = 500
     code = "internal_error"
 
-    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}
 
 
 class JobNotFound(ApiError):
@@ -57,6 +66,14 @@ class Unauthorized(ApiError):
     status_code = 401
     code = "unauthorized"
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="genq"'})
+
+
+class Forbidden(ApiError):
+    status_code = 403
+    code = "forbidden"
+
 
 class IdempotencyConflict(ApiError):
     status_code = 409
@@ -71,6 +88,11 @@ class PayloadTooLarge(ApiError):
 class QueueFull(ApiError):
     status_code = 429
     code = "queue_full"
+
+
+class RateLimited(ApiError):
+    status_code = 429
+    code = "rate_limited"
 
 
 class Unavailable(ApiError):
@@ -129,13 +151,29 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 def error_response(
-    status: int, code: str, message: str, *, retry_after_s: int | None = None, **extra: Any
+    status: int,
+    code: str,
+    message: str,
+    *,
+    retry_after_s: int | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
 ) -> JSONResponse:
     """`type` and `param` make the envelope an OpenAI error object too, for its clients."""
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    headers = dict(headers or {})
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = error_body(code, message, type=kind, param=extra.pop("param", None), **extra)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error_msg(error: dict[str, Any]) -> str:
+    """Pydantic's message; a body that is not JSON also says why (strict JSON: no NaN, no lone
+    surrogates, nesting within the parser's limit)."""
+    msg = str(error.get("msg"))
+    reason = (error.get("ctx") or {}).get("error")
+    return f"{msg}: {reason}" if error.get("type") == "json_invalid" and reason else msg
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:
@@ -173,13 +211,17 @@ def install_error_handlers(app: FastAPI) -> None:
         elif err.status_code >= 500 and not isinstance(err, ShuttingDown):
             logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(
-            err.status_code, err.code, err.message, retry_after_s=err.retry_after_s
+            err.status_code,
+            err.code,
+            err.message,
+            retry_after_s=err.retry_after_s,
+            headers=err.headers,
         )
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            {"loc": list(e.get("loc", ())), "msg": _error_msg(e), "type": e.get("type")}
             for e in exc.errors()
         ]
         return error_response(
@@ -188,6 +230,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 413:
+            # FastAPI's body limit, counted as the bytes arrive (chunked bodies too).
+            limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+            message = f"request body over {limit} bytes (GENQ_MAX_BODY_BYTES)"
+            metrics.REJECTED.labels("body_too_large").inc()
+            return error_response(413, PayloadTooLarge.code, message)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 

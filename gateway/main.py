@@ -12,7 +12,9 @@ import uvicorn
 from common.catalog import CatalogError, CatalogSource
 from common.logs import setup_logging
 from common.settings import Settings
+from common.webhooks import WebhookPolicy, WebhookRefused
 from gateway.app import create_app
+from gateway.auth import InvalidKeys, KeyRing
 from gateway.drain import Drain
 
 logger = logging.getLogger(__name__)
@@ -38,15 +40,23 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def run_gateway(settings: Settings) -> None:
-    """Serve the API; exits 2 if the model registry file is invalid, 0 after SIGTERM/SIGINT."""
+    """Serve the API; exits 2 if the model registry file or the API keys are invalid (or there
+    are none, and anonymous access is not allowed), 0 after SIGTERM/SIGINT."""
     setup_logging(settings)
     try:
         CatalogSource(settings)
-    except CatalogError as e:
+        keyring = KeyRing.from_settings(settings)
+        WebhookPolicy.from_settings(settings)
+    except (CatalogError, InvalidKeys, WebhookRefused) as e:
         logger.error("%s", e)
         raise SystemExit(2) from e
-    if settings.admin_token is None:
-        logger.warning("GENQ_ADMIN_TOKEN is unset: the /v1/admin routes are open to every client")
+    if keyring.anonymous is not None:
+        logger.warning(
+            "GENQ_ALLOW_ANONYMOUS: every client of %s:%d is served without a key, with every "
+            "scope (admin included)",
+            settings.host,
+            settings.port,
+        )
     # uvicorn re-raises the stop signal once it has shut down, to the handler it found: a
     # drained gateway then exits 0, as it does for a signal before serving starts.
     for sig in (signal.SIGTERM, signal.SIGINT):

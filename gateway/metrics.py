@@ -23,6 +23,11 @@ CACHE_HITS = Counter(
     "genq_cache_hits_total", "Requests served by an identical running or finished job"
 )
 REJECTED = Counter("genq_jobs_rejected_total", "Submissions refused", ["reason"])
+RATE_LIMITER_BYPASSED = Counter(
+    "genq_rate_limiter_bypassed_total",
+    "Submissions let through unlimited because the limiter could not reach Redis "
+    "(GENQ_RATE_LIMIT_FAIL_OPEN)",
+)
 QUEUE_DEPTH = Gauge("genq_queue_depth", "Jobs waiting in a pool's queue", ["pool"])
 WORKERS_ALIVE = Gauge("genq_workers_alive", "Workers heartbeating in a pool", ["pool"])
 REDIS_BREAKER_OPEN = Gauge(

@@ -1,4 +1,4 @@
-"""ASGI middleware: request-body size limit and access logging."""
+"""ASGI middleware: access logging."""
 
 from __future__ import annotations
 
@@ -6,41 +6,9 @@ import logging
 import time
 import uuid
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import error_body
-
 logger = logging.getLogger("genq.access")
-
-
-class BodyLimitMiddleware:
-    """Refuses a declared body above `max_bytes` with 413 before reading it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-                body = orjson.dumps(
-                    error_body(
-                        "payload_too_large",
-                        f"request body over {self.max_bytes} bytes (GENQ_MAX_BODY_BYTES)",
-                    )
-                )
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 413,
-                        "headers": [(b"content-type", b"application/json")],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
 
 
 class AccessLogMiddleware:

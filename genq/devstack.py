@@ -8,8 +8,8 @@ starting it again would fail the same way.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,19 +29,23 @@ CONFIG_ERROR = 2
 _TICK_S = 0.2
 
 
-def _get_json(url: str) -> object:
+# A worker heartbeats once its preloaded models are loaded.
+_WORKERS_ALIVE = re.compile(r"^genq_workers_alive\{[^}]*\} ([0-9.]+)$", re.MULTILINE)
+
+
+def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=2) as resp:
-        return json.loads(resp.read())
+        return str(resp.read().decode())
 
 
 def _stack_ready(base: str) -> bool:
+    """Redis answers and a worker serves: asked of the routes open without an API key."""
     try:
-        _get_json(f"{base}/readyz")
-        models = _get_json(f"{base}/v1/models")
+        _get(f"{base}/readyz")
+        exposition = _get(f"{base}/metrics")
     except (urllib.error.URLError, OSError, ValueError):
         return False
-    assert isinstance(models, dict)
-    return any(m.get("workers", 0) > 0 for m in models.get("data", []))
+    return any(float(n) > 0 for n in _WORKERS_ALIVE.findall(exposition))
 
 
 def _banner(base: str, started: float) -> str:
@@ -107,7 +111,7 @@ class _EmbeddedRedis:
 
     def start(self) -> None:
         self.server.start()  # the append-only file brings its data back
-        _say(f"restarted redis on {self.server.url}")
+        _say(f"restarted redis on {self.server.address} (pid {self.server.pid})")
 
     def exit_status(self) -> int | None:
         return self.server.returncode
@@ -174,8 +178,23 @@ def run_stack(settings: Settings) -> int:
     except RedisServerError as e:
         _say(str(e))
         return 1
-    print(f"embedded Redis on {redis.url} (data in {redis.data_dir})", flush=True)
+    password_file = redis.data_dir / "password"
+    password_file.touch(mode=0o600)
+    password_file.chmod(0o600)  # an older file may have been readable
+    password_file.write_text(redis.password + "\n")
+    print(
+        f"embedded Redis on {redis.address} (pid {redis.pid}; data in {redis.data_dir}; its "
+        f"generated password is in {password_file})",
+        flush=True,
+    )
     env = {**os.environ, "GENQ_REDIS_URL": redis.url}
+    env.pop("GENQ_REDIS_URL_FILE", None)
+    if not (settings.api_keys or settings.api_keys_file):
+        env["GENQ_ALLOW_ANONYMOUS"] = "true"
+        _say(
+            f"no API keys (GENQ_API_KEYS): GENQ_ALLOW_ANONYMOUS=true, so every client of "
+            f"{settings.host}:{settings.port} is served without a key, with every scope"
+        )
     worker, gateway = _Child("worker", env), _Child("gateway", env)
     base = f"http://{settings.host}:{settings.port}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import secrets
 import shutil
 import signal
 import socket
@@ -59,17 +60,26 @@ def port_taken(port: int, host: str = "127.0.0.1") -> bool:
 
 
 class RedisServer:
-    """Loopback-only; `persist=True` keeps an append-only file in `data_dir`."""
+    """Loopback-only, with a password generated for this object (another local user or a web
+    page reaching the port cannot use it); `persist=True` keeps an append-only file in
+    `data_dir`."""
 
     def __init__(self, data_dir: Path, port: int, *, persist: bool) -> None:
         self.data_dir = data_dir
         self.port = port
         self.persist = persist
+        self.password = secrets.token_urlsafe(24)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL clients connect with; it holds the password: never print it."""
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        """Where it listens, for messages."""
+        return f"127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -105,12 +115,22 @@ class RedisServer:
             "--logfile",
             "redis.log",
         ]
+        # From stdin, not the command line, which every local user can read in `ps`.
+        config = f"requirepass {self.password}\n".encode()
         log = self.data_dir / "redis.log"
         log_start = log.stat().st_size if log.exists() else 0
         # Its own session: a Ctrl-C at the terminal must not kill Redis before the processes
         # that still write to it have shut down.
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=2)
+        self._proc = subprocess.Popen(
+            [*args, "-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,  # its only line there: "Reading config from stdin"
+            start_new_session=True,
+        )
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(config)
+        self._proc.stdin.close()
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=2)
         deadline = time.monotonic() + timeout_s
         try:
             while not self._answers(client):

@@ -16,6 +16,8 @@ from worker.loading import LoadedModel, load_model
 TINY_NAME = "tiny"
 TINY_KEY = f"{TINY_NAME}@1"  # the built-in registry serves GENQ_MODEL as version 1
 WEBHOOK_SECRET = "test-webhook-secret"
+# Webhook receivers listen on a loopback address of their own (Linux routes all of 127/8).
+WEBHOOK_RECEIVER_HOST = "127.0.0.2"
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +76,10 @@ def stack(stack_redis: RedisServer, tiny_model_dir: Path, log_dir: Path) -> Iter
         GENQ_MODEL_NAME=TINY_NAME,
         GENQ_WORKER_METRICS_PORT=str(metrics_port),
         GENQ_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        GENQ_WEBHOOK_ALLOWED_HOSTS='["127.0.0.1"]',
+        # The receivers' address itself is allowed, on any port; `localhost` only by name, so
+        # a webhook to it resolves to loopback addresses the allow-list does not name.
+        GENQ_WEBHOOK_ALLOWED_HOSTS=f'["{WEBHOOK_RECEIVER_HOST}:*", "localhost:*"]',
+        GENQ_WEBHOOK_ALLOW_HTTP="true",
         GENQ_WEBHOOK_RETRY_BASE_S="0.2",
     )
     gateway, base = start_gateway(env, log_dir)

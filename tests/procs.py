@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import orjson
 
 from genq.redis_server import RedisServer, free_port
 
@@ -43,9 +44,12 @@ class Proc:
 
 
 def genq_env(redis_url: str, **overrides: str) -> dict[str, str]:
+    """Settings of test and benchmark stacks: on loopback, and anonymous (no API keys) unless
+    `overrides` give keys."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
     env.update(
         GENQ_REDIS_URL=redis_url,
+        GENQ_ALLOW_ANONYMOUS="true",
         GENQ_LOG_FORMAT="text",
         GENQ_WORKER_HEARTBEAT_S="1",
         GENQ_WORKER_JOB_COMPLETION_WAIT_S="2",
@@ -86,9 +90,10 @@ def start_worker(
     that preloads nothing, ready once its heartbeat shows)."""
     proc = Proc("worker", env, log_dir, module)
     deadline = time.monotonic() + timeout_s
+    headers = _reader_headers(env)
     while True:
         proc.check_alive()
-        if _serving(base, model):
+        if _serving(base, model, headers):
             return proc
         if time.monotonic() > deadline:
             proc.stop()
@@ -96,14 +101,23 @@ def start_worker(
         time.sleep(0.2)
 
 
-def _serving(base: str, model: str | None) -> bool:
+def _reader_headers(env: dict[str, str]) -> dict[str, str]:
+    """A key of the stack's GENQ_API_KEYS that may list models; none for an anonymous stack."""
+    if "GENQ_API_KEYS" not in env:
+        return {}
+    keys = orjson.loads(env["GENQ_API_KEYS"])
+    key = next(k for k, spec in keys.items() if "read" in spec.get("scopes", ["read"]))
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _serving(base: str, model: str | None, headers: dict[str, str]) -> bool:
     """Whether the gateway lists a worker serving `model`; not yet while it answers 503 (its
     Redis just came back, say)."""
     if model is None:
-        resp = httpx.get(f"{base}/v1/queue", timeout=5)
+        resp = httpx.get(f"{base}/v1/queue", timeout=5, headers=headers)
         pools = resp.json()["pools"] if resp.status_code == 200 else []
         return any(p["workers_alive"] > 0 for p in pools)
-    resp = httpx.get(f"{base}/v1/models", timeout=5)
+    resp = httpx.get(f"{base}/v1/models", timeout=5, headers=headers)
     live = resp.json()["data"] if resp.status_code == 200 else []
     return any(m["id"] == model and m["workers"] > 0 for m in live)
 

@@ -23,7 +23,7 @@ async def enqueue_raw(redis_server: RedisServer, item: dict[str, Any]) -> str:
     store = JobStore(redis, ttl_s=600, events_maxlen=1000)
     job = Job(id=item["job_id"], status=JobStatus.queued, model=TINY_KEY, created_at=time.time())
     async with redis.pipeline(transaction=True) as pipe:
-        store.stage_create(pipe, job, pool="default")
+        store.stage_create(pipe, job, pool="default", owner="anonymous")
         stage_item(pipe, item, pool="default", head_start_ms=0)
         await pipe.execute()
     await redis.aclose()

@@ -11,7 +11,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
 
 import httpx
 import pytest
@@ -51,10 +50,10 @@ def _generates(base: str) -> bool:
     return answer.status_code == 200 and answer.json()["status"] == "succeeded"
 
 
-def _redis_pid(port: int) -> int:
-    with redis.Redis(port=port) as client:
-        info = cast("dict[str, Any]", client.info("server"))
-    return int(info["process_id"])
+def _redis_pids(log: Path) -> list[int]:
+    return [
+        int(p) for p in re.findall(r"(?i)redis on 127\.0\.0\.1:\d+ \(pid (\d+)", log.read_text())
+    ]
 
 
 def _worker_pids(log: Path) -> list[int]:
@@ -78,6 +77,13 @@ def test_killed_children_are_restarted_and_the_stack_serves_again(
     try:
         assert eventually(lambda: _serving(base), timeout_s=180), stack.log.read_text()
         assert _generates(base)
+        log = stack.log.read_text()
+        assert "GENQ_ALLOW_ANONYMOUS=true" in log
+        # The embedded Redis has a password, which the log never shows.
+        password = (tmp_path / "var" / "redis" / "password").read_text().strip()
+        assert password not in log
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=redis_port).ping()
 
         first = _worker_pids(stack.log)[-1]
         os.kill(first, signal.SIGKILL)
@@ -86,11 +92,11 @@ def test_killed_children_are_restarted_and_the_stack_serves_again(
         assert eventually(lambda: _generates(base), timeout_s=120), stack.log.read_text()
         stack.check_alive()
 
-        old_redis = _redis_pid(redis_port)
+        old_redis = _redis_pids(stack.log)[-1]
         os.kill(old_redis, signal.SIGKILL)
         assert eventually(lambda: "redis exited with status -9" in stack.log.read_text(), 30)
         assert eventually(lambda: _generates(base), timeout_s=120), stack.log.read_text()
-        assert _redis_pid(redis_port) != old_redis
+        assert _redis_pids(stack.log)[-1] != old_redis
 
         stopping = time.monotonic()
         assert stack.stop(signal.SIGTERM) == 0
@@ -127,7 +133,7 @@ def test_a_taken_redis_port_is_a_clear_error_and_the_other_redis_is_left_alone(
         assert "GENQ_EMBEDDED_REDIS_PORT" in result.stderr
         assert "started worker" not in result.stderr
         assert other.running
-        assert redis.Redis(port=other.port).ping()
+        assert redis.Redis.from_url(other.url).ping()
     finally:
         other.stop()
 

@@ -100,7 +100,7 @@ def test_sigterm_ends_streams_resumably_answers_waiters_202_and_exits_0(
 
 
 async def test_readyz_answers_503_once_draining(redis_server: RedisServer) -> None:
-    settings = Settings(redis_url=redis_server.url)
+    settings = Settings(redis_url=redis_server.url, allow_anonymous=True, allowed_hosts=["gateway"])
     drain = Drain()
     app = create_app(settings, drain)
     app.state.services = services = Services.build(settings, drain)

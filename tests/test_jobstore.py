@@ -11,6 +11,7 @@ from common.jobstore import Fenced, JobStore
 from common.schemas import Job, JobResult, JobStatus, TokenEvent, Usage
 
 POOL = "p"
+OWNER = "key-a"
 
 
 def new_job(job_id: str = "j1") -> Job:
@@ -43,7 +44,7 @@ def tokens(*texts: str, first: int = 0) -> list[TokenEvent]:
 async def test_record_round_trips_and_expires(redis: Redis) -> None:
     store = JobStore(redis, ttl_s=100, events_maxlen=1000)
     job = new_job()
-    await store.create(job, pool="gpu")
+    await store.create(job, pool="gpu", owner=OWNER)
     assert await store.load("j1") == job
     assert await store.pool("j1") == "gpu"
     assert 0 < await redis.ttl(keys.job("j1")) <= 100
@@ -53,7 +54,7 @@ async def test_record_round_trips_and_expires(redis: Redis) -> None:
 async def test_finish_writes_record_and_closing_event_with_ttl(redis: Redis) -> None:
     store = JobStore(redis, ttl_s=100, events_maxlen=1000)
     job = new_job()
-    await store.create(job, pool=POOL)
+    await store.create(job, pool=POOL, owner=OWNER)
     assert await start(store, "j1", 1) is Fenced.ok
     assert await store.append_step({"j1": tokens("a", "b")}, {"j1": 1}) == []
     assert await store.published_tokens("j1") == 2
@@ -78,7 +79,7 @@ async def test_published_tokens_is_zero_for_a_new_job(redis: Redis) -> None:
 async def test_a_superseded_attempt_writes_nothing(redis: Redis) -> None:
     store = JobStore(redis, ttl_s=100, events_maxlen=1000)
     job = new_job()
-    await store.create(job, pool=POOL)
+    await store.create(job, pool=POOL, owner=OWNER)
     assert await start(store, "j1", 1) is Fenced.ok
     await store.append_step({"j1": tokens("a")}, {"j1": 1})
     assert await start(store, "j1", 2) is Fenced.ok  # the lease lapsed; another worker runs it
@@ -97,7 +98,7 @@ async def test_a_superseded_attempt_writes_nothing(redis: Redis) -> None:
 async def test_racing_finishes_leave_one_result(redis: Redis) -> None:
     store = JobStore(redis, ttl_s=100, events_maxlen=1000)
     job = new_job()
-    await store.create(job, pool=POOL)
+    await store.create(job, pool=POOL, owner=OWNER)
     await start(store, "j1", 1)
     outcomes = await asyncio.gather(
         *(store.finish(succeeded(job, f"r{i}", attempt=1), pool=POOL) for i in range(8))
@@ -109,12 +110,60 @@ async def test_racing_finishes_leave_one_result(redis: Redis) -> None:
 
 async def test_holders_count_down(redis: Redis) -> None:
     store = JobStore(redis, ttl_s=100, events_maxlen=1000)
-    await store.create(new_job(), pool=POOL)
-    await store.add_holder("j1")
-    assert await store.release_holder("j1") == 1
-    assert await store.release_holder("j1") == 0
-    assert await store.release_holder("gone") == -1
+    await store.create(new_job(), pool=POOL, owner=OWNER)
+    assert await store.share("j1", OWNER, hold=True)
+    assert await store.release_holder("j1", OWNER) == 1
+    assert await store.release_holder("j1", OWNER) == 0
+    assert await store.release_holder("gone", OWNER) == -1
     assert not await redis.exists(keys.job("gone"))
+
+
+async def test_a_key_lets_go_only_of_its_own_holds(redis: Redis) -> None:
+    store = JobStore(redis, ttl_s=100, events_maxlen=1000)
+    await store.create(new_job(), pool=POOL, owner=OWNER)
+    assert await store.share("j1", "key-b", hold=True)
+    # key-c never held it: its releases change nothing, however many.
+    assert await store.release_holder("j1", "key-c") == 2
+    assert await store.release_holder("j1", "key-c") == 2
+    assert await store.release_holder("j1", OWNER) == 1
+    assert await store.release_holder("j1", OWNER) == 1
+    assert await store.release_holder("j1", "key-b") == 0
+
+
+async def test_only_owners_load_a_job(redis: Redis) -> None:
+    store = JobStore(redis, ttl_s=100, events_maxlen=1000)
+    await store.create(new_job(), pool=POOL, owner=OWNER)
+    assert await store.load("j1", owner=OWNER) is not None
+    assert await store.load("j1", owner="key-b") is None
+    assert await store.load("j1") is not None  # the gateway's and workers' own reads
+    assert await store.share("j1", "key-b", hold=False)
+    assert await store.load("j1", owner="key-b") is not None
+
+
+async def test_sharing_an_expired_job_recreates_nothing(redis: Redis) -> None:
+    store = JobStore(redis, ttl_s=100, events_maxlen=1000)
+    assert not await store.share("gone", OWNER, hold=True)
+    assert not await redis.exists(keys.job("gone"))
+
+
+async def test_admit_counts_jobs_in_flight_until_they_end(redis: Redis) -> None:
+    store = JobStore(redis, ttl_s=100, events_maxlen=1000)
+    for job_id in ("j1", "j2"):
+        assert (await store.admit(OWNER, [job_id], limit=2))[0]
+        await store.create(new_job(job_id), pool=POOL, owner=OWNER, in_flight=True)
+    assert await store.admit(OWNER, ["j3"], limit=2) == (False, 2)
+    assert await store.admit("key-b", ["j4"], limit=2) == (True, 1)  # another key's own count
+    await start(store, "j1", 1)
+    assert await store.finish(succeeded(new_job("j1"), "x", 1), pool=POOL) is Fenced.ok
+    assert await store.admit(OWNER, ["j3"], limit=2) == (True, 2)
+
+
+async def test_admit_drops_jobs_whose_record_is_gone(redis: Redis) -> None:
+    store = JobStore(redis, ttl_s=100, events_maxlen=1000)
+    assert await store.admit(OWNER, ["lost-1", "lost-2"], limit=2) == (True, 2)
+    # Their submissions never wrote a record (a gateway died): they do not hold the slots.
+    assert await store.admit(OWNER, ["j1", "j2"], limit=2) == (True, 2)
+    assert await store.admit(OWNER, ["j3"], limit=2) == (True, 1)
 
 
 async def test_a_replayed_write_repeats_nothing(redis: Redis) -> None:
@@ -122,7 +171,7 @@ async def test_a_replayed_write_repeats_nothing(redis: Redis) -> None:
     out) is retried: the retry must neither repeat tokens nor count as another's result."""
     store = JobStore(redis, ttl_s=100, events_maxlen=1000)
     job = new_job()
-    await store.create(job, pool=POOL)
+    await store.create(job, pool=POOL, owner=OWNER)
     await start(store, "j1", 1)
     await store.append_step({"j1": tokens("a", "b")}, {"j1": 1})
     await store.append_step({"j1": tokens("a", "b")}, {"j1": 1})

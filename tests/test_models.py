@@ -18,12 +18,13 @@ import pytest
 import torch
 
 from common.settings import Settings
+from tests import keys
+from tests.keys import bearer
 from tests.procs import running_stack
 from tests.tiny_model import build_tiny_model
 from worker.loading import load_model
 
-ADMIN_TOKEN = "admin-secret"
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+ADMIN = bearer(keys.OPERATOR)
 PROMPT = "Once upon a time"
 
 
@@ -62,11 +63,11 @@ def model_stack(
             log_dir,
             serve=serve,
             GENQ_MODELS_FILE=str(registry_file),
-            GENQ_ADMIN_TOKEN=ADMIN_TOKEN,
+            GENQ_API_KEYS=keys.keys_json(),
             GENQ_CACHE_ENABLED="false",
             **settings,
         ) as (_, base, _),
-        httpx.Client(base_url=base, timeout=60) as client,
+        httpx.Client(base_url=base, timeout=60, headers=ADMIN) as client,
     ):
         yield client, registry_file
 
@@ -208,13 +209,26 @@ def test_switching_an_alias_is_atomic_and_checked(routed: httpx.Client) -> None:
     assert generate(routed, "stable")["model"] == "tiny@1"
 
 
-def test_admin_routes_need_the_admin_token(routed: httpx.Client) -> None:
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
+def test_admin_routes_need_the_admin_scope(routed: httpx.Client) -> None:
+    for headers, status in [
+        ({"Authorization": ""}, 401),
+        (bearer("sk-not-a-key-of-this-gateway-000"), 401),
+        (bearer(keys.ALICE), 403),
+    ]:
         resp = routed.post("/v1/admin/models/tiny/reload", headers=headers)
-        assert resp.status_code == 401
-        assert "GENQ_ADMIN_TOKEN" in resp.json()["error"]["message"]
+        assert resp.status_code == status, resp.text
+    assert "`admin` scope" in resp.json()["error"]["message"]
     resp = routed.post("/v1/admin/models/gpt-17/reload", headers=ADMIN)
     assert resp.status_code == 404
+
+
+def test_model_sources_and_workers_are_shown_to_admins_only(routed: httpx.Client) -> None:
+    for key, shown in [(keys.OPERATOR, True), (keys.ALICE, False)]:
+        cards = routed.get("/v1/models", headers=bearer(key)).json()["data"]
+        versions = [v for card in cards for v in card["versions"]]
+        assert all((v["source"] is not None) is shown for v in versions), versions
+        assert all((v["workers"] is not None) is shown for v in versions), versions
+        assert any(card["workers"] > 0 for card in cards)  # the count stays for everyone
 
 
 # --- Loading on demand within a memory budget ----------------------------------------------
@@ -260,7 +274,7 @@ def test_a_reload_under_steady_traffic_fails_nothing_and_serves_the_new_version(
         stop = threading.Event()
 
         def traffic() -> None:
-            with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
+            with httpx.Client(base_url=client.base_url, timeout=60, headers=ADMIN) as own:
                 while not stop.is_set():
                     jobs.append(generate(own, "tiny", max_new_tokens=24))
 

@@ -87,3 +87,16 @@ def test_an_entry_larger_than_the_budget_is_not_kept_and_clear_empties_the_cache
     assert len(roomy) == 0
     assert roomy.nbytes == 0
     assert roomy.lookup([*SHARED, 1]) is None
+
+
+def test_a_prompt_matches_only_prompts_of_its_own_scope() -> None:
+    cache = PrefixCache("m", 2**20)
+    cache.store([*SHARED, 1, 2, 3], kv_of([*SHARED, 1, 2, 3]), "alice")
+    assert cache.lookup([*SHARED, 1, 2, 3, 4], "bob") is None
+    assert not cache.covers([*SHARED, 1], "bob")
+    # Bob's own copy does not replace Alice's: each scope keeps its entry.
+    cache.store([*SHARED, 1, 2, 3, 4], kv_of([*SHARED, 1, 2, 3, 4]), "bob")
+    assert len(cache) == 2
+    hit = cache.lookup([*SHARED, 1, 2, 3, 4, 5], "alice")
+    assert hit is not None
+    assert hit.length == len(SHARED) + 3

@@ -24,7 +24,9 @@ MAX_TRIES = 3
 async def started_job(redis: Redis, store: JobStore, job_id: str, attempt: int) -> None:
     """A job on the pool's queue that a worker started (as arq and the job function leave it)."""
     await store.create(
-        Job(id=job_id, status=JobStatus.queued, model="m", created_at=time.time()), pool=POOL
+        Job(id=job_id, status=JobStatus.queued, model="m", created_at=time.time()),
+        pool=POOL,
+        owner="tester",
     )
     await redis.zadd(keys.queue(POOL), {job_id: time.time() * 1000})
     await redis.set(keys.arq_job(job_id), b"payload")

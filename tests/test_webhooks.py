@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import ip_address
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from tests.conftest import WEBHOOK_SECRET, Stack
+from common.webhooks import WebhookPolicy, WebhookRefused, sign, verify_signature
+from tests.conftest import WEBHOOK_RECEIVER_HOST, WEBHOOK_SECRET, Stack
 
 
 @dataclass
@@ -26,14 +28,14 @@ class Receiver:
     url: str = ""
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
+@contextmanager
+def receiving(host: str) -> Iterator[Receiver]:
     state = Receiver(failures=1)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["content-length"]))
-            state.received.append((dict(self.headers), body))
+            state.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
             failing = len(state.received) <= state.failures
             self.send_response(500 if failing else 204)
             self.end_headers()
@@ -41,28 +43,45 @@ def receiver() -> Iterator[Receiver]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server = ThreadingHTTPServer((host, 0), Handler)
+    state.url = f"http://{host}:{server.server_address[1]}/hook"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield state
-    server.shutdown()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with receiving(WEBHOOK_RECEIVER_HOST) as state:
+        yield state
+
+
+def deliveries(stack: Stack, url: str, count: int) -> dict[str, Any]:
+    """The job of a request with webhook `url`, once it logged `count` delivery attempts."""
+    with httpx.Client(base_url=stack.base, timeout=30) as client:
+        body = {"prompt": "Hello", "max_new_tokens": 5, "webhook": url}
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        deadline = time.monotonic() + 30
+        while len((job := client.get(f"/v1/jobs/{job_id}").json())["webhook_deliveries"]) < count:
+            assert time.monotonic() < deadline, f"deliveries so far: {job['webhook_deliveries']}"
+            time.sleep(0.1)
+    assert isinstance(job, dict)
+    return job
 
 
 def test_webhook_is_signed_retried_and_logged(stack: Stack, receiver: Receiver) -> None:
-    with httpx.Client(base_url=stack.base, timeout=30) as client:
-        body = {"prompt": "Hello", "max_new_tokens": 5, "webhook": receiver.url}
-        job_id = client.post("/v1/jobs", json=body).json()["id"]
-        deadline = time.monotonic() + 30
-        while len((job := client.get(f"/v1/jobs/{job_id}").json())["webhook_deliveries"]) < 2:
-            assert time.monotonic() < deadline, f"deliveries so far: {job['webhook_deliveries']}"
-            time.sleep(0.1)
+    job = deliveries(stack, receiver.url, 2)
+    job_id = job["id"]
     first, second = job["webhook_deliveries"]
-    assert (first["delivered"], first["status_code"], first["attempt"]) == (False, 500, 1)
+    assert first == {"attempt": 1, "at": first["at"], "delivered": False, "status_code": 500}
     assert (second["delivered"], second["status_code"], second["attempt"]) == (True, 204, 2)
     headers, payload = receiver.received[-1]
-    expected = hmac.new(WEBHOOK_SECRET.encode(), payload, hashlib.sha256).hexdigest()
-    assert headers["X-Genq-Signature"] == f"sha256={expected}"
+    signature = headers["x-genq-signature"]
+    assert verify_signature(WEBHOOK_SECRET.encode(), signature, payload, now=time.time())
+    assert headers["host"] == receiver.url.split("/")[2]
     delivered = orjson.loads(payload)
     assert delivered["id"] == job_id
     assert delivered["status"] == "succeeded"
@@ -74,3 +93,81 @@ def test_webhook_outside_the_allow_list_is_refused(stack: Stack) -> None:
     resp = httpx.post(f"{stack.base}/v1/jobs", json=body, timeout=10)
     assert resp.status_code == 422
     assert "GENQ_WEBHOOK_ALLOWED_HOSTS" in resp.json()["error"]["message"]
+
+
+def test_a_name_that_resolves_to_a_private_address_is_not_delivered_to(stack: Stack) -> None:
+    # `localhost` is allowed by name, but resolves to loopback addresses the list does not
+    # name; a receiver listens there, and would get the delivery were it not refused.
+    with receiving("127.0.0.1") as receiver:
+        url = receiver.url.replace("127.0.0.1", "localhost")
+        job = deliveries(stack, url, 2)
+    first, second = job["webhook_deliveries"]
+    # The job shows no reason: a refused target looks like one that did not answer.
+    assert first == {"attempt": 1, "at": first["at"], "delivered": False, "status_code": None}
+    assert (second["delivered"], second["status_code"]) == (False, None)
+    assert receiver.received == []
+
+
+def policy(*allowed: str, allow_http: bool = False) -> WebhookPolicy:
+    return WebhookPolicy(list(allowed), allow_http=allow_http)
+
+
+def test_webhooks_need_https_unless_http_is_allowed() -> None:
+    with pytest.raises(WebhookRefused, match="GENQ_WEBHOOK_ALLOW_HTTP"):
+        policy("hooks.example.com").check_url("http://hooks.example.com/x")
+    assert policy("hooks.example.com:80", allow_http=True).check_url("http://hooks.example.com/x")
+    with pytest.raises(WebhookRefused, match="scheme"):
+        policy("hooks.example.com").check_url("ftp://hooks.example.com/x")
+
+
+def test_webhook_ports_come_from_the_allow_list() -> None:
+    named = policy("hooks.example.com", "other.example.com:8443", "any.example.com:*")
+    assert named.check_url("https://hooks.example.com/x").port == 443
+    assert named.check_url("https://other.example.com:8443/x").port == 8443
+    assert named.check_url("https://any.example.com:9999/x").port == 9999
+    for url in ("https://hooks.example.com:8443/x", "https://other.example.com/x"):
+        with pytest.raises(WebhookRefused, match="GENQ_WEBHOOK_ALLOWED_HOSTS"):
+            named.check_url(url)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",  # cloud metadata
+        "100.100.100.200",  # a metadata service in the shared range
+        "0.0.0.0",
+        "224.0.0.1",
+        "::1",
+        "fd00:ec2::254",  # IPv6 metadata
+        "fe80::1",
+        "::ffff:127.0.0.1",
+    ],
+)
+def test_a_target_resolving_to_a_non_public_address_is_refused(address: str) -> None:
+    with pytest.raises(WebhookRefused, match="not a public address"):
+        policy("hooks.example.com").check_addresses([ip_address(address)])
+
+
+def test_a_public_address_or_one_the_allow_list_names_is_accepted() -> None:
+    policy("hooks.example.com").check_addresses([ip_address("93.184.216.34")])
+    policy("hooks.example.com", "10.0.0.0/24").check_addresses([ip_address("10.0.0.7")])
+    # One bad address among good ones is enough to refuse: the connection could use it.
+    with pytest.raises(WebhookRefused):
+        policy("hooks.example.com").check_addresses(
+            [ip_address("93.184.216.34"), ip_address("10.0.0.7")]
+        )
+
+
+def test_a_replayed_or_tampered_delivery_fails_verification() -> None:
+    secret, body, sent = b"s3cret", b'{"id": "j"}', 1_700_000_000
+    header = sign(secret, body, sent)
+    assert verify_signature(secret, header, body, now=sent + 10)
+    assert not verify_signature(secret, header, body, now=sent + 301)  # replayed later
+    assert not verify_signature(secret, header, b'{"id": "k"}', now=sent)  # another body
+    later = header.replace(f"t={sent}", f"t={sent + 1000}")  # a fresh time on an old MAC
+    assert not verify_signature(secret, later, body, now=sent + 1000)
+    assert not verify_signature(b"other", header, body, now=sent)

@@ -32,6 +32,25 @@ _BACKOFF_MAX_S = 5.0
 EXIT_SHUTDOWN_TIMEOUT = 4
 
 
+# arq's INFO line for a job's start, `{queued for}s → {job}({arguments}){extra}`: the arguments
+# hold the work item (the prompt) or a webhook's URL.
+_ARQ_JOB_START = "%6.2fs → %s(%s)%s"
+
+
+class _HideJobArguments(logging.Filter):
+    """Drops the arguments from arq's job-start lines: prompts and webhook URLs stay out of the
+    logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _ARQ_JOB_START and isinstance(record.args, tuple):
+            queued, ref, _, extra = record.args
+            record.args = (queued, ref, "…", extra)
+        return True
+
+
+_HIDE_JOB_ARGUMENTS = _HideJobArguments()
+
+
 class ResilientWorker(Worker):
     def __init__(
         self,
@@ -42,6 +61,7 @@ class ResilientWorker(Worker):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        logging.getLogger("arq.worker").addFilter(_HIDE_JOB_ARGUMENTS)
         # A claim is a lease the heartbeat renews, not arq's fixed job timeout: a dead worker's
         # jobs are free again once it lapses.
         self.in_progress_timeout_s = lease_s

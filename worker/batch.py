@@ -47,6 +47,7 @@ class Row:
     first_token_s: float | None = None
     finish: FinishReason | None = None
     cached_prompt_tokens: int = 0
+    cache_scope: str = ""  # the prefix-cache partition of its prompt (an API key)
 
     def generation(self) -> Generation:
         assert self.finish is not None
@@ -94,13 +95,20 @@ class RowOutput:
         return self.finished is not None or self.error is not None
 
 
-def new_row(lm: LoadedModel, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Row:
+def new_row(
+    lm: LoadedModel,
+    request_id: str,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    cache_scope: str = "",
+) -> Row:
     return Row(
         request_id=request_id,
         prompt_ids=prompt_ids,
         params=params,
         sampler=Sampler(params, lm.device),
         stream=TextStream(lm.tokenizer, prompt_ids, list(params.stop)),
+        cache_scope=cache_scope,
     )
 
 

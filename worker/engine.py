@@ -63,6 +63,7 @@ class EngineRequest:
     request: PromptSource
     params: SamplingParams
     deadline: float  # time.monotonic() past which the request fails with `job_timeout`
+    cache_scope: str = ""  # the prefix-cache partition its prompt may match (an API key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +209,7 @@ class Engine:
         except GenerationError as e:
             self._emit([RowOutput(request.id, error=e)])
             return
-        row = new_row(self.lm, request.id, prompt_ids, request.params)
+        row = new_row(self.lm, request.id, prompt_ids, request.params, request.cache_scope)
         if row.reserved_tokens > self.limits.max_batch_tokens:
             error = GenerationError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
@@ -273,7 +274,11 @@ class Engine:
             first = not admitted
             if not first and longest_if * (len(admitted) + 1) > limits.max_prefill_tokens:
                 break
-            hit = self.prefix_cache.lookup(row.prompt_ids) if self.prefix_cache.enabled else None
+            hit = (
+                self.prefix_cache.lookup(row.prompt_ids, row.cache_scope)
+                if self.prefix_cache.enabled
+                else None
+            )
             rows, prefixes = [*admitted, row], [*hits, hit]
             peak = padded_peak([*running, *Batch.prefill_extents(rows, prefixes)])
             if peak > limits.max_batch_tokens:
@@ -342,8 +347,8 @@ class Engine:
     def _remember_prompts(self, batch: Batch) -> None:
         try:
             for i, row in enumerate(batch.rows):
-                if not self.prefix_cache.covers(row.prompt_ids):
-                    self.prefix_cache.store(row.prompt_ids, batch.prompt_kv(i))
+                if not self.prefix_cache.covers(row.prompt_ids, row.cache_scope):
+                    self.prefix_cache.store(row.prompt_ids, batch.prompt_kv(i), row.cache_scope)
         except torch.OutOfMemoryError:
             # The cache only saves work: it gives its memory up, the rows keep theirs.
             logger.warning("out of memory caching prompts; prefix cache cleared")

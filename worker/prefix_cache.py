@@ -6,7 +6,9 @@ costs as much as prefilling new ones, so, like vLLM's automatic prefix caching a
 cache, the engine keeps the KV cache of the prompts it prefilled and starts a new prompt from the
 longest cached match. Entries are evicted least recently used first, within a byte budget.
 
-The cache belongs to one engine and its weights: a model swap clears it.
+The cache belongs to one engine and its weights: a model swap clears it. Entries are kept per
+scope (the API key a request came from; "" for requests that may share with everyone): a prompt
+only ever reuses, and so only ever learns the length of, prompts of its own scope.
 """
 
 from __future__ import annotations
@@ -32,16 +34,21 @@ class PrefixHit:
 
 @dataclass(slots=True)
 class _Entry:
+    scope: str
     tokens: tuple[int, ...]
     kv: KV
     nbytes: int
+
+    @property
+    def key(self) -> tuple[str, tuple[int, ...]]:
+        return self.scope, self.tokens
 
 
 class PrefixCache:
     def __init__(self, model: str, budget_bytes: int) -> None:
         self.model = model
         self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], _Entry] = OrderedDict()
         self._bytes = 0
 
     @property
@@ -55,37 +62,49 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, prompt_ids: list[int]) -> PrefixHit | None:
-        """The longest cached start of `prompt_ids`, leaving at least its last token to prefill
-        (that pass yields the first generated token)."""
+    def lookup(self, prompt_ids: list[int], scope: str = "") -> PrefixHit | None:
+        """The longest cached start of `prompt_ids` among prompts of `scope`, leaving at least
+        its last token to prefill (that pass yields the first generated token)."""
         best: _Entry | None = None
         best_length = 0
         for entry in self._entries.values():
+            if entry.scope != scope:
+                continue
             length = _common_prefix(entry.tokens, prompt_ids)
             if length > best_length:
                 best, best_length = entry, length
         length = min(best_length, len(prompt_ids) - 1)
         if best is None or length < MIN_MATCH_TOKENS:
             return None
-        self._entries.move_to_end(best.tokens)
+        self._entries.move_to_end(best.key)
         return PrefixHit(length, [(k[:, :, :length], v[:, :, :length]) for k, v in best.kv])
 
-    def covers(self, prompt_ids: list[int]) -> bool:
-        """Whether `prompt_ids` as a whole is already the start of an entry."""
+    def covers(self, prompt_ids: list[int], scope: str = "") -> bool:
+        """Whether `prompt_ids` as a whole is already the start of an entry of `scope`."""
         n = len(prompt_ids)
-        return any(_common_prefix(e.tokens, prompt_ids) == n for e in self._entries.values())
+        return any(
+            e.scope == scope and _common_prefix(e.tokens, prompt_ids) == n
+            for e in self._entries.values()
+        )
 
-    def store(self, prompt_ids: list[int], kv: KV) -> None:
+    def store(self, prompt_ids: list[int], kv: KV, scope: str = "") -> None:
         """Keep a prefilled prompt's keys and values (tensors this cache may hold on to). Callers
         skip prompts it `covers` already, sparing the gather of their keys and values."""
         nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
         if nbytes > self.budget_bytes:
             return
         tokens = tuple(prompt_ids)
-        # Entries this prompt starts with are redundant: every match they give, it gives.
-        for old in [e for e in self._entries.values() if tokens[: len(e.tokens)] == e.tokens]:
+        # Entries of the scope this prompt starts with are redundant: every match they give, it
+        # gives.
+        redundant = [
+            e
+            for e in self._entries.values()
+            if e.scope == scope and tokens[: len(e.tokens)] == e.tokens
+        ]
+        for old in redundant:
             self._remove(old)
-        self._entries[tokens] = _Entry(tokens, kv, nbytes)
+        entry = _Entry(scope, tokens, kv, nbytes)
+        self._entries[entry.key] = entry
         self._bytes += nbytes
         while self._bytes > self.budget_bytes:
             self._remove(next(iter(self._entries.values())))
@@ -97,7 +116,7 @@ class PrefixCache:
         self._publish()
 
     def _remove(self, entry: _Entry) -> None:
-        del self._entries[entry.tokens]
+        del self._entries[entry.key]
         self._bytes -= entry.nbytes
 
     def _publish(self) -> None:

@@ -232,7 +232,9 @@ class JobRunner:
         pending = _Pending(self._loop.create_future(), job.attempt, skip, engine)
         self._pending[job.id] = pending
         metrics.RUNNING_JOBS.inc()
-        engine.submit(EngineRequest(job.id, item.request, sampling_params(item), deadline))
+        params = sampling_params(item)
+        scope = item.cache_scope or ""
+        engine.submit(EngineRequest(job.id, item.request, params, deadline, cache_scope=scope))
         try:
             if await _persist(self.store.cancel_requested, job.id):
                 engine.cancel(job.id)  # asked for while the job was being picked up

@@ -1,10 +1,18 @@
-"""Delivering finished jobs to their webhooks: signed, logged, retried with backoff."""
+"""Delivering finished jobs to their webhooks: checked, pinned, signed, logged, retried.
+
+Each attempt resolves the target's host, refuses it unless every address is allowed
+(`WebhookPolicy.check_addresses`), and connects to the address it checked, sending the host
+name as `Host` and as the TLS server name, so that the certificate is still verified against
+the name. The job's delivery log shows the receiver's status code and the attempt count; why an
+attempt failed goes to this worker's log only, so that webhooks cannot probe the network.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from typing import Any
 
@@ -14,23 +22,48 @@ from arq.worker import Retry
 from common.jobstore import JobStore
 from common.schemas import WebhookDelivery
 from common.settings import Settings
+from common.webhooks import (
+    SIGNATURE_HEADER,
+    IPAddress,
+    Target,
+    WebhookPolicy,
+    WebhookRefused,
+    sign,
+)
 
 logger = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Genq-Signature"
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address `host` resolves to (itself, if it is one)."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    # An IPv6 address may carry a zone (`fe80::1%eth0`): the address is what is checked.
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
-def sign(secret: bytes, body: bytes) -> str:
-    """`sha256=<hex HMAC-SHA256 of the body>`: receivers recompute it with the shared secret."""
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+def _pinned(url: str, target: Target, address: IPAddress) -> tuple[httpx.URL, dict[str, str]]:
+    """The URL with the checked address as its host, and the Host header it must carry."""
+    parsed = httpx.URL(url)
+    default = 443 if target.https else 80
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    netloc = host if target.port == default else f"{host}:{target.port}"
+    return parsed.copy_with(host=str(address)), {"host": netloc}
 
 
 class WebhookSender:
     def __init__(self, store: JobStore, settings: Settings) -> None:
         self.store = store
         self.settings = settings
-        # No redirects: a redirect could lead a signed body outside the allow-list.
-        self.http = httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False)
+        self.policy = WebhookPolicy.from_settings(settings)
+        # No redirects: a redirect could lead a signed body outside the allow-list. No proxies
+        # from the environment: a proxy would resolve the name itself, past the check.
+        self.http = httpx.AsyncClient(
+            timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False
+        )
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -44,29 +77,36 @@ class WebhookSender:
         secret = self.settings.webhook_secret
         assert secret is not None, "the gateway accepts webhooks only with a secret"
         body = job.model_dump_json(exclude={"webhook_deliveries"}).encode()
-        headers = {
-            "content-type": "application/json",
-            SIGNATURE_HEADER: sign(secret.get_secret_value().encode(), body),
-            "X-Genq-Job-Id": job_id,
-        }
         status_code = None
-        error = None
         try:
-            resp = await self.http.post(url, content=body, headers=headers)
-            status_code = resp.status_code
-            if not resp.is_success:
-                error = f"HTTP {resp.status_code}"
-        except httpx.HTTPError as e:
-            error = f"{type(e).__name__}: {e}"
+            status_code = await self._post(url, body, secret.get_secret_value().encode(), job_id)
+            if not 200 <= status_code < 300:
+                logger.warning("webhook of job %s: the receiver answered %d", job_id, status_code)
+        except WebhookRefused as e:
+            logger.warning("webhook of job %s refused: %s", job_id, e)
+        except (httpx.HTTPError, OSError) as e:
+            logger.warning("webhook of job %s failed: %s", job_id, type(e).__name__)
+        delivered = status_code is not None and 200 <= status_code < 300
         delivery = WebhookDelivery(
-            attempt=attempt,
-            at=time.time(),
-            delivered=error is None,
-            status_code=status_code,
-            error=error,
+            attempt=attempt, at=time.time(), delivered=delivered, status_code=status_code
         )
         await self.store.log_delivery(job_id, delivery)
-        return delivery.delivered
+        return delivered
+
+    async def _post(self, url: str, body: bytes, secret: bytes, job_id: str) -> int:
+        target = self.policy.check_url(url)
+        addresses = await resolve(target.host, target.port)
+        self.policy.check_addresses(addresses)
+        pinned, host = _pinned(url, target, addresses[0])
+        headers = {
+            **host,
+            "content-type": "application/json",
+            SIGNATURE_HEADER: sign(secret, body, int(time.time())),
+            "X-Genq-Job-Id": job_id,
+        }
+        extensions = {"sni_hostname": target.host} if target.https else {}
+        resp = await self.http.post(pinned, content=body, headers=headers, extensions=extensions)
+        return resp.status_code
 
 
 async def deliver_webhook(ctx: dict[str, Any], job_id: str, url: str) -> str:

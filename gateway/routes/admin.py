@@ -1,33 +1,21 @@
-"""Operator routes: reload a model's weights, split its traffic, point an alias elsewhere."""
+"""Operator routes (API keys with the `admin` scope): reload a model's weights, split its
+traffic, point an alias elsewhere."""
 
 from __future__ import annotations
 
-import secrets
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Header, status
+from fastapi import APIRouter, Depends, status
 
 from common.schemas import AliasTarget, ErrorBody, ModelCard, ReloadAccepted, TrafficSplit
-from gateway.deps import AdminDep, ServicesDep
-from gateway.errors import Unauthorized
-
-
-async def _require_admin(
-    services: ServicesDep, authorization: Annotated[str | None, Header()] = None
-) -> None:
-    token = services.settings.admin_token
-    if token is None:
-        return
-    expected = f"Bearer {token.get_secret_value()}"
-    if authorization is None or not secrets.compare_digest(authorization, expected):
-        raise Unauthorized("admin routes need `Authorization: Bearer <GENQ_ADMIN_TOKEN>`")
-
+from gateway.deps import AdminDep, require_admin
+from gateway.routes.jobs import AUTH_ERRORS
+from gateway.security import StrictJSONRoute
 
 router = APIRouter(
+    route_class=StrictJSONRoute,
     prefix="/v1/admin",
     tags=["admin"],
-    dependencies=[Depends(_require_admin)],
-    responses={code: {"model": ErrorBody} for code in (401, 404, 422, 503)},
+    dependencies=[Depends(require_admin)],
+    responses={**AUTH_ERRORS, 404: {"model": ErrorBody}},
 )
 
 

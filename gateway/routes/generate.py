@@ -6,12 +6,13 @@ from fastapi import APIRouter, Response, status
 from sse_starlette import EventSourceResponse
 
 from common.schemas import Job, SyncGenerationRequest
-from gateway.deps import ListenerDep, ServicesDep
+from gateway.deps import GeneratorDep, ListenerDep, ServicesDep
 from gateway.errors import LimitExceeded
 from gateway.routes.jobs import ERRORS, IdempotencyKey
+from gateway.security import StrictJSONRoute
 from gateway.services.sse import job_event_stream, sse_response
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(route_class=StrictJSONRoute, tags=["generate"])
 
 
 @router.post(
@@ -30,6 +31,7 @@ router = APIRouter(tags=["generate"])
 async def generate(
     body: SyncGenerationRequest,
     services: ServicesDep,
+    caller: GeneratorDep,
     listener: ListenerDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
@@ -43,9 +45,10 @@ async def generate(
             f"timeout_s={timeout_s}; the limit is {settings.max_sync_timeout_s} "
             "(GENQ_MAX_SYNC_TIMEOUT_S)"
         )
-    job = await services.jobs.submit(body.generation(), idempotency_key=idempotency_key)
+    job = await services.jobs.submit(body.generation(), caller, idempotency_key=idempotency_key)
     if body.stream:
-        stream = await job_event_stream(services.jobs, job.id, None, listener)
+        owner = caller.principal.id
+        stream = await job_event_stream(services.jobs, job.id, None, listener, owner)
         return sse_response(stream, settings)
     waited = await services.jobs.wait(job.id, timeout_s, known=job, listener=listener)
     job = waited.model_copy(update={"cached": job.cached})

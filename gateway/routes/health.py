@@ -12,9 +12,10 @@ from redis.exceptions import RedisError
 from common.schemas import ErrorBody
 from gateway import metrics
 from gateway.deps import ServicesDep
-from gateway.errors import ShuttingDown
+from gateway.errors import ShuttingDown, Unavailable
+from gateway.security import StrictJSONRoute
 
-router = APIRouter(tags=["health"])
+router = APIRouter(route_class=StrictJSONRoute, tags=["health"])
 
 
 class Health(BaseModel):
@@ -33,7 +34,11 @@ async def readyz(services: ServicesDep) -> Health:
     once while the circuit breaker is open)."""
     if services.drain.started:
         raise ShuttingDown("draining: this gateway is shutting down", retry_after_s=1)
-    await services.redis.ping()  # a Redis error answers 503 + Retry-After (gateway.errors)
+    try:
+        await services.redis.ping()
+    except (RedisError, OSError) as e:
+        # Open to anyone: it says what is wrong, never where Redis is or what it answered.
+        raise Unavailable("redis unreachable", retry_after_s=1) from e
     return Health(status="ready")
 
 

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from common.schemas import ErrorBody, ModelList, QueueStats
-from gateway.deps import ModelsDep, QueueDep
+from common.schemas import ModelList, QueueStats
+from gateway.auth import Scope
+from gateway.deps import ModelsDep, QueueDep, ReaderDep
+from gateway.routes.jobs import AUTH_ERRORS
+from gateway.security import StrictJSONRoute
 
-router = APIRouter(prefix="/v1", tags=["models"], responses={503: {"model": ErrorBody}})
+router = APIRouter(
+    route_class=StrictJSONRoute, prefix="/v1", tags=["models"], responses=AUTH_ERRORS
+)
 
 
 @router.get("/models")
-async def list_models(models: ModelsDep) -> ModelList:
-    """OpenAI-style list of the models workers have registered, with live worker counts."""
-    return await models.listing()
+async def list_models(models: ModelsDep, caller: ReaderDep) -> ModelList:
+    """OpenAI-style list of the models workers have registered, with live worker counts; their
+    sources, workers and load failures only for API keys with the `admin` scope."""
+    return await models.listing(details=caller.principal.can(Scope.admin))
 
 
 @router.get("/queue")
-async def queue_stats(queue: QueueDep) -> QueueStats:
+async def queue_stats(queue: QueueDep, caller: ReaderDep) -> QueueStats:
     """Per pool: depth, ready, running, age of the job at the head, workers alive."""
     return await queue.stats()

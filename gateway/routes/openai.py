@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
-from gateway.deps import ListenerDep, Services
+from common.schemas import ErrorBody
+from gateway.deps import GeneratorDep, ListenerDep, Services
 from gateway.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -15,12 +16,16 @@ from gateway.openai.protocol import (
     CompletionRequest,
 )
 from gateway.routes.jobs import ERRORS, IdempotencyKey
+from gateway.security import StrictJSONRoute
 from gateway.services.openai import JobStream, OpenAIService
 from gateway.services.sse import sse_response
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(route_class=StrictJSONRoute, prefix="/v1", tags=["openai"])
 
 STREAMED = {"content": {"text/event-stream": {}}, "description": "With `stream: true`: chunks"}
+# A failed generation answers with the status of its error code (gateway.errors): the input the
+# model could not take, its output that could not be sampled or decoded, a job past its time.
+FAILED: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 502, 504)}
 
 
 def _openai(request: Request) -> OpenAIService:
@@ -39,32 +44,35 @@ def _sse(stream: JobStream, openai: OpenAIService) -> EventSourceResponse:
 @router.post(
     "/completions",
     response_model=None,
-    responses={**ERRORS, 200: {"model": Completion, **STREAMED}},
+    responses={**ERRORS, **FAILED, 200: {"model": Completion, **STREAMED}},
 )
 async def completions(
     body: CompletionRequest,
     openai: OpenAIDep,
+    caller: GeneratorDep,
     listener: ListenerDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Completion | EventSourceResponse:
     """OpenAI text completion; with `stream: true`, chunks ending with `data: [DONE]`."""
     if body.stream:
-        return _sse(await openai.completion_stream(body, idempotency_key, listener), openai)
-    return await openai.completion(body, idempotency_key, listener)
+        stream = await openai.completion_stream(body, caller, idempotency_key, listener)
+        return _sse(stream, openai)
+    return await openai.completion(body, caller, idempotency_key, listener)
 
 
 @router.post(
     "/chat/completions",
     response_model=None,
-    responses={**ERRORS, 200: {"model": ChatCompletion, **STREAMED}},
+    responses={**ERRORS, **FAILED, 200: {"model": ChatCompletion, **STREAMED}},
 )
 async def chat_completions(
     body: ChatCompletionRequest,
     openai: OpenAIDep,
+    caller: GeneratorDep,
     listener: ListenerDep,
     idempotency_key: IdempotencyKey = None,
 ) -> ChatCompletion | EventSourceResponse:
     """OpenAI chat completion; the model's chat template is applied by the worker."""
     if body.stream:
-        return _sse(await openai.chat_stream(body, idempotency_key, listener), openai)
-    return await openai.chat(body, idempotency_key, listener)
+        return _sse(await openai.chat_stream(body, caller, idempotency_key, listener), openai)
+    return await openai.chat(body, caller, idempotency_key, listener)

@@ -14,7 +14,13 @@ from redis.asyncio.client import Pipeline
 
 from common import keys
 from common.catalog import ModelSpec
-from common.contract import GENERATE_FUNCTION, WorkItem, WorkRequest, serialize_payload
+from common.contract import (
+    GENERATE_FUNCTION,
+    PREFIX_CACHE_SCOPE,
+    WorkItem,
+    WorkRequest,
+    serialize_payload,
+)
 from common.jobstore import JobStore
 from common.schemas import GenerationRequest, Job
 from common.settings import Settings
@@ -26,10 +32,19 @@ from gateway.services.models import Route
 _PRIORITY_STEPS = {"high": -2, "normal": -1, "low": 0}
 
 
-def fingerprint(model: str, request: GenerationRequest, *, exclude: set[str] | None = None) -> str:
-    """Digest of the canonical request as the named model would serve it."""
+def fingerprint(
+    model: str,
+    request: GenerationRequest,
+    *,
+    exclude: set[str] | None = None,
+    scope: str | None = None,
+) -> str:
+    """Digest of the canonical request as the named model would serve it; with `scope` (an API
+    key's principal), only requests of that key have the same one."""
     body = request.model_dump(mode="json", exclude=exclude)
     body["model"] = model
+    if scope is not None:
+        body["scope"] = scope
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -44,19 +59,30 @@ def stage_enqueue(
     job: Job,
     request: GenerationRequest,
     route: Route,
+    *,
+    owner: str,
+    in_flight: bool,
+    cache_scope: str | None,
 ) -> None:
-    """Add a job's record, its work item and its place in the queue to `pipe`."""
+    """Add a job's record, its work item and its place in the queue to `pipe`. `owner` is the
+    API key's principal; `in_flight`: the job counts towards its concurrency limit; the worker
+    matches the prompt only against cached prompts of `cache_scope` (None: of every key)."""
     item = WorkItem(
         job_id=job.id,
         request=WorkRequest.model_validate(request.model_dump(mode="json")),
         # Drawn here, not by the worker, so that a re-run reproduces the tokens already streamed.
         seed=request.seed if request.seed is not None else secrets.randbits(63),
-        max_new_tokens=request.max_new_tokens or default_max_new_tokens(route.spec, settings),
+        max_new_tokens=new_tokens(request, route.spec, settings),
         model=route.model,
+        cache_scope=cache_scope,
+        # A worker that ignored the scope would match other keys' prompts: it must refuse.
+        requires=[] if cache_scope is None else [PREFIX_CACHE_SCOPE],
     )
     head_start_ms = -_PRIORITY_STEPS[request.priority] * settings.priority_step_s * 1000
     webhook = str(request.webhook) if request.webhook else None
-    store.stage_create(pipe, job, pool=route.pool, webhook=webhook)
+    store.stage_create(
+        pipe, job, pool=route.pool, owner=owner, webhook=webhook, in_flight=in_flight
+    )
     stage_item(pipe, item.model_dump(mode="json"), pool=route.pool, head_start_ms=head_start_ms)
 
 
@@ -74,6 +100,11 @@ def stage_item(pipe: Pipeline, item: dict[str, Any], *, pool: str, head_start_ms
     )
     pipe.psetex(keys.arq_job(item["job_id"]), score - now_ms + expires_extra_ms, payload)
     pipe.zadd(keys.queue(pool), {item["job_id"]: score})
+
+
+def new_tokens(request: GenerationRequest, spec: ModelSpec, settings: Settings) -> int:
+    """The request's `max_new_tokens`, or the default of the version serving it."""
+    return request.max_new_tokens or default_max_new_tokens(spec, settings)
 
 
 def default_max_new_tokens(spec: ModelSpec, settings: Settings) -> int:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from common.catalog import ModelSpec
 from common.schemas import GenerationRequest
 from common.settings import Settings
+from common.webhooks import WebhookPolicy, WebhookRefused
 from gateway.errors import LimitExceeded
 
 
-def check_limits(request: GenerationRequest, settings: Settings) -> None:
+def check_limits(request: GenerationRequest, settings: Settings, webhooks: WebhookPolicy) -> None:
     s = settings
     if request.prompt is not None and len(request.prompt) > s.max_prompt_chars:
         raise LimitExceeded(
@@ -45,13 +46,12 @@ def check_limits(request: GenerationRequest, settings: Settings) -> None:
             )
 
     if request.webhook is not None:
-        host = request.webhook.host or ""
-        if host not in s.webhook_allowed_hosts:
-            raise LimitExceeded(
-                f"webhook host {host!r} is not allowed (GENQ_WEBHOOK_ALLOWED_HOSTS)"
-            )
         if s.webhook_secret is None:
             raise LimitExceeded("webhooks are off: the server has no GENQ_WEBHOOK_SECRET")
+        try:
+            webhooks.check_url(str(request.webhook))
+        except WebhookRefused as e:
+            raise LimitExceeded(str(e)) from e
 
 
 def check_model_limits(request: GenerationRequest, spec: ModelSpec) -> None:

@@ -41,7 +41,9 @@ class ModelService:
             raise ModelNotFound(str(e)) from e
         return Route(pool=spec.pool, model=spec.key, spec=spec)
 
-    async def listing(self) -> ModelList:
+    async def listing(self, *, details: bool = True) -> ModelList:
+        """Every served model; with `details`, each version's source, the workers holding it
+        (host names and pids) and why it failed to load, for operators."""
         catalog = await self.catalog()
         holdings: dict[str, list[WorkerHolding]] = {}
         for pool in sorted(catalog.pools()):
@@ -52,14 +54,19 @@ class ModelService:
                     )
         cards = []
         for name in catalog.names():
-            versions = [self._version(catalog, spec, holdings) for spec in catalog.versions(name)]
+            versions = [
+                self._version(catalog, spec, holdings, details) for spec in catalog.versions(name)
+            ]
             aliases = [
                 alias
                 for alias, target in catalog.aliases.items()
                 if target == name or target.split("@", 1)[0] == name
             ]
             ready_workers = {
-                h.worker for v in versions for h in v.workers if h.state in ("ready", "reloading")
+                h.worker
+                for spec in catalog.versions(name)
+                for h in holdings.get(spec.key, [])
+                if h.state in ("ready", "reloading")
             }
             cards.append(
                 ModelCard(
@@ -73,7 +80,11 @@ class ModelService:
         return ModelList(data=cards)
 
     def _version(
-        self, catalog: Catalog, spec: ModelSpec, holdings: dict[str, list[WorkerHolding]]
+        self,
+        catalog: Catalog,
+        spec: ModelSpec,
+        holdings: dict[str, list[WorkerHolding]],
+        details: bool,
     ) -> ModelVersion:
         held = holdings.get(spec.key, [])
         states = {h.state for h in held}
@@ -84,10 +95,10 @@ class ModelService:
             id=spec.key,
             version=spec.version,
             pool=spec.pool,
-            source=spec.source or "default model",
+            source=(spec.source or "default model") if details else None,
             state=state,
-            reason=reasons[0] if reasons else None,
+            reason=reasons[0] if reasons and details else None,
             traffic_weight=None if weights is None else weights.get(spec.version, 0),
             default=catalog.default_version(spec.name).key == spec.key,
-            workers=held,
+            workers=held if details else None,
         )

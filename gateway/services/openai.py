@@ -16,6 +16,7 @@ from sse_starlette import ServerSentEvent
 from common.events import EventType, decode_job
 from common.schemas import GenerationRequest, Job, JobResult, TokenEvent
 from common.settings import Settings
+from gateway.auth import Caller
 from gateway.drain import Drain
 from gateway.errors import (
     ApiError,
@@ -99,9 +100,14 @@ class OpenAIService:
         self._cancelling: set[asyncio.Task[Job]] = set()
 
     async def completion(
-        self, body: CompletionRequest, idempotency_key: str | None, listener: Redis
+        self,
+        body: CompletionRequest,
+        caller: Caller,
+        idempotency_key: str | None,
+        listener: Redis,
     ) -> Completion:
-        job = await self._run(self._completion_request(body), idempotency_key, listener)
+        request = self._completion_request(body)
+        job = await self._run(request, caller, idempotency_key, listener)
         assert job.result is not None
         return Completion(
             id=f"cmpl-{job.id}",
@@ -114,9 +120,13 @@ class OpenAIService:
         )
 
     async def chat(
-        self, body: ChatCompletionRequest, idempotency_key: str | None, listener: Redis
+        self,
+        body: ChatCompletionRequest,
+        caller: Caller,
+        idempotency_key: str | None,
+        listener: Redis,
     ) -> ChatCompletion:
-        job = await self._run(self._chat_request(body), idempotency_key, listener)
+        job = await self._run(self._chat_request(body), caller, idempotency_key, listener)
         assert job.result is not None
         return ChatCompletion(
             id=f"chatcmpl-{job.id}",
@@ -132,10 +142,14 @@ class OpenAIService:
         )
 
     async def completion_stream(
-        self, body: CompletionRequest, idempotency_key: str | None, listener: Redis
+        self,
+        body: CompletionRequest,
+        caller: Caller,
+        idempotency_key: str | None,
+        listener: Redis,
     ) -> JobStream:
         request = self._completion_request(body)
-        job = await self.jobs.submit(request, idempotency_key=idempotency_key)
+        job = await self.jobs.submit(request, caller, idempotency_key=idempotency_key)
 
         def chunk(text: str, finish: FinishReason | None, usage: OpenAIUsage | None) -> BaseModel:
             return Completion(
@@ -146,12 +160,17 @@ class OpenAIService:
                 usage=usage,
             )
 
-        return await self._stream(job, body, chunk, first=None, listener=listener)
+        return await self._stream(job, caller, body, chunk, first=None, listener=listener)
 
     async def chat_stream(
-        self, body: ChatCompletionRequest, idempotency_key: str | None, listener: Redis
+        self,
+        body: ChatCompletionRequest,
+        caller: Caller,
+        idempotency_key: str | None,
+        listener: Redis,
     ) -> JobStream:
-        job = await self.jobs.submit(self._chat_request(body), idempotency_key=idempotency_key)
+        request = self._chat_request(body)
+        job = await self.jobs.submit(request, caller, idempotency_key=idempotency_key)
 
         def chunk(text: str, finish: FinishReason | None, usage: OpenAIUsage | None) -> BaseModel:
             choices = [
@@ -174,16 +193,20 @@ class OpenAIService:
             model=job.model,
             choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
         )
-        return await self._stream(job, body, chunk, first=first, listener=listener)
+        return await self._stream(job, caller, body, chunk, first=first, listener=listener)
 
     async def _run(
-        self, request: GenerationRequest, idempotency_key: str | None, listener: Redis
+        self,
+        request: GenerationRequest,
+        caller: Caller,
+        idempotency_key: str | None,
+        listener: Redis,
     ) -> Job:
-        job = await self.jobs.submit(request, idempotency_key=idempotency_key)
+        job = await self.jobs.submit(request, caller, idempotency_key=idempotency_key)
         job = await self.jobs.wait(job.id, self.settings.max_sync_timeout_s, listener=listener)
         if not job.status.finished:
             # Nobody can collect an OpenAI answer later: stop spending the GPU on it.
-            await self.jobs.cancel(job.id)
+            await self.jobs.cancel(job.id, caller.principal.id)
             if self.drain.started:
                 raise ShuttingDown(
                     "this gateway is shutting down; retry on another", retry_after_s=1
@@ -199,12 +222,14 @@ class OpenAIService:
     async def _stream(
         self,
         job: Job,
+        caller: Caller,
         body: SamplingFields,
         chunk: Chunker,
         first: BaseModel | None,
         listener: Redis,
     ) -> JobStream:
-        events = await self.jobs.events(job.id, None, listener)
+        owner = caller.principal.id
+        events = await self.jobs.events(job.id, None, listener, owner)
 
         async def relay() -> AsyncIterator[ServerSentEvent]:
             finished = False
@@ -234,7 +259,7 @@ class OpenAIService:
                 if not finished:
                     # The client went away (or the stream broke): let go of the job, which stops
                     # once no identical request shares it, so no GPU time goes to unread text.
-                    task = asyncio.create_task(self.jobs.cancel(job.id))
+                    task = asyncio.create_task(self.jobs.cancel(job.id, owner))
                     self._cancelling.add(task)
                     task.add_done_callback(self._cancelling.discard)
 

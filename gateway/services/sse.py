@@ -33,7 +33,7 @@ def sse_response(
 
 
 async def job_event_stream(
-    jobs: JobService, job_id: str, last_event_id: str | None, listener: Redis
+    jobs: JobService, job_id: str, last_event_id: str | None, listener: Redis, owner: str
 ) -> AsyncIterator[ServerSentEvent]:
     """Validate first (so a bad id or unknown job is an HTTP error), then relay events.
 
@@ -41,7 +41,7 @@ async def job_event_stream(
     client can resume from its last id: Redis unreachable, the job expired, or the gateway
     shutting down.
     """
-    events = await jobs.events(job_id, last_event_id, listener)
+    events = await jobs.events(job_id, last_event_id, listener, owner)
 
     async def relay() -> AsyncIterator[ServerSentEvent]:
         try:
