@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
+from common import tracing
 from common.settings import Settings
 from gateway.deps import Services
 from gateway.drain import Drain
@@ -45,4 +47,14 @@ def create_app(settings: Settings, drain: Drain | None = None) -> FastAPI:
     routers = (jobs, generate, openai, models, admin, health)
     for router in (module.router for module in routers):
         app.include_router(router)
+    provider = tracing.provider()
+    if provider is not None:
+        # A server span per request, named by route template, continuing a client's
+        # `traceparent`; probes and scrapes would only add noise.
+        FastAPIInstrumentor.instrument_app(
+            app,
+            tracer_provider=provider,
+            excluded_urls="/healthz,/readyz,/metrics",
+            exclude_spans=["receive", "send"],  # one per SSE event otherwise
+        )
     return app

@@ -13,6 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.contract import ErrorCode
+from gateway import metrics
 from gateway.redisclient import CircuitOpen, PoolExhausted
 
 logger = logging.getLogger(__name__)
@@ -163,9 +164,26 @@ def map_exception(exc: Exception) -> ApiError:
     return ApiError("internal error")
 
 
+# Refusals counted in `genq_requests_rejected_total`, by status.
+_REJECTION_REASONS = {
+    401: "auth",
+    403: "auth",
+    413: "too_large",
+    422: "validation",
+    429: "queue_full",
+}
+
+
+def count_rejection(status: int) -> None:
+    reason = _REJECTION_REASONS.get(status)
+    if reason is not None:
+        metrics.REJECTED.labels(reason).inc()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         err = map_exception(exc)
+        count_rejection(err.status_code)
         if isinstance(err, Unavailable | RedisBusy):
             # An open breaker is logged once, when it opens, not once per request.
             if not isinstance(exc, CircuitOpen):
@@ -178,6 +196,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        count_rejection(422)
         errors = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
             for e in exc.errors()

@@ -10,9 +10,11 @@ from typing import Any
 
 import httpx
 from arq.worker import Retry
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from common import logs, tracing
 from common.jobstore import JobStore
-from common.schemas import WebhookDelivery
+from common.schemas import Job, WebhookDelivery
 from common.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -36,18 +38,43 @@ class WebhookSender:
         await self.http.aclose()
 
     async def deliver(self, job_id: str, url: str, attempt: int) -> bool:
-        """One attempt, logged on the job; True once the receiver answered 2xx."""
+        """One attempt, logged on the job, and a span in the job's trace; True once the
+        receiver answered 2xx."""
         job = await self.store.load(job_id)
         if job is None:
             logger.warning("webhook for job %s dropped: the job expired", job_id)
             return True
+        parent = (
+            tracing.extract(await self.store.trace_context(job_id)) if tracing.enabled() else None
+        )
+        with tracing.tracer().start_as_current_span(
+            "genq.webhook.deliver",
+            context=parent,
+            kind=SpanKind.CLIENT,
+            attributes={
+                "genq.job.id": job_id,
+                "genq.webhook.attempt": attempt,
+                "http.request.method": "POST",
+                "server.address": httpx.URL(url).host,
+            },
+        ) as span:
+            delivery = await self._post(job, url, attempt)
+            if delivery.status_code is not None:
+                span.set_attribute("http.response.status_code", delivery.status_code)
+            if delivery.error is not None:
+                span.set_status(Status(StatusCode.ERROR, delivery.error))
+        await self.store.log_delivery(job_id, delivery)
+        return delivery.delivered
+
+    async def _post(self, job: Job, url: str, attempt: int) -> WebhookDelivery:
         secret = self.settings.webhook_secret
         assert secret is not None, "the gateway accepts webhooks only with a secret"
         body = job.model_dump_json(exclude={"webhook_deliveries"}).encode()
         headers = {
             "content-type": "application/json",
             SIGNATURE_HEADER: sign(secret.get_secret_value().encode(), body),
-            "X-Genq-Job-Id": job_id,
+            "X-Genq-Job-Id": job.id,
+            **tracing.inject(),  # the receiver may carry the trace on
         }
         status_code = None
         error = None
@@ -58,20 +85,19 @@ class WebhookSender:
                 error = f"HTTP {resp.status_code}"
         except httpx.HTTPError as e:
             error = f"{type(e).__name__}: {e}"
-        delivery = WebhookDelivery(
+        return WebhookDelivery(
             attempt=attempt,
             at=time.time(),
             delivered=error is None,
             status_code=status_code,
             error=error,
         )
-        await self.store.log_delivery(job_id, delivery)
-        return delivery.delivered
 
 
 async def deliver_webhook(ctx: dict[str, Any], job_id: str, url: str) -> str:
     """arq job: deliver, or retry after a delay that doubles with every failed attempt."""
     sender: WebhookSender = ctx["webhooks"]
+    logs.current().job_id = job_id
     attempt = int(ctx["job_try"])
     if await sender.deliver(job_id, url, attempt):
         return "delivered"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette import EventSourceResponse
 
 from gateway.deps import ListenerDep, Services
@@ -17,6 +17,7 @@ from gateway.openai.protocol import (
 from gateway.routes.jobs import ERRORS, IdempotencyKey
 from gateway.services.openai import JobStream, OpenAIService
 from gateway.services.sse import sse_response
+from gateway.timing import server_timing
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -45,12 +46,15 @@ async def completions(
     body: CompletionRequest,
     openai: OpenAIDep,
     listener: ListenerDep,
+    response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> Completion | EventSourceResponse:
     """OpenAI text completion; with `stream: true`, chunks ending with `data: [DONE]`."""
     if body.stream:
         return _sse(await openai.completion_stream(body, idempotency_key, listener), openai)
-    return await openai.completion(body, idempotency_key, listener)
+    completion, timings = await openai.completion(body, idempotency_key, listener)
+    response.headers["Server-Timing"] = server_timing(timings)
+    return completion
 
 
 @router.post(
@@ -62,9 +66,12 @@ async def chat_completions(
     body: ChatCompletionRequest,
     openai: OpenAIDep,
     listener: ListenerDep,
+    response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> ChatCompletion | EventSourceResponse:
     """OpenAI chat completion; the model's chat template is applied by the worker."""
     if body.stream:
         return _sse(await openai.chat_stream(body, idempotency_key, listener), openai)
-    return await openai.chat(body, idempotency_key, listener)
+    chat, timings = await openai.chat(body, idempotency_key, listener)
+    response.headers["Server-Timing"] = server_timing(timings)
+    return chat

@@ -12,7 +12,7 @@ from arq.constants import expires_extra_ms
 from arq.jobs import serialize_job as arq_payload
 from redis.asyncio.client import Pipeline
 
-from common import keys
+from common import keys, logs, tracing
 from common.catalog import ModelSpec
 from common.contract import GENERATE_FUNCTION, WorkItem, WorkRequest, serialize_payload
 from common.jobstore import JobStore
@@ -45,7 +45,9 @@ def stage_enqueue(
     request: GenerationRequest,
     route: Route,
 ) -> None:
-    """Add a job's record, its work item and its place in the queue to `pipe`."""
+    """Add a job's record, its work item and its place in the queue to `pipe`. The item carries
+    the request id and the trace context of the request being handled, for the worker's logs
+    and spans."""
     item = WorkItem(
         job_id=job.id,
         request=WorkRequest.model_validate(request.model_dump(mode="json")),
@@ -53,10 +55,14 @@ def stage_enqueue(
         seed=request.seed if request.seed is not None else secrets.randbits(63),
         max_new_tokens=request.max_new_tokens or default_max_new_tokens(route.spec, settings),
         model=route.model,
+        request_id=logs.current().request_id,
+        trace_context=tracing.inject(),
     )
     head_start_ms = -_PRIORITY_STEPS[request.priority] * settings.priority_step_s * 1000
     webhook = str(request.webhook) if request.webhook else None
-    store.stage_create(pipe, job, pool=route.pool, webhook=webhook)
+    # Deliveries are traced too: they read the trace context from the record.
+    trace_context = item.trace_context if webhook else None
+    store.stage_create(pipe, job, pool=route.pool, webhook=webhook, trace_context=trace_context)
     stage_item(pipe, item.model_dump(mode="json"), pool=route.pool, head_start_ms=head_start_ms)
 
 

@@ -7,13 +7,15 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 
 from arq.connections import ArqRedis
+from opentelemetry.trace import Span, SpanKind
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from common import events, keys
+from common import events, keys, logs, tracing
 from common.catalog import DEFAULT_ALIAS
 from common.events import Event
 from common.jobstore import Fenced, JobStore
@@ -74,6 +76,11 @@ class JobService:
         """Queue a job, or answer with the job that already serves this request: the one an
         earlier request with the same Idempotency-Key created, or (for deterministic requests)
         an identical one that is running or has finished (`cached: true`)."""
+        job = await self._submit(request, idempotency_key)
+        logs.current().job_id = job.id
+        return job
+
+    async def _submit(self, request: GenerationRequest, idempotency_key: str | None) -> Job:
         check_limits(request, self.settings)
         route = await self.models.resolve(request.model)
         check_model_limits(request, route.spec)
@@ -100,15 +107,16 @@ class JobService:
             claims.append(cache_key)
         try:
             await self._check_depth(route.pool, 1)
-            async with self.redis.pipeline(transaction=True) as pipe:
-                stage_enqueue(pipe, self.store, self.settings, job, request, route)
-                pipe.zrank(keys.queue(route.pool), job.id)
-                *_, position = await pipe.execute()
+            with _enqueue_span(route.pool, [job]):
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    stage_enqueue(pipe, self.store, self.settings, job, request, route)
+                    pipe.zrank(keys.queue(route.pool), job.id)
+                    *_, position = await pipe.execute()
         except BaseException:
             # A retry after a 429 (or an outage) must not find its key taken by a phantom job.
             await self._release(claims, job.id)
             raise
-        metrics.SUBMITTED.labels(route.model).inc()
+        metrics.SUBMITTED.labels(route.pool, route.model).inc()
         return job.model_copy(update={"position": position})
 
     async def _release(self, claims: list[str], job_id: str) -> None:
@@ -147,12 +155,14 @@ class JobService:
         for pool in {r.pool for _, _, r in accepted}:
             await self._check_depth(pool, sum(1 for _, _, r in accepted if r.pool == pool))
         if accepted:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for job, request, route in accepted:
-                    stage_enqueue(pipe, self.store, self.settings, job, request, route)
-                await pipe.execute()
-            for job, _, _ in accepted:
-                metrics.SUBMITTED.labels(job.model).inc()
+            pools = ",".join(sorted({r.pool for _, _, r in accepted}))
+            with _enqueue_span(pools, [job for job, _, _ in accepted]):
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    for job, request, route in accepted:
+                        stage_enqueue(pipe, self.store, self.settings, job, request, route)
+                    await pipe.execute()
+            for _, _, route in accepted:
+                metrics.SUBMITTED.labels(route.pool, route.model).inc()
         return BatchResponse(items=out)
 
     def _new_job(self, model: str) -> Job:
@@ -162,7 +172,6 @@ class JobService:
 
     async def _check_depth(self, pool: str, adding: int) -> None:
         if await self.queue.depth(pool) + adding > self.settings.max_queue_depth:
-            metrics.REJECTED.labels("queue_full").inc()
             raise QueueFull(
                 f"the queue of pool {pool!r} is full "
                 f"({self.settings.max_queue_depth} jobs, GENQ_MAX_QUEUE_DEPTH); retry later",
@@ -219,6 +228,7 @@ class JobService:
         return job.model_copy(update={"cached": True})
 
     async def get(self, job_id: str) -> Job:
+        logs.current().job_id = job_id
         job = await self.store.load(job_id)
         if job is None:
             raise JobNotFound(f"job {job_id!r} does not exist or has expired")
@@ -309,6 +319,22 @@ class JobService:
             )
         await self.get(job_id)
         return self.reader.read(listener, job_id, after=last_event_id or "0", deadline=None)
+
+
+def _enqueue_span(pool: str, jobs: list[Job]) -> AbstractContextManager[Span]:
+    """The producer span the queued jobs' work items name as their parent."""
+    return tracing.tracer().start_as_current_span(
+        "genq.enqueue",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "redis",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": pool,
+            "messaging.batch.message_count": len(jobs),
+            "genq.job.id": jobs[0].id,
+            "gen_ai.request.model": jobs[0].model,
+        },
+    )
 
 
 def _item_error(code: str, error: ValidationError) -> ErrorDetail:
