@@ -165,7 +165,6 @@ class GuardedRedis(ArqRedis):
             with metrics.redis_command(_command(args)):
                 return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
-
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
         return GuardedPipeline(
             self.breaker, self.connection_pool, self.response_callbacks, transaction, shard_hint
