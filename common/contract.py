@@ -88,6 +88,11 @@ class WorkItem(_Lenient):
         "`requires`.",
     )
     requires: list[str] = Field(default_factory=list)
+    # For the worker's logs and spans: the submitting request's id, and its trace context as W3C
+    # headers (`traceparent`, `tracestate`; empty while tracing is off). Older workers ignore
+    # both, which costs them nothing but the correlation.
+    request_id: str | None = None
+    trace_context: dict[str, str] = Field(default_factory=dict)
 
 
 class InvalidWorkItem(ValueError):

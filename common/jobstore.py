@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Mapping
 from enum import StrEnum
 from typing import cast
 
+import orjson
 from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -135,21 +136,32 @@ class JobStore:
         owner: str,
         webhook: str | None = None,
         in_flight: bool = False,
+        trace_context: Mapping[str, str] | None = None,
     ) -> None:
         """Add the record's creation to `pipe`, so it can share a round trip with the enqueue.
         `owner` (an API key's principal) holds it; `in_flight`: the job counts towards the
-        owner's concurrency limit (`admit`) until it ends."""
+        owner's concurrency limit (`admit`) until it ends. `trace_context` (W3C headers) is kept
+        for the spans of the job's webhook deliveries."""
         extra = {"pool": pool, "holders": "1", owner_field(owner): "1"}
         if webhook:
             extra["webhook"] = webhook
         if in_flight:
             extra["in_flight"] = keys.in_flight(owner)
+        if trace_context:
+            extra["trace_context"] = orjson.dumps(trace_context).decode()
         pipe.hset(keys.job(job.id), mapping={**_to_hash(job), **extra})
         pipe.expire(keys.job(job.id), self.ttl_s)
 
     async def webhook(self, job_id: str) -> str | None:
         raw = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "webhook"))
         return None if raw is None else raw.decode()
+
+    async def trace_context(self, job_id: str) -> dict[str, str]:
+        """The trace context the job was submitted in; empty if none was kept."""
+        raw = await cast(
+            "Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "trace_context")
+        )
+        return {} if raw is None else dict(orjson.loads(raw))
 
     async def load(self, job_id: str, *, owner: str | None = None) -> Job | None:
         """The job, or None if it is gone or, with `owner`, not that API key's to see."""

@@ -101,8 +101,14 @@ class Timings(BaseModel):
     model_load_s: float | None = Field(
         None, description="Time the job waited for its model to load on the worker (cold start)."
     )
-    time_to_first_token_s: float | None = None
-    generation_s: float | None = None
+    time_to_first_token_s: float | None = Field(
+        None, description="From the start of generation (the prefill) to the first token."
+    )
+    prefill_s: float | None = Field(
+        None, description="The prompt's prefill, up to and including the first token."
+    )
+    decode_s: float | None = Field(None, description="From the first token to the last.")
+    generation_s: float | None = Field(None, description="Prefill and decode.")
     total_s: float | None = Field(None, description="From submission to the end.")
     tokens_per_s: float | None = None
 

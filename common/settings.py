@@ -60,8 +60,20 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    gateway_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Gateway: uvicorn processes serving the port; past 1, metrics use "
+        "prometheus-client's multiprocess mode.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+    log_payloads: bool = Field(
+        False,
+        description="Debugging only: workers log each job's prompt and generated text, which "
+        "may hold personal data. Off, no prompt or output is ever logged.",
+    )
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted (413).")
     max_prompt_chars: int = Field(32_000, gt=0)
     max_messages: int = Field(256, gt=0)

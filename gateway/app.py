@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from starlette.middleware.cors import CORSMiddleware
 
+from common import tracing
 from common.settings import Settings
 from gateway.deps import Services
 from gateway.drain import Drain
@@ -86,4 +88,14 @@ def create_app(settings: Settings, drain: Drain | None = None) -> FastAPI:
         # Counted as the bytes arrive: a chunked body over it is refused before it is read.
         # Per route, inside the middleware, so that the 413 goes through the error handlers.
         app.include_router(router, max_body_size=settings.max_body_bytes)
+    provider = tracing.provider()
+    if provider is not None:
+        # A server span per request, named by route template, continuing a client's
+        # `traceparent`; probes and scrapes would only add noise.
+        FastAPIInstrumentor.instrument_app(
+            app,
+            tracer_provider=provider,
+            excluded_urls="/healthz,/readyz,/metrics",
+            exclude_spans=["receive", "send"],  # one per SSE event otherwise
+        )
     return app

@@ -14,7 +14,6 @@ from common.catalog import CatalogSource
 from common.jobstore import JobStore
 from common.reaper import Reaper
 from common.settings import Settings
-from gateway import metrics
 from gateway.auth import Caller, KeyRing, NotAuthenticated, Scope, presented_key
 from gateway.drain import Drain
 from gateway.errors import Forbidden, Unauthorized
@@ -107,7 +106,6 @@ async def _caller(request: Request) -> Caller:
     try:
         principal = _services(request).keyring.authenticate(presented_key(request.scope["headers"]))
     except NotAuthenticated as e:
-        metrics.REJECTED.labels("unauthorized").inc()
         raise Unauthorized(
             "invalid API key"
             if e.presented
@@ -121,7 +119,6 @@ async def _caller(request: Request) -> Caller:
 def _scoped(scope: Scope) -> Callable[[Caller], Awaitable[Caller]]:
     async def check(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
         if not caller.principal.can(scope):
-            metrics.REJECTED.labels("forbidden").inc()
             raise Forbidden(
                 f"the API key {caller.principal.name!r} lacks the `{scope}` scope this route needs"
             )

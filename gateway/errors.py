@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 class ApiError(Exception):
     status_code = 500
     code = "internal_error"
+    # Why a request was refused before any work, for `genq_requests_rejected_total`; None:
+    # not a refusal (a missing job, an outage).
+    rejection: str | None = None
 
     def __init__(
         self,
@@ -50,21 +53,25 @@ class ModelNotFound(ApiError):
 class LimitExceeded(ApiError):
     status_code = 422
     code = "limit_exceeded"
+    rejection = "validation"
 
 
 class BadRequest(ApiError):
     status_code = 422
     code = "invalid_request"
+    rejection = "validation"
 
 
 class InvalidRouting(ApiError):
     status_code = 422
     code = "invalid_routing"
+    rejection = "validation"
 
 
 class Unauthorized(ApiError):
     status_code = 401
     code = "unauthorized"
+    rejection = "unauthorized"
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="genq"'})
@@ -73,6 +80,7 @@ class Unauthorized(ApiError):
 class Forbidden(ApiError):
     status_code = 403
     code = "forbidden"
+    rejection = "forbidden"
 
 
 class IdempotencyConflict(ApiError):
@@ -83,16 +91,25 @@ class IdempotencyConflict(ApiError):
 class PayloadTooLarge(ApiError):
     status_code = 413
     code = "payload_too_large"
+    rejection = "body_too_large"
 
 
 class QueueFull(ApiError):
     status_code = 429
     code = "queue_full"
+    rejection = "queue_full"
 
 
 class RateLimited(ApiError):
+    """`limit`: which of the key's limits refused it (requests_per_minute, tokens_per_minute,
+    concurrent)."""
+
     status_code = 429
     code = "rate_limited"
+
+    def __init__(self, limit: str, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.rejection = limit
 
 
 class Unavailable(ApiError):
@@ -201,9 +218,15 @@ def map_exception(exc: Exception) -> ApiError:
     return ApiError("internal error")
 
 
+def count_rejection(reason: str) -> None:
+    metrics.REJECTED.labels(reason).inc()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         err = map_exception(exc)
+        if err.rejection is not None:
+            count_rejection(err.rejection)
         if isinstance(err, Unavailable | RedisBusy):
             # An open breaker is logged once, when it opens, not once per request.
             if not isinstance(exc, CircuitOpen):
@@ -220,6 +243,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        count_rejection("validation")
         errors = [
             {"loc": list(e.get("loc", ())), "msg": _error_msg(e), "type": e.get("type")}
             for e in exc.errors()
@@ -234,7 +258,7 @@ def install_error_handlers(app: FastAPI) -> None:
             # FastAPI's body limit, counted as the bytes arrive (chunked bodies too).
             limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
             message = f"request body over {limit} bytes (GENQ_MAX_BODY_BYTES)"
-            metrics.REJECTED.labels("body_too_large").inc()
+            count_rejection("body_too_large")
             return error_response(413, PayloadTooLarge.code, message)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))

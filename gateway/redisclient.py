@@ -89,7 +89,7 @@ class _StateLog(pybreaker.CircuitBreakerListener):
         old_state: pybreaker.CircuitBreakerState | None,
         new_state: pybreaker.CircuitBreakerState,
     ) -> None:
-        metrics.REDIS_BREAKER_OPEN.set(1 if new_state.name == pybreaker.STATE_OPEN else 0)
+        metrics.record_breaker_state(new_state.name)
         old = old_state.name if old_state is not None else None
         if new_state.name == pybreaker.STATE_OPEN:
             logger.warning("Redis circuit breaker open (%s -> open): answering 503 for now", old)
@@ -114,6 +114,7 @@ class RedisBreaker:
             throw_new_error_on_trip=False,
             name="redis",
         )
+        metrics.record_breaker_state(pybreaker.STATE_CLOSED)
 
     @property
     def state(self) -> str:
@@ -143,11 +144,12 @@ class GuardedPipeline(Pipeline):
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         if not self.command_stack and not self.watching:
             return []  # nothing to send: not a call the breaker should count
-        with self.breaker.guard():
+        name = "MULTI" if self.is_transaction else "PIPELINE"
+        with self.breaker.guard(), metrics.redis_command(name):
             return await super().execute(raise_on_error)
 
     async def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
-        with self.breaker.guard():
+        with self.breaker.guard(), metrics.redis_command(_command(args)):
             return await super().immediate_execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
@@ -158,12 +160,26 @@ class GuardedRedis(ArqRedis):
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         with self.breaker.guard():
-            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+            if _blocking(args):  # waits for events on purpose: not a latency
+                return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+            with metrics.redis_command(_command(args)):
+                return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
         return GuardedPipeline(
             self.breaker, self.connection_pool, self.response_callbacks, transaction, shard_hint
         )
+
+
+def _command(args: tuple[Any, ...]) -> str:
+    """The command's name, as redis-py's methods spell it (never a client's input)."""
+    name = args[0] if args else None
+    return name.upper() if isinstance(name, str) else "OTHER"
+
+
+def _blocking(args: tuple[Any, ...]) -> bool:
+    """An `XREAD BLOCK`: redis-py puts the option right after the command's name."""
+    return len(args) > 1 and args[1] in (b"BLOCK", "BLOCK")
 
 
 def _pool(settings: Settings, *, setting: str, limit: int, read_timeout_s: float) -> BoundedPool:

@@ -17,9 +17,8 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import Settings
-from gateway import metrics
 from gateway.auth import Caller, is_loopback
-from gateway.errors import error_response
+from gateway.errors import count_rejection, error_response
 from gateway.services.ratelimit import rate_limit_headers
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -73,7 +72,7 @@ class HostCheckMiddleware:
             return
         raw = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
         if not _host_allowed(_host_name(raw.strip().lower()), self.hosts):
-            metrics.REJECTED.labels("host").inc()
+            count_rejection("host")
             response = error_response(
                 400,
                 "host_not_allowed",
@@ -95,7 +94,7 @@ class DeclaredBodyLimitMiddleware:
         if scope["type"] == "http":
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-                metrics.REJECTED.labels("body_too_large").inc()
+                count_rejection("body_too_large")
                 response = error_response(413, "payload_too_large", body_limit(self.max_bytes))
                 await response(scope, receive, send)
                 return

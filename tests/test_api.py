@@ -12,6 +12,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from tests.conftest import TINY_KEY, TINY_NAME, Stack
+from tests.scrape import scrape
 from tests.sse import read_stream, token_text
 
 
@@ -282,16 +283,14 @@ def test_probes_metrics_and_docs(client: httpx.Client) -> None:
 
 def test_worker_exposes_engine_and_memory_metrics(client: httpx.Client, stack: Stack) -> None:
     client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 4})
-    text = httpx.get(stack.worker_metrics, timeout=10).text
-    for name in (
-        f'genq_worker_batch_size{{model="{TINY_KEY}"}}',
-        f'genq_worker_model_loads_total{{model="{TINY_KEY}",outcome="loaded"}} 1.0',
-        f'genq_worker_model_bytes{{model="{TINY_KEY}"}}',
-        "genq_worker_rss_bytes",
-        f'genq_worker_generated_tokens_total{{model="{TINY_KEY}"}}',
-        "genq_worker_time_to_first_token_seconds_bucket",
-    ):
-        assert name in text
+    metrics = scrape(stack.worker_metrics)
+    model = {"pool": "default", "model": TINY_KEY}
+    assert metrics.value("genq_worker_model_loads_total", **model, outcome="loaded") == 1
+    assert metrics.value("genq_worker_model_bytes", **model) > 0
+    assert metrics.value("genq_worker_rss_bytes", pool="default") > 0
+    assert metrics.value("genq_generation_tokens_total", **model) > 0
+    assert metrics.has("genq_requests_running", **model)
+    assert metrics.has("genq_time_to_first_token_seconds_bucket", **model)
 
 
 def test_concurrent_jobs_are_batched_and_match_their_solo_results(client: httpx.Client) -> None:

@@ -29,7 +29,7 @@ from worker.sampling import SamplingParams
 
 
 def hit_tokens(lm: LoadedModel) -> float:
-    return float(metrics.PREFIX_CACHE_HIT_TOKENS.labels(lm.name)._value.get())
+    return float(metrics.PREFIX_CACHE_HITS.labels(*metrics.labels(lm.name))._value.get())
 
 
 def test_greedy_batch_of_different_lengths_equals_model_generate(tiny_lm: LoadedModel) -> None:

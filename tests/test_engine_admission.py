@@ -101,12 +101,12 @@ def test_padding_between_a_cached_prefix_and_its_rest_is_counted(
     ]
     alone = max(prompt_tokens(tiny_lm, j.prompt) + j.params.max_new_tokens for j in jobs)
     budget = budget_times * alone
-    before = metrics.PREFIX_CACHE_HIT_TOKENS.labels(tiny_lm.name)._value.get()
+    before = metrics.PREFIX_CACHE_HITS.labels(*metrics.labels(tiny_lm.name))._value.get()
     out = run(tiny_lm, jobs, limits=EngineLimits(max_batch_tokens=budget))
     assert max(cache_sizes) <= budget
     if budget_times == 6:  # room for both: they ran together, the prefix was reused
         assert max(out.batch_sizes) == 2
-        assert metrics.PREFIX_CACHE_HIT_TOKENS.labels(tiny_lm.name)._value.get() > before
+        assert metrics.PREFIX_CACHE_HITS.labels(*metrics.labels(tiny_lm.name))._value.get() > before
     for job in jobs:
         assert out.done[job.id].token_ids == reference(
             tiny_lm, job.prompt, job.params.max_new_tokens

@@ -8,6 +8,7 @@ from collections.abc import Awaitable
 from typing import cast
 
 from arq.connections import ArqRedis
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from common import keys
@@ -33,6 +34,12 @@ async def started_job(redis: Redis, store: JobStore, job_id: str, attempt: int) 
     await store.start_attempt(job_id, attempt=attempt, worker="w", model="m", pool=POOL)
 
 
+def reaped(outcome: str) -> float:
+    """genq_jobs_reaped_total of the pool for `outcome`."""
+    labels = {"pool": POOL, "outcome": outcome}
+    return REGISTRY.get_sample_value("genq_jobs_reaped_total", labels) or 0.0
+
+
 def reaper_of(redis: Redis) -> tuple[Reaper, JobStore]:
     arq = ArqRedis(connection_pool=redis.connection_pool)
     store = JobStore(arq, ttl_s=100, events_maxlen=100)
@@ -44,8 +51,10 @@ async def test_a_job_whose_lease_lapsed_goes_back_to_the_queue(redis: Redis) -> 
     await started_job(redis, store, "orphan", attempt=1)
     await started_job(redis, store, "held", attempt=1)
     await redis.set(keys.arq_in_progress("held"), b"1", px=10_000)
+    requeued = reaped("requeued")
 
     assert await reaper.sweep(POOL) == {Reaped.requeued: 1, Reaped.held: 1}
+    assert reaped("requeued") == requeued + 1
 
     orphan = await store.load("orphan")
     assert orphan is not None
@@ -65,8 +74,11 @@ async def test_a_job_out_of_tries_or_off_its_queue_fails_once(redis: Redis) -> N
     await started_job(redis, store, "dropped", attempt=1)
     await redis.zrem(keys.queue(POOL), "dropped")
 
+    failed = reaped("failed")
+
     # Sweeps racing each other (every worker and gateway may sweep) fail each job once.
     await asyncio.gather(*(reaper.sweep(POOL) for _ in range(5)))
+    assert reaped("failed") == failed + 2
 
     for job_id in ("tired", "dropped"):
         entries = [decode(i, f) for i, f in await redis.xrange(keys.events(job_id))]

@@ -104,7 +104,7 @@ def test_stalled_redis_is_answered_by_the_open_breaker_which_closes_by_itself(
                 assert answer.status_code == 503
                 assert answer.json()["error"]["code"] == "redis_unavailable"
                 assert 1 <= int(answer.headers["retry-after"]) <= 8
-            assert "genq_redis_breaker_open 1.0" in fast.get("/metrics").text
+            assert 'genq_redis_breaker_state{state="open"} 1.0' in fast.get("/metrics").text
             latencies_ms.sort()
             print(
                 f"\n503 latency while Redis is stalled ({len(latencies_ms)} requests): "
@@ -119,7 +119,9 @@ def test_stalled_redis_is_answered_by_the_open_breaker_which_closes_by_itself(
             lambda: patient.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202,
             timeout_s=30,
         )
-        assert "genq_redis_breaker_open 0.0" in patient.get("/metrics").text
+        breaker = patient.get("/metrics").text
+        assert 'genq_redis_breaker_state{state="open"} 0.0' in breaker
+        assert 'genq_redis_breaker_state{state="closed"} 1.0' in breaker
 
 
 def test_sync_wait_cut_by_an_outage_answers_202_with_the_job(

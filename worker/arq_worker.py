@@ -24,6 +24,8 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from redis.exceptions import RedisError, ResponseError, WatchError
 
+from common import logs
+
 logger = logging.getLogger(__name__)
 
 _BACKOFF_BASE_S = 0.1
@@ -138,6 +140,8 @@ class ResilientWorker(Worker):
         return int(score)
 
     async def run_job(self, job_id: str, score: int) -> None:
+        # arq's own lines about the job (picked up, ended) carry its id, as genq's do.
+        logs.bind(job_id=job_id)
         try:
             await super().run_job(job_id, score)
         except (RedisError, OSError) as e:

@@ -51,14 +51,18 @@ class Row:
 
     def generation(self) -> Generation:
         assert self.finish is not None
+        generation_s = time.perf_counter() - self.started
+        first = self.first_token_s
         return Generation(
             text=self.stream.text,
             finish_reason=self.finish,
             prompt_tokens=len(self.prompt_ids),
             cached_prompt_tokens=self.cached_prompt_tokens,
             token_ids=self.token_ids,
-            time_to_first_token_s=self.first_token_s,
-            generation_s=time.perf_counter() - self.started,
+            time_to_first_token_s=first,
+            generation_s=generation_s,
+            prefill_s=first,
+            decode_s=None if first is None else generation_s - first,
         )
 
     @property

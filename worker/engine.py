@@ -158,17 +158,16 @@ class Engine:
         fails the rows it held (`_on_fault`); the outputs go to `on_step` once, at the end."""
         idle = self._batch is None and not self._waiting
         first = self._next_item(block=idle)
-        self._step_started = time.monotonic()
+        started = self._step_started = time.monotonic()
         try:
             if first is not None:
                 self._take_inbox(first)
             self._expire()
+            decoding = self.running
             admitted, hits = self._admit()
             if admitted or self._batch is not None:
                 self._emit(self._generate(admitted, hits))
-            metrics.BATCH_SIZE.labels(self.lm.name).set(self.running)
-            metrics.WAITING_REQUESTS.labels(self.lm.name).set(len(self._waiting))
-            self.memory.sample()
+            metrics.observe_step(self.lm.name, self._step_stats(started, decoding, admitted, hits))
         except Exception as e:
             self._on_fault(e)
         finally:
@@ -176,6 +175,29 @@ class Engine:
         outputs, self._outputs = self._outputs, []
         if outputs:
             self.on_step(outputs)
+
+    def _step_stats(
+        self, started: float, decoding: int, admitted: list[Row], hits: list[PrefixHit | None]
+    ) -> metrics.StepStats:
+        batch = self._batch
+        waiting = len(self._waiting)
+        # Rows stay waiting beside a free row only when the KV budget or the memory limit holds
+        # them back (the prefill budget always lets the first through).
+        blocked = not admitted and self.running < self.limits.max_batch_size
+        cached = sum(hit.length for hit in hits if hit is not None)
+        prompts = sum(len(row.prompt_ids) for row in admitted)
+        return metrics.StepStats(
+            seconds=time.monotonic() - started,
+            rows=decoding + len(admitted),
+            tokens=decoding + prompts - cached,
+            running=self.running,
+            waiting=waiting,
+            waiting_for_memory=waiting if blocked else 0,
+            kv_tokens=len(batch) * batch.cached_tokens if batch else 0,
+            kv_budget=self.limits.max_batch_tokens,
+            prefix_queries=prompts if self.prefix_cache.enabled else 0,
+            prefix_hits=cached,
+        )
 
     def _next_item(self, *, block: bool) -> EngineRequest | _Cancel | _Swap | None:
         try:
@@ -189,8 +211,7 @@ class Engine:
                 self._cancel(item.id)
             elif isinstance(item, _Swap):
                 logger.info("now decoding with %s (%s)", item.lm.name, item.lm.source)
-                metrics.BATCH_SIZE.labels(self.lm.name).set(0)
-                metrics.WAITING_REQUESTS.labels(self.lm.name).set(0)
+                metrics.forget_model(self.lm.name)
                 self.lm = item.lm
                 self.prefix_cache.clear()  # keys and values of the old weights
             else:
@@ -340,8 +361,6 @@ class Engine:
     def _prefill_batch(self, rows: list[Row], hits: list[PrefixHit | None]) -> Batch:
         for row in rows:
             row.started = time.perf_counter()
-        cached = sum(hit.length for hit in hits if hit is not None)
-        metrics.PREFIX_CACHE_HIT_TOKENS.labels(self.lm.name).inc(cached)
         return Batch.prefill(self.lm, rows, hits)
 
     def _remember_prompts(self, batch: Batch) -> None:

@@ -103,8 +103,10 @@ class Generation:
     prompt_tokens: int
     cached_prompt_tokens: int  # of prompt_tokens, those taken from the prefix cache
     token_ids: list[int]  # generated, end-of-sequence token included
-    time_to_first_token_s: float | None
-    generation_s: float
+    time_to_first_token_s: float | None  # from the start of its prefill
+    generation_s: float  # prefill and decode
+    prefill_s: float | None  # the prefill pass, which yields the first token
+    decode_s: float | None  # from the first token to the last
 
     @property
     def completion_tokens(self) -> int:

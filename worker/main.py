@@ -17,7 +17,7 @@ import redis
 from arq.worker import func
 from redis.exceptions import RedisError
 
-from common import keys, registry
+from common import keys, logs, registry, tracing
 from common.catalog import CatalogError, CatalogSource
 from common.contract import (
     DELIVER_WEBHOOK_FUNCTION,
@@ -30,9 +30,10 @@ from common.logs import setup_logging
 from common.reaper import Reaper
 from common.redisconn import create_redis
 from common.settings import Settings
+from worker import metrics
 from worker.arq_worker import ResilientWorker
 from worker.engine import Engine
-from worker.loading import ModelLoadError
+from worker.loading import ModelLoadError, resolve_device
 from worker.probes import serve_probes
 from worker.service import JobRunner
 from worker.watchdog import Watchdog
@@ -46,6 +47,19 @@ SHUTDOWN_MARGIN_S = 10
 # arq's own job timeout is only a backstop: a job ends itself at GENQ_JOB_TIMEOUT_S, then may
 # spend a minute or two retrying its writes while Redis is away.
 _BACKSTOP_MARGIN_S = 180
+
+
+def read_payload(data: bytes) -> dict[str, Any]:
+    """arq's payload of a job. Read as arq picks the job up, before its first line about it: a
+    work item's request id and trace id tag the job's log lines from here on."""
+    payload = deserialize_payload(data)
+    args = payload.get("a") or ()
+    if payload.get("f") == GENERATE_FUNCTION and args and isinstance(args[0], dict):
+        item = args[0]
+        context = logs.current()
+        context.request_id = item.get("request_id")
+        context.trace_id = tracing.trace_id(item.get("trace_context") or {})
+    return payload
 
 
 async def generate(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> str:
@@ -239,7 +253,7 @@ class WorkerProcess:
             health_check_key=keys.worker_health(self.id),
             health_check_interval=max(1, int(s.worker_heartbeat_s)),
             job_serializer=serialize_payload,
-            job_deserializer=deserialize_payload,
+            job_deserializer=read_payload,
             allow_abort_jobs=True,
             lease_s=self.lease_ms / 1000,
             grace_s=s.worker_job_completion_wait_s + SHUTDOWN_MARGIN_S,
@@ -252,14 +266,18 @@ def run_worker(settings: Settings) -> None:
     """Load the pool's preloaded models, then serve jobs until SIGINT/SIGTERM. Exits 2 if the
     registry is invalid or none of the preloaded models loads."""
     setup_logging(settings)
+    tracing.configure("genq-worker")
     try:
         process = WorkerProcess(settings, CatalogSource(settings))
     except CatalogError as e:
         logger.error("%s", e)
         raise SystemExit(2) from e
-    if settings.worker_metrics_port:
-        serve_probes(settings.worker_metrics_port, process.live, process.ready)
     try:
+        device = resolve_device(settings.device)
+        memory = metrics.MemoryCollector(device, settings.memory_limit_mb * 2**20)
+        metrics.configure(settings.pool, memory)
+        if settings.worker_metrics_port:
+            serve_probes(settings.worker_metrics_port, process.live, process.ready)
         process.runner.models.preload()
     except ModelLoadError as e:
         logger.error("%s", e)

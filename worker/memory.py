@@ -1,17 +1,13 @@
-"""Process and GPU memory: sampled into metrics, and checked before rows are admitted."""
+"""Process and GPU memory, checked before rows are admitted (`worker.metrics` exports it)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import psutil
 import torch
 
-from worker import metrics
 from worker.loading import LoadedModel
-
-_SAMPLE_EVERY_S = 1.0
 
 
 def kv_bytes_per_token(lm: LoadedModel) -> int:
@@ -50,7 +46,6 @@ class MemoryMonitor:
         self.device = device
         self.limit_bytes = limit_bytes
         self._process = psutil.Process()
-        self._last_sample = 0.0
 
     def usage_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -65,13 +60,3 @@ class MemoryMonitor:
         """Hand cached GPU blocks back to the driver (nothing to do on the CPU)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def sample(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sample < _SAMPLE_EVERY_S:
-            return
-        self._last_sample = now
-        metrics.RSS_BYTES.set(self._process.memory_info().rss)
-        if self.device.type == "cuda":
-            metrics.CUDA_ALLOCATED_BYTES.set(torch.cuda.memory_allocated(self.device))
-            metrics.CUDA_RESERVED_BYTES.set(torch.cuda.memory_reserved(self.device))

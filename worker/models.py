@@ -224,7 +224,7 @@ class ModelManager:
         except _LOAD_ERRORS as e:
             held.state, held.reason = "ready", f"reload failed, still serving the old weights: {e}"
             logger.error("reload of %s failed: %s", spec.key, e)
-            metrics.MODEL_LOADS.labels(spec.key, "failed").inc()
+            metrics.observe_load(spec.key, "failed", None, 0)
             self.on_change()
             return
         assert held.lm is not None
@@ -250,7 +250,7 @@ class ModelManager:
             else:
                 self._retiring.append(held)
         logger.info("reloaded %s as %s from %s", old_key, spec.key, lm.source)
-        metrics.MODEL_BYTES.labels(old_key).set(0)
+        metrics.MODEL_BYTES.labels(*metrics.labels(old_key)).set(0)
         _loaded(spec.key, lm, "reloaded")
         self.on_change()
 
@@ -298,7 +298,7 @@ class ModelManager:
         held.state, held.reason = "failed", reason
         held.settled.set()
         logger.error("model %s failed to load: %s", held.spec.key, reason)
-        metrics.MODEL_LOADS.labels(held.spec.key, "failed").inc()
+        metrics.observe_load(held.spec.key, "failed", None, 0)
         self.on_change()
 
     async def _make_room(self, incoming: int, deadline: float, *, keep: Held) -> None:
@@ -334,9 +334,10 @@ class ModelManager:
                 continue
 
     async def _unload(self, held: Held) -> None:
-        metrics.MODEL_BYTES.labels(held.spec.key).set(0)
+        metrics.MODEL_BYTES.labels(*metrics.labels(held.spec.key)).set(0)
         if held.engine is not None:
             await asyncio.to_thread(held.engine.stop)
+            metrics.forget_model(held.spec.key)  # once its last step is done
         device = held.lm.device if held.lm is not None else None
         held.engine, held.lm, held.bytes = None, None, 0
         self.on_change()
@@ -346,6 +347,4 @@ class ModelManager:
 
 
 def _loaded(key: str, lm: LoadedModel, outcome: str) -> None:
-    metrics.MODEL_LOADS.labels(key, outcome).inc()
-    metrics.MODEL_LOAD_SECONDS.labels(key).observe(lm.load_s)
-    metrics.MODEL_BYTES.labels(key).set(lm.weight_bytes)
+    metrics.observe_load(key, outcome, lm.load_s, lm.weight_bytes)

@@ -120,7 +120,7 @@ class PrefixCache:
         self._bytes -= entry.nbytes
 
     def _publish(self) -> None:
-        metrics.PREFIX_CACHE_BYTES.labels(self.model).set(self._bytes)
+        metrics.PREFIX_CACHE_BYTES.labels(*metrics.labels(self.model)).set(self._bytes)
 
 
 def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:

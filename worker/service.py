@@ -21,6 +21,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from common import logs
 from common.catalog import CatalogSource, ModelSpec
 from common.contract import ErrorCode, InvalidWorkItem, WorkItem, decode_item
 from common.jobstore import Fenced, JobStore
@@ -35,7 +36,7 @@ from common.schemas import (
 )
 from common.settings import Settings
 from common.webhooks import enqueue_delivery
-from worker import metrics
+from worker import metrics, spans
 from worker.batch import RowOutput
 from worker.engine import Engine, EngineRequest
 from worker.generation import Generation, GenerationError
@@ -130,6 +131,7 @@ class JobRunner:
 
     async def run(self, job_id: str, payload: object, attempt: int) -> str:
         """The job function's body: returns how the job ended here, for arq's log."""
+        logs.current().job_id = job_id
         job = await _persist(self.store.load, job_id)
         if job is None:
             return "expired"
@@ -139,6 +141,11 @@ class JobRunner:
             item = decode_item(payload)
         except InvalidWorkItem as e:
             return await self._finish(job, error=JobError(code=e.code, message=str(e)))
+        logs.current().request_id = item.request_id
+        with spans.job_span(job, item, attempt, self.settings.pool):
+            return await self._run_item(job, item, attempt)
+
+    async def _run_item(self, job: Job, item: WorkItem, attempt: int) -> str:
         if attempt > self.settings.max_tries:
             error = JobError(
                 code=ErrorCode.worker_lost,
@@ -160,15 +167,17 @@ class JobRunner:
         if started is not Fenced.ok:
             logger.info("job %s not started: %s", job.id, started.value)
             return started.value
+        started_at = time.time()
         job = job.model_copy(
             update={
                 "status": JobStatus.running,
                 "model": spec.key,
                 "attempt": attempt,
-                "started_at": time.time(),
+                "started_at": started_at,
             }
         )
         self._attempts[job.id] = attempt
+        metrics.observe_start(spec.key, started_at - job.created_at)
         try:
             return await self._run_attempt(job, item, spec)
         finally:
@@ -181,10 +190,14 @@ class JobRunner:
             # The engine ends a generation at the deadline itself; this bounds the model load.
             async with asyncio.timeout(self.settings.job_timeout_s + _ENGINE_GRACE_S):
                 held, load_s = await self.models.acquire(spec, deadline)
+                spans.model_loaded(spec.key, load_s)
                 try:
                     outcome = await self._generate(job, item, held, deadline)
                 finally:
                     self.models.release(held)
+            spans.generated(job, outcome)
+            if self.settings.log_payloads:
+                logger.info("job %s: prompt %r, output %r", job.id, _prompt(item), outcome.text)
         except LostAttempt:
             logger.warning("job %s: attempt %d lost its lease to another", job.id, job.attempt)
             return "superseded"
@@ -231,7 +244,7 @@ class JobRunner:
         skip = await _persist(self.store.published_tokens, job.id) if job.attempt > 1 else 0
         pending = _Pending(self._loop.create_future(), job.attempt, skip, engine)
         self._pending[job.id] = pending
-        metrics.RUNNING_JOBS.inc()
+        metrics.JOBS_HELD.labels(self.settings.pool).inc()
         params = sampling_params(item)
         scope = item.cache_scope or ""
         engine.submit(EngineRequest(job.id, item.request, params, deadline, cache_scope=scope))
@@ -245,7 +258,7 @@ class JobRunner:
             raise
         finally:
             del self._pending[job.id]
-            metrics.RUNNING_JOBS.dec()
+            metrics.JOBS_HELD.labels(self.settings.pool).dec()
 
     def cancel(self, job_id: str) -> None:
         """Stop a job this worker is running (a no-op for any other job)."""
@@ -337,10 +350,9 @@ class JobRunner:
         except (RedisError, OSError) as e:
             logger.error("cannot record the end of job %s; it will run again: %s", job.id, e)
             raise Retry(defer=_RETRY_DEFER_S) from e
+        spans.ended(final)
         if written is Fenced.ok:
-            metrics.JOBS_FINISHED.labels(job.model, final.status.value).inc()
-            if outcome is not None:
-                metrics.observe_generation(job.model, outcome)
+            metrics.observe_finish(final, outcome)
         return final.status.value if written is Fenced.ok else written.value
 
     async def _write(self, final: Job) -> Fenced:
@@ -364,6 +376,8 @@ class JobRunner:
             timings.queued_s = job.started_at - job.created_at
         if outcome is not None:
             timings.time_to_first_token_s = outcome.time_to_first_token_s
+            timings.prefill_s = outcome.prefill_s
+            timings.decode_s = outcome.decode_s
             timings.generation_s = outcome.generation_s
             if outcome.generation_s > 0:
                 timings.tokens_per_s = outcome.completion_tokens / outcome.generation_s
@@ -388,6 +402,11 @@ class JobRunner:
                 "timings": timings,
             }
         )
+
+
+def _prompt(item: WorkItem) -> object:
+    r = item.request
+    return r.prompt if r.messages is None else [m.model_dump() for m in r.messages]
 
 
 P = ParamSpec("P")

@@ -18,7 +18,9 @@ from typing import Any
 
 import httpx
 from arq.worker import Retry
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from common import logs, tracing
 from common.jobstore import JobStore
 from common.schemas import WebhookDelivery
 from common.settings import Settings
@@ -69,7 +71,8 @@ class WebhookSender:
         await self.http.aclose()
 
     async def deliver(self, job_id: str, url: str, attempt: int) -> bool:
-        """One attempt, logged on the job; True once the receiver answered 2xx."""
+        """One attempt, logged on the job, and a span in the job's trace; True once the
+        receiver answered 2xx."""
         job = await self.store.load(job_id)
         if job is None:
             logger.warning("webhook for job %s dropped: the job expired", job_id)
@@ -77,16 +80,32 @@ class WebhookSender:
         secret = self.settings.webhook_secret
         assert secret is not None, "the gateway accepts webhooks only with a secret"
         body = job.model_dump_json(exclude={"webhook_deliveries"}).encode()
+        parent = (
+            tracing.extract(await self.store.trace_context(job_id)) if tracing.enabled() else None
+        )
         status_code = None
-        try:
-            status_code = await self._post(url, body, secret.get_secret_value().encode(), job_id)
-            if not 200 <= status_code < 300:
-                logger.warning("webhook of job %s: the receiver answered %d", job_id, status_code)
-        except WebhookRefused as e:
-            logger.warning("webhook of job %s refused: %s", job_id, e)
-        except (httpx.HTTPError, OSError) as e:
-            logger.warning("webhook of job %s failed: %s", job_id, type(e).__name__)
-        delivered = status_code is not None and 200 <= status_code < 300
+        with tracing.tracer().start_as_current_span(
+            "genq.webhook.deliver",
+            context=parent,
+            kind=SpanKind.CLIENT,
+            attributes={"genq.job.id": job_id, "genq.webhook.attempt": attempt},
+        ) as span:
+            try:
+                status_code = await self._post(
+                    url, body, secret.get_secret_value().encode(), job_id
+                )
+                span.set_attribute("http.response.status_code", status_code)
+                if not 200 <= status_code < 300:
+                    logger.warning(
+                        "webhook of job %s: the receiver answered %d", job_id, status_code
+                    )
+            except WebhookRefused as e:
+                logger.warning("webhook of job %s refused: %s", job_id, e)
+            except (httpx.HTTPError, OSError) as e:
+                logger.warning("webhook of job %s failed: %s", job_id, type(e).__name__)
+            delivered = status_code is not None and 200 <= status_code < 300
+            if not delivered:
+                span.set_status(Status(StatusCode.ERROR, "not delivered"))
         delivery = WebhookDelivery(
             attempt=attempt, at=time.time(), delivered=delivered, status_code=status_code
         )
@@ -103,6 +122,7 @@ class WebhookSender:
             "content-type": "application/json",
             SIGNATURE_HEADER: sign(secret, body, int(time.time())),
             "X-Genq-Job-Id": job_id,
+            **tracing.inject(),  # the receiver may carry the trace on
         }
         extensions = {"sni_hostname": target.host} if target.https else {}
         resp = await self.http.post(pinned, content=body, headers=headers, extensions=extensions)
@@ -112,6 +132,7 @@ class WebhookSender:
 async def deliver_webhook(ctx: dict[str, Any], job_id: str, url: str) -> str:
     """arq job: deliver, or retry after a delay that doubles with every failed attempt."""
     sender: WebhookSender = ctx["webhooks"]
+    logs.current().job_id = job_id
     attempt = int(ctx["job_try"])
     if await sender.deliver(job_id, url, attempt):
         return "delivered"

@@ -11,6 +11,7 @@ from gateway.errors import LimitExceeded
 from gateway.routes.jobs import ERRORS, IdempotencyKey
 from gateway.security import StrictJSONRoute
 from gateway.services.sse import job_event_stream, sse_response
+from gateway.timing import server_timing
 
 router = APIRouter(route_class=StrictJSONRoute, tags=["generate"])
 
@@ -55,4 +56,6 @@ async def generate(
     if not job.status.finished:
         response.status_code = status.HTTP_202_ACCEPTED
         response.headers["Location"] = f"/v1/jobs/{job.id}"
+    else:
+        response.headers["Server-Timing"] = server_timing(job.timings)
     return job

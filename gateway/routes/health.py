@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
@@ -45,7 +42,13 @@ async def readyz(services: ServicesDep) -> Health:
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def prometheus_metrics(services: ServicesDep) -> Response:
     """Prometheus exposition; queue gauges are refreshed at each scrape."""
-    # Scrapes still answer while Redis is down; the gauges keep their last value.
-    with contextlib.suppress(RedisError, OSError):
+    # Scrapes still answer while Redis is down: the queue gauges keep their last value, and
+    # genq_redis_up says they are stale.
+    try:
         metrics.record_queue_stats(await services.queue.stats())
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    except (RedisError, OSError):
+        metrics.REDIS_UP.set(0)
+    else:
+        metrics.REDIS_UP.set(1)
+    body, media_type = metrics.exposition()
+    return Response(body, media_type=media_type)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette import EventSourceResponse
 
 from common.schemas import ErrorBody
@@ -19,6 +19,7 @@ from gateway.routes.jobs import ERRORS, IdempotencyKey
 from gateway.security import StrictJSONRoute
 from gateway.services.openai import JobStream, OpenAIService
 from gateway.services.sse import sse_response
+from gateway.timing import server_timing
 
 router = APIRouter(route_class=StrictJSONRoute, prefix="/v1", tags=["openai"])
 
@@ -51,13 +52,16 @@ async def completions(
     openai: OpenAIDep,
     caller: GeneratorDep,
     listener: ListenerDep,
+    response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> Completion | EventSourceResponse:
     """OpenAI text completion; with `stream: true`, chunks ending with `data: [DONE]`."""
     if body.stream:
         stream = await openai.completion_stream(body, caller, idempotency_key, listener)
         return _sse(stream, openai)
-    return await openai.completion(body, caller, idempotency_key, listener)
+    completion, timings = await openai.completion(body, caller, idempotency_key, listener)
+    response.headers["Server-Timing"] = server_timing(timings)
+    return completion
 
 
 @router.post(
@@ -70,9 +74,12 @@ async def chat_completions(
     openai: OpenAIDep,
     caller: GeneratorDep,
     listener: ListenerDep,
+    response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> ChatCompletion | EventSourceResponse:
     """OpenAI chat completion; the model's chat template is applied by the worker."""
     if body.stream:
         return _sse(await openai.chat_stream(body, caller, idempotency_key, listener), openai)
-    return await openai.chat(body, caller, idempotency_key, listener)
+    chat, timings = await openai.chat(body, caller, idempotency_key, listener)
+    response.headers["Server-Timing"] = server_timing(timings)
+    return chat

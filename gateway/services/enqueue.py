@@ -12,7 +12,7 @@ from arq.constants import expires_extra_ms
 from arq.jobs import serialize_job as arq_payload
 from redis.asyncio.client import Pipeline
 
-from common import keys
+from common import keys, logs, tracing
 from common.catalog import ModelSpec
 from common.contract import (
     GENERATE_FUNCTION,
@@ -66,7 +66,9 @@ def stage_enqueue(
 ) -> None:
     """Add a job's record, its work item and its place in the queue to `pipe`. `owner` is the
     API key's principal; `in_flight`: the job counts towards its concurrency limit; the worker
-    matches the prompt only against cached prompts of `cache_scope` (None: of every key)."""
+    matches the prompt only against cached prompts of `cache_scope` (None: of every key). The
+    item carries the request id and the trace context of the request being handled, for the
+    worker's logs and spans."""
     item = WorkItem(
         job_id=job.id,
         request=WorkRequest.model_validate(request.model_dump(mode="json")),
@@ -77,11 +79,21 @@ def stage_enqueue(
         cache_scope=cache_scope,
         # A worker that ignored the scope would match other keys' prompts: it must refuse.
         requires=[] if cache_scope is None else [PREFIX_CACHE_SCOPE],
+        request_id=logs.current().request_id,
+        trace_context=tracing.inject(),
     )
     head_start_ms = -_PRIORITY_STEPS[request.priority] * settings.priority_step_s * 1000
     webhook = str(request.webhook) if request.webhook else None
+    # Deliveries are traced too: they read the trace context from the record.
+    trace_context = item.trace_context if webhook else None
     store.stage_create(
-        pipe, job, pool=route.pool, owner=owner, webhook=webhook, in_flight=in_flight
+        pipe,
+        job,
+        pool=route.pool,
+        owner=owner,
+        webhook=webhook,
+        in_flight=in_flight,
+        trace_context=trace_context,
     )
     stage_item(pipe, item.model_dump(mode="json"), pool=route.pool, head_start_ms=head_start_ms)
 

@@ -7,13 +7,15 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 
 from arq.connections import ArqRedis
+from opentelemetry.trace import Span, SpanKind
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from common import events, keys
+from common import events, keys, logs, tracing
 from common.catalog import DEFAULT_ALIAS
 from common.events import Event
 from common.jobstore import Fenced, JobStore
@@ -88,6 +90,13 @@ class JobService:
         """Queue a job, or answer with the job that already serves this request: the one an
         earlier request with the same Idempotency-Key created, or (for deterministic requests)
         an identical one of the same API key that is running or has finished (`cached: true`)."""
+        job = await self._submit(request, caller, idempotency_key)
+        logs.current().job_id = job.id
+        return job
+
+    async def _submit(
+        self, request: GenerationRequest, caller: Caller, idempotency_key: str | None
+    ) -> Job:
         check_limits(request, self.settings, self.webhooks)
         route = await self.models.resolve(request.model)
         check_model_limits(request, route.spec)
@@ -123,27 +132,28 @@ class JobService:
             await self._check_depth(route.pool, 1)
             tokens = new_tokens(request, route.spec, self.settings)
             counted = await self.limiter.admit_jobs(caller, [job.id], tokens)
-            async with self.redis.pipeline(transaction=True) as pipe:
-                stage_enqueue(
-                    pipe,
-                    self.store,
-                    self.settings,
-                    job,
-                    request,
-                    route,
-                    owner=owner,
-                    in_flight=counted,
-                    cache_scope=scope,
-                )
-                pipe.zrank(keys.queue(route.pool), job.id)
-                *_, position = await pipe.execute()
+            with _enqueue_span(route.pool, [job]):
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    stage_enqueue(
+                        pipe,
+                        self.store,
+                        self.settings,
+                        job,
+                        request,
+                        route,
+                        owner=owner,
+                        in_flight=counted,
+                        cache_scope=scope,
+                    )
+                    pipe.zrank(keys.queue(route.pool), job.id)
+                    *_, position = await pipe.execute()
         except BaseException:
             # A retry after a 429 (or an outage) must not find its key taken by a phantom job.
             await self._release(claims, job.id)
             if counted:
                 await self.limiter.release(caller, [job.id])
             raise
-        metrics.SUBMITTED.labels(route.model).inc()
+        metrics.SUBMITTED.labels(route.pool, route.model).inc()
         return job.model_copy(update={"position": position})
 
     async def _release(self, claims: list[str], job_id: str) -> None:
@@ -190,27 +200,29 @@ class JobService:
             new_tokens(request, route.spec, self.settings) for _, request, route in accepted
         )
         counted = await self.limiter.admit_jobs(caller, ids, tokens)
+        pools = ",".join(sorted({r.pool for _, _, r in accepted}))
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for job, request, route in accepted:
-                    stage_enqueue(
-                        pipe,
-                        self.store,
-                        self.settings,
-                        job,
-                        request,
-                        route,
-                        owner=owner,
-                        in_flight=counted,
-                        cache_scope=self._sharing_scope(owner),
-                    )
-                await pipe.execute()
+            with _enqueue_span(pools, [job for job, _, _ in accepted]):
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    for job, request, route in accepted:
+                        stage_enqueue(
+                            pipe,
+                            self.store,
+                            self.settings,
+                            job,
+                            request,
+                            route,
+                            owner=owner,
+                            in_flight=counted,
+                            cache_scope=self._sharing_scope(owner),
+                        )
+                    await pipe.execute()
         except BaseException:
             if counted:
                 await self.limiter.release(caller, ids)
             raise
-        for job, _, _ in accepted:
-            metrics.SUBMITTED.labels(job.model).inc()
+        for _, _, route in accepted:
+            metrics.SUBMITTED.labels(route.pool, route.model).inc()
         return BatchResponse(items=out)
 
     def _new_job(self, model: str) -> Job:
@@ -220,7 +232,6 @@ class JobService:
 
     async def _check_depth(self, pool: str, adding: int) -> None:
         if await self.queue.depth(pool) + adding > self.settings.max_queue_depth:
-            metrics.REJECTED.labels("queue_full").inc()
             raise QueueFull(
                 f"the queue of pool {pool!r} is full "
                 f"({self.settings.max_queue_depth} jobs, GENQ_MAX_QUEUE_DEPTH); retry later",
@@ -285,6 +296,7 @@ class JobService:
     async def get(self, job_id: str, owner: str | None) -> Job:
         """The job, if API key `owner` may see it (None: no check, for the gateway's own use);
         any other key gets the same 404 as for a job that does not exist."""
+        logs.current().job_id = job_id
         job = await self.store.load(job_id, owner=owner)
         if job is None:
             raise JobNotFound(f"job {job_id!r} does not exist or has expired")
@@ -376,6 +388,22 @@ class JobService:
             )
         await self.get(job_id, owner)
         return self.reader.read(listener, job_id, after=last_event_id or "0", deadline=None)
+
+
+def _enqueue_span(pool: str, jobs: list[Job]) -> AbstractContextManager[Span]:
+    """The producer span the queued jobs' work items name as their parent."""
+    return tracing.tracer().start_as_current_span(
+        "genq.enqueue",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "redis",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": pool,
+            "messaging.batch.message_count": len(jobs),
+            "genq.job.id": jobs[0].id,
+            "gen_ai.request.model": jobs[0].model,
+        },
+    )
 
 
 def _item_error(code: str, error: ValidationError) -> ErrorDetail:

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
 from common.events import EventType, decode_job
-from common.schemas import GenerationRequest, Job, JobResult, TokenEvent
+from common.schemas import GenerationRequest, Job, JobResult, Timings, TokenEvent
 from common.settings import Settings
 from gateway.auth import Caller
 from gateway.drain import Drain
@@ -105,11 +105,12 @@ class OpenAIService:
         caller: Caller,
         idempotency_key: str | None,
         listener: Redis,
-    ) -> Completion:
+    ) -> tuple[Completion, Timings]:
+        """The answer, and the job's timings for `Server-Timing`."""
         request = self._completion_request(body)
         job = await self._run(request, caller, idempotency_key, listener)
         assert job.result is not None
-        return Completion(
+        completion = Completion(
             id=f"cmpl-{job.id}",
             created=int(job.created_at),
             model=job.model,
@@ -118,6 +119,7 @@ class OpenAIService:
             ],
             usage=_usage(job.result),
         )
+        return completion, job.timings
 
     async def chat(
         self,
@@ -125,10 +127,11 @@ class OpenAIService:
         caller: Caller,
         idempotency_key: str | None,
         listener: Redis,
-    ) -> ChatCompletion:
+    ) -> tuple[ChatCompletion, Timings]:
+        """The answer, and the job's timings for `Server-Timing`."""
         job = await self._run(self._chat_request(body), caller, idempotency_key, listener)
         assert job.result is not None
-        return ChatCompletion(
+        chat = ChatCompletion(
             id=f"chatcmpl-{job.id}",
             created=int(job.created_at),
             model=job.model,
@@ -140,6 +143,7 @@ class OpenAIService:
             ],
             usage=_usage(job.result),
         )
+        return chat, job.timings
 
     async def completion_stream(
         self,

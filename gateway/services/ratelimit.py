@@ -88,8 +88,8 @@ class RateLimiter:
                 left = max(0, limits.concurrent - in_flight)
                 caller.quota["concurrent"] = Quota(limits.concurrent, left, reset_s=None)
                 if not ok:
-                    metrics.REJECTED.labels("concurrent").inc()
                     raise RateLimited(
+                        "concurrent",
                         f"the API key {caller.principal.name!r} has {in_flight} jobs queued or "
                         f"running; its limit is {limits.concurrent} (concurrent, "
                         "GENQ_RATE_LIMIT_CONCURRENT)",
@@ -124,8 +124,8 @@ class RateLimiter:
         reset_s = max(1, math.ceil(stats.reset_time - time.time()))
         caller.quota[name] = Quota(quota, stats.remaining, reset_s)
         if not hit:
-            metrics.REJECTED.labels(f"{name}_per_minute").inc()
             raise RateLimited(
+                f"{name}_per_minute",
                 f"the API key {caller.principal.name!r} asked for {cost} {name}; {stats.remaining}"
                 f" of its {quota} a minute are left ({name}_per_minute, "
                 f"GENQ_RATE_LIMIT_{name.upper()}_PER_MINUTE)",

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from common.settings import Settings
+from gateway import metrics
 from gateway.errors import ApiError, ShuttingDown, error_body, map_exception
 from gateway.services.jobs import JobService
 
@@ -25,11 +26,21 @@ def sse_response(
     # On SIGTERM the stream ends itself (the drain) with a resumable ending; the grace keeps
     # sse-starlette from cutting it before that ending is sent.
     return EventSourceResponse(
-        events,
+        _counted(events),
         headers=headers,
         ping=int(settings.sse_ping_s),
         shutdown_grace_period=settings.shutdown_grace_s,
     )
+
+
+async def _counted(events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[ServerSentEvent]:
+    """`events`, counted in `genq_sse_streams_open` while they are being sent."""
+    metrics.SSE_STREAMS.inc()
+    try:
+        async for event in events:
+            yield event
+    finally:
+        metrics.SSE_STREAMS.dec()
 
 
 async def job_event_stream(
