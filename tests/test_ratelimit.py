@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from redis.exceptions import RedisError
 
@@ -38,6 +39,8 @@ async def test_without_redis_the_limiter_refuses_by_default() -> None:
 
 async def test_without_redis_a_limiter_that_fails_open_lets_requests_through() -> None:
     open_limiter, who = limiter(fail_open=True), caller()
+    bypassed = REGISTRY.get_sample_value("genq_rate_limiter_bypassed_total") or 0.0
     await open_limiter.count_requests(who, 1)
+    assert REGISTRY.get_sample_value("genq_rate_limiter_bypassed_total") == bypassed + 1
     assert await open_limiter.admit_jobs(who, ["j1"], 10) is False  # nothing counted in flight
     assert who.quota == {}  # so no rate-limit headers claim what was not counted

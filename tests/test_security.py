@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from common.settings import Settings
 from genq.redis_server import RedisServer, free_port
@@ -93,7 +94,19 @@ def finished(base: str, key: str, job_id: str) -> dict[str, Any]:
 # --- Keys and scopes --------------------------------------------------------------------------
 
 
+def rejections(base: str, reason: str) -> float:
+    """The gateway's `genq_requests_rejected_total` for `reason`."""
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "genq_requests_rejected_total" and sample.labels == {
+                "reason": reason
+            }:
+                return sample.value
+    return 0.0
+
+
 def test_a_request_without_a_valid_key_is_401(keyed: KeyedStack) -> None:
+    before = rejections(keyed.base, "unauthorized")
     wrong = b"sk-not-a-key-of-this-gateway-00"
     headers: list[tuple[bytes, bytes]]
     for headers in [
@@ -107,6 +120,7 @@ def test_a_request_without_a_valid_key_is_401(keyed: KeyedStack) -> None:
         assert resp.status_code == 401, resp.text
         assert resp.json()["error"]["code"] == "unauthorized"
         assert resp.headers["www-authenticate"].startswith("Bearer")
+    assert rejections(keyed.base, "unauthorized") == before + 5
 
 
 def test_either_header_carries_a_key(keyed: KeyedStack) -> None:
@@ -116,8 +130,10 @@ def test_either_header_carries_a_key(keyed: KeyedStack) -> None:
 
 
 def test_a_key_without_the_scope_is_403(keyed: KeyedStack) -> None:
+    before = rejections(keyed.base, "forbidden")
     resp = submit(keyed.base, keys.READER)
     assert resp.status_code == 403
+    assert rejections(keyed.base, "forbidden") == before + 1
     assert "`generate` scope" in resp.json()["error"]["message"]
     assert httpx.get(f"{keyed.base}/v1/queue", headers=bearer(keys.READER)).status_code == 200
     admin = httpx.put(
@@ -213,6 +229,7 @@ def test_requests_per_minute_hold_across_gateways(gateways: list[str]) -> None:
     assert "requests_per_minute" in refused.json()["error"]["message"]
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert refused.headers["ratelimit"].startswith('"requests";r=0;t=')
+    assert sum(rejections(base, "requests_per_minute") for base in gateways) == 1
 
 
 def test_tokens_per_minute_count_max_new_tokens_across_gateways(gateways: list[str]) -> None:

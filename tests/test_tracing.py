@@ -73,7 +73,9 @@ def settings(redis_server: RedisServer, tiny_model_dir: Path) -> Settings:
         model_name=TINY_NAME,
         device="cpu",
         webhook_secret=WEBHOOK_SECRET,
-        webhook_allowed_hosts=["127.0.0.1"],
+        webhook_allowed_hosts=["127.0.0.1:*"],
+        webhook_allow_http=True,
+        allow_anonymous=True,
     )
 
 
@@ -84,7 +86,9 @@ async def gateway(
     app = create_app(settings)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
+        ) as client,
     ):
         yield client
 
