@@ -1,6 +1,7 @@
 """Throughput of the batching engine against transformers' own ways of generating.
 
     python -m bench.engine [--json] [--model PATH_OR_HUB_ID]
+    python -m bench.engine --overhead [--json]   # the engine's own cost: bench/engine_overhead.py
 
 Runs on the default model (or --model) on this machine's device, with chat prompts of mixed
 lengths (about 40 to 100 tokens with the model's chat template) and max_new_tokens between 16
@@ -44,6 +45,7 @@ import torch
 from transformers import GenerationConfig
 
 from common.schemas import ChatMessage, GenerationRequest
+from bench import engine_overhead
 from common.settings import Settings
 from worker.batch import RowOutput
 from worker.engine import Engine, EngineLimits, EngineRequest
@@ -235,8 +237,14 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--model", default=None, help="checkpoint; default: the default model")
+    parser.add_argument(
+        "--overhead", action="store_true", help="the engine's per-step and per-row cost"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.overhead:
+        _overhead(args.json)
+        return
 
     lm = load_model(Settings(model=args.model))
     # As many distinct prompts as the longest loop submits: a prompt seen twice would be served
@@ -296,6 +304,27 @@ def main() -> None:
             "prompt_tokens_mean": statistics.mean(lengths),
         }
         print(orjson.dumps(figures).decode())
+
+
+def _overhead(as_json: bool) -> None:
+    figures = engine_overhead.measure("auto")
+    if as_json:
+        print(orjson.dumps(figures).decode())
+        return
+    print(f"on {figures['device']}; rows: mixed greedy and sampled (greedy alone)")
+    mixed, greedy = figures["step_ms_by_rows"], figures["step_ms_by_rows_greedy"]
+    assert isinstance(mixed, dict)
+    assert isinstance(greedy, dict)
+    for rows, ms in mixed.items():
+        print(f"{rows:>4} rows  {ms:8.2f} ms a step ({greedy[rows]:.2f})")
+    print(
+        f"step_overhead_ms {figures['step_overhead_ms']:.2f} "
+        f"({figures['step_overhead_ms_greedy']:.2f})"
+    )
+    print(
+        f"row_overhead_us  {figures['row_overhead_us']:.1f} "
+        f"({figures['row_overhead_us_greedy']:.1f})"
+    )
 
 
 if __name__ == "__main__":
