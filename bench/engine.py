@@ -44,14 +44,13 @@ import orjson
 import torch
 from transformers import GenerationConfig
 
-from common.schemas import ChatMessage, GenerationRequest
 from bench import engine_overhead
+from common.schemas import ChatMessage, GenerationRequest
 from common.settings import Settings
-from worker.batch import RowOutput
-from worker.engine import Engine, EngineLimits, EngineRequest
-from worker.generation import build_prompt_ids
+from worker.engine import Engine, EngineLimits, EngineRequest, RowOutput
+from worker.engine.generation import build_prompt_ids
+from worker.engine.sampling import SamplingParams
 from worker.loading import LoadedModel, load_model
-from worker.sampling import SamplingParams
 
 TOPICS = [
     "the history of the printing press",

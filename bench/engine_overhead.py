@@ -19,14 +19,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from common.schemas import GenerationRequest
 from common.settings import Settings
 from tests.tiny_model import build_tiny_model
 from worker.engine import Engine, EngineLimits, EngineRequest, RowOutput
+from worker.engine.sampling import SamplingParams
 from worker.loading import LoadedModel, load_model
-from worker.sampling import SamplingParams
 
 ROW_COUNTS = (1, 16, 64, 256)
 WARM_STEPS = 4
@@ -75,15 +73,19 @@ def step_ms(lm: LoadedModel, rows: int, mixed: bool) -> float:
         request = GenerationRequest(prompt=f"{i} Hi there")
         row_params = replace(params[i % len(params)], seed=i) if mixed else params[0]
         engine.submit(EngineRequest(str(i), request, row_params, float("inf")))
-    with torch.inference_mode():
+    try:
         engine.step()  # admits and prefills every row
         assert engine.running == rows, "every row runs from the first step"
         for _ in range(WARM_STEPS):
             engine.step()
+        engine.flush()
         started = time.perf_counter()
         for _ in range(TIMED_STEPS):
             engine.step()
+        engine.flush()
         elapsed = time.perf_counter() - started
+    finally:
+        engine.stop()
     return 1000 * elapsed / TIMED_STEPS
 
 

@@ -77,7 +77,7 @@ def build(name: str, settings: Settings, layers: int | None = None) -> LoadedMod
     model_config.eos_token_id = tok.eos_token_id
     model_config.pad_token_id = tok.pad_token_id
     with device:
-        model = AutoModelForCausalLM.from_config(
+        model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]  # untyped
             model_config, dtype=dtype, attn_implementation="sdpa"
         )
     model.eval()
@@ -97,5 +97,5 @@ def build(name: str, settings: Settings, layers: int | None = None) -> LoadedMod
 def parameters(name: str, vocab_size: int) -> int:
     """The shape's parameter count, from a model built on the meta device (no memory)."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config(name, vocab_size))
+        model = AutoModelForCausalLM.from_config(config(name, vocab_size))  # type: ignore[no-untyped-call]
     return sum(p.numel() for p in model.parameters())

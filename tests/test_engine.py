@@ -19,13 +19,14 @@ from tests.engine_driver import (
     run,
 )
 from tests.tiny_model import build_tiny_model
-from worker import fused, metrics
-from worker.batch import Batch, SlotLayer
-from worker.engine import Engine, EngineLimits
-from worker.generation import build_prompt_ids
+from worker import metrics
+from worker.engine import Engine, EngineLimits, fused
+from worker.engine.batch import Batch
+from worker.engine.generation import build_prompt_ids
+from worker.engine.kv_cache import SlotBuffer
+from worker.engine.sampling import SamplingParams
 from worker.loading import LoadedModel, load_model
 from worker.models import swappable
-from worker.sampling import SamplingParams
 
 
 def hit_tokens(lm: LoadedModel) -> float:
@@ -121,7 +122,7 @@ def test_batch_surgery_keeps_every_row_as_it_would_be_alone(tiny_lm: LoadedModel
         return SamplingParams(max_new_tokens=n, temperature=1.0, seed=seed)
 
     words = ["fox", "capital", "model", "token", "stream", "batch", "Paris", "quick"]
-    jobs = [Job("long-lived", PROMPTS[0], greedy(SlotLayer.COLUMN_SLACK + 20))]
+    jobs = [Job("long-lived", PROMPTS[0], greedy(SlotBuffer.COLUMN_SLACK + 20))]
     jobs += [Job(f"early{i}", PROMPTS[i % 3], sampled(3 + 4 * i, i)) for i in range(4)]
     jobs += [
         Job(
@@ -130,13 +131,13 @@ def test_batch_surgery_keeps_every_row_as_it_would_be_alone(tiny_lm: LoadedModel
             greedy(10 + 3 * i) if i % 2 else sampled(10 + 3 * i, i),
             at_step=6,
         )
-        for i in range(SlotLayer.ROW_SLACK + 5)
+        for i in range(SlotBuffer.ROW_SLACK + 5)
     ]
     # Not periodic: attention over a cut-off repeat of the same sentence would look alike.
     longest = " ".join(f"{word} {i}" for i, word in enumerate(words * 6))
     jobs.append(Job("longest-prompt", longest, sampled(20, 7), at_step=40))
     out = run(tiny_lm, jobs)
-    assert max(out.batch_sizes) > 5 + SlotLayer.ROW_SLACK
+    assert max(out.batch_sizes) > 5 + SlotBuffer.ROW_SLACK
     assert not out.errors
     for job in jobs:
         if job.params.greedy:

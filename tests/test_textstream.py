@@ -4,7 +4,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from tests.tiny_model import build_tokenizer
-from worker.textstream import TextStream
+from worker.engine.textstream import TextStream
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from worker.generation import Generation
+    from worker.engine import Generation
 
 JOBS_FINISHED = Counter(
     "genq_worker_jobs_total", "Jobs finished by this worker", ["model", "status"]

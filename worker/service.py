@@ -36,11 +36,9 @@ from common.schemas import (
 from common.settings import Settings
 from common.webhooks import enqueue_delivery
 from worker import metrics
-from worker.batch import RowOutput
-from worker.engine import Engine, EngineRequest
-from worker.generation import Generation, GenerationError
+from worker.engine import Engine, EngineRequest, Generation, GenerationError, RowOutput
+from worker.engine.sampling import SamplingParams
 from worker.models import Held, ModelManager
-from worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

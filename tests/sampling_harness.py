@@ -1,0 +1,26 @@
+"""Sample next tokens from hand-made scores, as a batch's pass does, without a model."""
+
+from __future__ import annotations
+
+import torch
+
+from worker.engine.sampling import Planner, SamplingParams, next_tokens
+from worker.engine.slots import SlotTensors
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], position: int = 0) -> list[int]:
+    """Each row's token from `logits` (rows x vocab), drawn at `position` of its stream."""
+    slots = SlotTensors.of(params, [1] * len(params), logits.device)
+    slots.generated.fill_(position)
+    planner = Planner()
+    planner.add(params)
+    tokens, _ = next_tokens(
+        logits.clone(),
+        slots.temperature,
+        slots.top_k,
+        slots.top_p,
+        slots.keys,
+        slots.generated,
+        planner.plan(),
+    )
+    return [int(t) for t in tokens.tolist()]
