@@ -9,6 +9,10 @@ steps, then times `TIMED_STEPS` decode steps, including the time the text side t
 those steps' outputs on; the best of `REPEATS` runs counts. `step_overhead_ms` is the time of a
 step at 1 row, `row_overhead_us` the slope of a least-squares line through the step times over
 the row counts. The same figures for greedy rows alone come as `*_greedy`.
+
+Torch runs on one thread: the tiny model's operations are too small to gain from more, and on a
+machine whose cores are shared an operation split across threads waits for the slowest of them,
+which measures the neighbours, not the engine.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from common.schemas import GenerationRequest
 from common.settings import Settings
@@ -90,6 +96,7 @@ def step_ms(lm: LoadedModel, rows: int, mixed: bool) -> float:
 
 
 def measure(device: str) -> dict[str, object]:
+    torch.set_num_threads(1)
     lm = tiny_model(device)
     step_ms(lm, 16, mixed=True)  # warm-up: lazy initialisation of kernels and the tokenizer
     figures: dict[str, object] = {"device": str(lm.device)}

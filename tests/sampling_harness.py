@@ -8,10 +8,12 @@ from worker.engine.sampling import Planner, SamplingParams, next_tokens
 from worker.engine.slots import SlotTensors
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], position: int = 0) -> list[int]:
-    """Each row's token from `logits` (rows x vocab), drawn at `position` of its stream."""
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], positions: list[int] | int = 0
+) -> list[int]:
+    """Each row's token from `logits` (rows x vocab), drawn at its position of its stream."""
     slots = SlotTensors.of(params, [1] * len(params), logits.device)
-    slots.generated.fill_(position)
+    slots.generated.copy_(torch.tensor(positions))
     planner = Planner()
     planner.add(params)
     tokens, _ = next_tokens(
@@ -21,6 +23,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], position: int = 0
         slots.top_p,
         slots.keys,
         slots.generated,
-        planner.plan(),
+        planner.plan(params, logits.device),
     )
     return [int(t) for t in tokens.tolist()]

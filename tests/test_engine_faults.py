@@ -136,16 +136,17 @@ def test_a_row_whose_detokenizer_raises_fails_alone(
     own_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A row's stream decodes its first tokens after the last prompt tokens; the tokenizer's
-    # incremental decoder fails on those of one prompt only.
+    # incremental decoder fails on those that follow one prompt only.
     context = ids_of(own_lm, POISONED_PROMPT)[-5:]
 
     class FailingDecodeStream:
-        def __init__(self, ids: list[int], skip_special_tokens: bool) -> None:
-            self.stream = DecodeStream(ids=ids, skip_special_tokens=skip_special_tokens)
-            self.poisoned = list(ids) == context
+        def __init__(self, skip_special_tokens: bool) -> None:
+            self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            self.seen: list[int] = []
 
         def step(self, tokenizer: Tokenizer, token: int) -> str | None:
-            if self.poisoned:
+            self.seen.append(token)
+            if self.seen[: len(context)] == context and len(self.seen) > len(context):
                 raise ValueError("undecodable bytes")
             return self.stream.step(tokenizer, token)
 
@@ -329,3 +330,20 @@ def test_an_engine_thread_killed_by_a_base_exception_shows_in_health(
         engine.stop()
     assert not health.stopped
     assert health.fatal == "the engine thread died: _Abort('gone')"
+
+
+def test_an_on_step_that_raises_makes_the_engine_give_up(own_lm: LoadedModel) -> None:
+    # The text side hands the outputs on: once that fails, no request can be answered.
+    def broken(outputs: list[RowOutput]) -> None:
+        raise RuntimeError("publisher gone")
+
+    engine = Engine(own_lm, EngineLimits(), broken)
+    engine.start()
+    try:
+        submit(engine, "a")
+        assert wait_for(lambda: not engine.health().alive)
+        health = engine.health()
+    finally:
+        engine.stop()
+    assert not health.stopped
+    assert health.fatal == "the detokenizer thread failed: RuntimeError('publisher gone')"

@@ -35,7 +35,7 @@ from worker.engine.kv_cache import (
     new_cache,
 )
 from worker.engine.prefix_cache import KV, PrefixHit
-from worker.engine.sampling import Planner, SamplingParams, next_tokens
+from worker.engine.sampling import Plan, Planner, SamplingParams, next_tokens
 from worker.engine.slots import SlotTensors
 from worker.engine.textstream import TextStream
 from worker.loading import LoadedModel
@@ -128,6 +128,7 @@ class Batch:
         self._widest = max(row.origin for row in rows)
         self.planner = Planner()
         self.planner.add(row.params for row in rows)
+        self._plan: Plan | None = None  # of the rows as they are; None: to work out
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -230,6 +231,7 @@ class Batch:
             row.first_pass += shift
         self._widest = max(self._widest, max(row.origin for row in other.rows))
         self.planner.add(row.params for row in other.rows)
+        self._plan = None
         self.rows += other.rows
         return self
 
@@ -244,7 +246,7 @@ class Batch:
             slots.top_p,
             slots.keys,
             slots.generated,
-            self.planner.plan(),
+            self._sampling_plan(),
         )
         codes = (
             (slots.generated >= slots.last) * LENGTH
@@ -272,6 +274,7 @@ class Batch:
             self.rows[slot] = self.rows[source]
         del self.rows[len(self.rows) - len(dropped) :]
         self.planner.add((row.params for row in gone), -1)
+        self._plan = None
         if max(row.origin for row in gone) >= self._widest:
             self._widest = max(row.origin for row in self.rows)
         # The mask is one column ahead of the cache (the next inputs'): the widest row left
@@ -289,6 +292,11 @@ class Batch:
         if plan.dst is not None and plan.src is not None:
             ids[plan.dst] = ids[plan.src]
         self.input_ids = ids[: plan.rows]
+
+    def _sampling_plan(self) -> Plan:
+        if self._plan is None:
+            self._plan = self.planner.plan([row.params for row in self.rows], self.mask.device)
+        return self._plan
 
     def restore_cache_length(self, length: int) -> None:
         """Undo a forward pass that failed half way (some layers appended, others not)."""

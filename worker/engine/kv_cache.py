@@ -71,6 +71,10 @@ class SlotBuffer:
     def width(self) -> int:
         return self.end - self.start
 
+    @property
+    def device(self) -> torch.device:
+        return self._bufs[0].device
+
     def windows(self) -> list[torch.Tensor]:
         return [buf[: self.rows, :, self.start : self.end] for buf in self._bufs]
 

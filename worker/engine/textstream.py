@@ -6,13 +6,12 @@ nothing emitted is ever taken back, which is what lets streamed text equal the r
 Each token is decoded with the tokenizers library's `DecodeStream` (in Rust: about a tenth of
 the cost of two `decode` calls a token), which holds a token back while it ends inside a
 multi-byte character, as TGI's incremental decoding does. Tokenizers without a Rust backend take
-the same steps through `decode`.
+the same steps through `decode`. Either way the prompt's last tokens go through first, as vLLM
+primes its streams, so that tokenizers which strip a leading space from a lone token
+(SentencePiece) still produce it; their text is not emitted.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
@@ -20,8 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from worker.engine.generation import DetokenizationError
 
-# Prompt tokens decoded with the first generated ones, so that tokenizers which strip a leading
-# space from a lone token (SentencePiece) still produce it.
+# Prompt tokens decoded before the first generated ones.
 _CONTEXT_TOKENS = 5
 
 
@@ -30,15 +28,13 @@ class TextStream:
         self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: list[str]
     ) -> None:
         self._tokenizer = tokenizer
-        self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self._context: list[int] | None = prompt_ids[-_CONTEXT_TOKENS:]
+        self._ids: list[int] = []
         # What `_decode_new` decodes: ids from `_prefix` on, of which those before `_read` were
         # decoded already. DecodeStream keeps the same offsets.
-        self._prefix = 0
-        self._read = len(self._ids)
+        self._prefix = self._read = 0
         self._backend: Tokenizer | None = getattr(tokenizer, "backend_tokenizer", None)
-        self._decoder = (
-            DecodeStream(ids=self._ids, skip_special_tokens=True) if self._backend else None
-        )
+        self._decoder = DecodeStream(skip_special_tokens=True) if self._backend else None
         self._stop = stop
         self._text = ""  # all text decoded so far, cut at a stop string once one is found
         self._emitted = 0  # how much of _text has been handed out
@@ -46,26 +42,41 @@ class TextStream:
 
     def push(self, token_id: int) -> str:
         """Add one generated token; return the text that is now safe to emit."""
-        with _detokenizing():
-            self._ids.append(token_id)
-            if self._decoder is not None and self._backend is not None:
-                new = self._decoder.step(self._backend, token_id)
-                if new is None:
-                    return ""
-                self._prefix, self._read = self._read, len(self._ids)
-                self._text += new
-            elif not self._decode_new(final=False):
+        try:
+            if self._context is not None:
+                # The prompt's tail goes through first, its text never emitted.
+                for token in self._context:
+                    self._decode_next(token)
+                self._context = None
+                self._text = ""
+            if not self._decode_next(token_id):
                 return ""
             return self._release(final=False)
+        except Exception as e:
+            raise _failed(e) from e
 
     def flush(self) -> str:
         """The end of generation: release everything held back, undecodable bytes included."""
         if self.stopped:
             return ""
-        with _detokenizing():
+        try:
             if len(self._ids) > self._read:
                 self._decode_new(final=True)
             return self._release(final=True)
+        except Exception as e:
+            raise _failed(e) from e
+
+    def _decode_next(self, token_id: int) -> bool:
+        """Decode one more token into `_text`; whether that gave new text."""
+        self._ids.append(token_id)
+        if self._decoder is None or self._backend is None:
+            return self._decode_new(final=False)
+        new = self._decoder.step(self._backend, token_id)
+        if new is None:
+            return False
+        self._prefix, self._read = self._read, len(self._ids)
+        self._text += new
+        return True
 
     @property
     def text(self) -> str:
@@ -113,10 +124,6 @@ class TextStream:
         return best
 
 
-@contextmanager
-def _detokenizing() -> Iterator[None]:
+def _failed(error: Exception) -> DetokenizationError:
     """Whatever the tokenizer or the stop strings raise is this sequence's fault alone."""
-    try:
-        yield
-    except Exception as e:
-        raise DetokenizationError(f"turning the generated tokens into text failed: {e}") from e
+    return DetokenizationError(f"turning the generated tokens into text failed: {error}")
