@@ -1,18 +1,26 @@
-"""Randomly initialised models of real shapes, so that benchmarks run on any device without
-downloading weights: `python -m bench.engine --shape NAME`.
+"""Randomly initialised models of real shapes, so that the engine benchmark runs on any device
+without downloading weights:
+
+    python -m bench.engine --shape NAME [--layers N] [--concurrency 1,16,64,256] [--json]
 
 The sizes are the published configurations'. Every shape uses the default model's tokenizer
 (SmolLM2's, 49,152 tokens), so Llama-3-8B's shape has that vocabulary instead of its own 128,256.
+On the workload of `bench.engine` (chat prompts, 16-128 new tokens, end-of-sequence ignored):
+`model.generate` one request at a time (4 requests), one static batch (`generate` over as many
+requests as the largest concurrency, at most 64), and the engine's closed loops in steady state
+at each concurrency (4 x that many requests).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from bench.engine_workload import engine_closed_loop, sequential, static_batch, workload
 from common.settings import Settings
 from worker.loading import LoadedModel, converted_checkpoint, resolve_device, resolve_dtype
 from worker.model_fetch import ensure_default_model
@@ -92,6 +100,29 @@ def build(name: str, settings: Settings, layers: int | None = None) -> LoadedMod
         max_context=model_config.max_position_embeddings,
         load_s=time.perf_counter() - started,
     )
+
+
+def measure(lm: LoadedModel, concurrency: list[int], say: Callable[[str], None]) -> dict[str, Any]:
+    items = workload(lm, max(256, 4 * max(concurrency)))
+    say(f"{lm.source}: {lm.name} on {lm.device} ({lm.dtype})")
+    with torch.inference_mode():
+        seq = sequential(lm, items[:4])
+        say(f"generate, one at a time   {seq:8.1f} tok/s")
+        batch = min(64, max(concurrency))
+        static = static_batch(lm, items[:batch])
+        say(f"static batch of {batch:<3}       {static:8.1f} tok/s")
+    engine: dict[str, float] = {}
+    for c in concurrency:
+        engine[str(c)] = engine_closed_loop(lm, items, c, total=max(8, 4 * c)).steady_tok_s
+        say(f"engine, {c:3d} in flight     {engine[str(c)]:8.1f} tok/s steady state")
+    return {
+        "shape": lm.source,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype),
+        "sequential_tok_s": seq,
+        "static_batch_tok_s": static,
+        "engine_tok_s_by_concurrency": engine,
+    }
 
 
 def parameters(name: str, vocab_size: int) -> int:

@@ -266,7 +266,7 @@ class JobRunner:
                     self.cancel(job_id)
 
     def _on_step(self, outputs: list[RowOutput]) -> None:
-        """Called on the engine thread; hands the step to the event loop."""
+        """Called on the engine's text thread; hands the step to the event loop."""
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._steps.put_nowait, outputs)
 
