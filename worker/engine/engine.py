@@ -338,11 +338,11 @@ class Engine:
         else:
             batch = running.extend(prefill) if prefill is not None else running
         step = batch.advance(logits, self._eos_ids)
+        self._record.step = step  # from here on, the rows that ended are answered by the text side
         ended = [i for i, code in enumerate(step.codes) if code]
         for i in ended:
             self._forget(step.rows[i].request_id)
         self._batch = batch.filter(ended)
-        self._record.step = step
         self._faults_in_row = 0
         if ended:
             self._admission_paused = False  # memory was freed

@@ -62,10 +62,13 @@ class Plan:
     """What the batch's rows ask of a pass, known on the host: which tensor work to skip."""
 
     sampled: bool = False  # some row samples
+    # The rows that sample (the others are greedy), when not all do: only they pay for the
+    # sampling pass, a few passes over their vocabulary.
+    rows: torch.Tensor | None = None
     top_k: int = 0  # the largest top-k of the rows; 0: no row cuts by top-k
     top_p: bool = False  # some row cuts by top-p
-    # The rows that cut by top-p without top-k, whose whole vocabulary is ranked (a full sort
-    # costs about 3 ms a row for a 49k vocabulary on a CPU core: only these rows pay it).
+    # Of the sampling rows, those that cut by top-p without top-k, whose whole vocabulary is
+    # ranked (a full sort costs about 3 ms a row for a 49k vocabulary on a CPU core).
     rank_all: torch.Tensor | None = None
 
 
@@ -93,12 +96,18 @@ class Planner:
 
     def plan(self, params: Sequence[SamplingParams], device: torch.device) -> Plan:
         """The plan of a pass over rows of `params` (in slot order, the rows counted in)."""
-        rank_all = None
+        if not self._sampled:
+            return Plan()
+        rows = rank_all = None
+        sampling = [i for i, p in enumerate(params) if not p.greedy]
+        if len(sampling) < len(params):
+            rows = torch.tensor(sampling, device=device)
         if self._rank_all:
-            rows = [i for i, p in enumerate(params) if p.ranks_all]
-            rank_all = torch.tensor(rows, device=device)
+            ranking = [j for j, i in enumerate(sampling) if params[i].ranks_all]
+            rank_all = torch.tensor(ranking, device=device)
         return Plan(
-            sampled=self._sampled > 0,
+            sampled=True,
+            rows=rows,
             top_k=max(self._top_k, default=0),
             top_p=self._top_p > 0,
             rank_all=rank_all,
@@ -167,20 +176,43 @@ def next_tokens(
     usable = top.squeeze(1) > -torch.inf
     if not plan.sampled:
         return best, usable
-    greedy = temperature < GREEDY_BELOW_TEMPERATURE
+    if plan.rows is None:
+        picked = _draw(logits, top, best, temperature, top_k, top_p, keys, positions, plan)
+        return picked, usable
+    rows = plan.rows
+    picked = _draw(
+        logits[rows], top[rows], best[rows], temperature[rows], top_k[rows], top_p[rows],
+        keys[rows], positions[rows], plan,
+    )  # fmt: skip
+    return best.index_put((rows,), picked), usable
+
+
+def _draw(
+    logits: torch.Tensor,
+    top: torch.Tensor,
+    best: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    plan: Plan,
+) -> torch.Tensor:
+    """The sampling rows' tokens (`logits`: theirs, sanitised, overwritten; `top` and `best`:
+    their best scores and tokens)."""
     # Shifted so that the best score is 0 whatever the temperature: the softmax always has a
     # finite maximum. A row with no finite score (it fails) gets zeros, never NaN.
-    shifted = torch.where(usable.unsqueeze(1), logits - top, 0.0)
+    usable = top > -torch.inf
     scale = temperature.clamp(min=GREEDY_BELOW_TEMPERATURE).unsqueeze(1)
-    probs = torch.softmax(shifted / scale, dim=-1)
+    scores = logits.sub_(top.where(usable, 0.0)).div_(scale).masked_fill_(~usable, 0.0)
+    probs = torch.softmax(scores, dim=-1)
     if plan.top_k or plan.rank_all is not None:
         probs = torch.where(probs >= _threshold(probs, top_k, top_p, plan), probs, 0.0)
     cdf = probs.cumsum(dim=-1)
     target = uniform(keys, positions).unsqueeze(1) * cdf[:, -1:]
     picked = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[1] - 1)
     # Rounding can put the target at the very end of the distribution, past its last token.
-    picked = torch.where(probs.gather(1, picked) > 0, picked, best.unsqueeze(1)).squeeze(1)
-    return torch.where(greedy, best, picked), usable
+    return torch.where(probs.gather(1, picked) > 0, picked, best.unsqueeze(1)).squeeze(1)
 
 
 def _threshold(
