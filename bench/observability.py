@@ -25,13 +25,13 @@ from unittest import mock
 import orjson
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from bench.engine import engine_closed_loop, workload
+from bench.engine_workload import engine_closed_loop, workload
 from common import tracing
 from common.contract import WorkItem, WorkRequest
 from common.schemas import Job, JobResult, JobStatus, Usage
 from common.settings import Settings
 from worker import metrics, spans
-from worker.generation import Generation
+from worker.engine import Generation
 from worker.loading import load_model
 
 CONCURRENCY = 16

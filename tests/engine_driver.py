@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 import torch
 
 from common.schemas import ChatMessage, GenerationRequest
-from worker.batch import RowOutput
-from worker.engine import Engine, EngineLimits, EngineRequest
-from worker.generation import Generation, GenerationError, build_prompt_ids
+from worker.engine import Engine, EngineLimits, EngineRequest, RowOutput
+from worker.engine.generation import Generation, GenerationError, build_prompt_ids
+from worker.engine.sampling import SamplingParams
 from worker.loading import LoadedModel
-from worker.sampling import SamplingParams
 
 PROMPTS = [
     "Hi",
@@ -59,6 +58,22 @@ def run(
 ) -> Collector:
     out = Collector()
     engine = Engine(lm, limits or EngineLimits(), out)
+    try:
+        drive(engine, out, jobs, cancel, before_step)
+    finally:
+        engine.stop()
+    return out
+
+
+def drive(
+    engine: Engine,
+    out: Collector,
+    jobs: list[Job],
+    cancel: dict[int, str] | None,
+    before_step: Callable[[int, Engine], object] | None,
+) -> None:
+    """Step the engine until every job is answered, each step's outputs delivered before the
+    next step (so a stop string ends its row at the next step, always)."""
     step = 0
     # A fatal fault ends the engine's thread; the rows it did not answer run elsewhere.
     while len(out.done) + len(out.errors) < len(jobs) and engine.health().fatal is None:
@@ -75,10 +90,10 @@ def run(
         if before_step:
             before_step(step, engine)
         engine.step()
+        engine.flush()
         out.batch_sizes.append(engine.running)
         step += 1
         assert step < 10_000, "engine made no progress"
-    return out
 
 
 def reference(lm: LoadedModel, prompt: str, max_new_tokens: int, chat: bool = False) -> list[int]:

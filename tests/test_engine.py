@@ -19,13 +19,15 @@ from tests.engine_driver import (
     run,
 )
 from tests.tiny_model import build_tiny_model
-from worker import fused, metrics
-from worker.batch import Batch, SlotLayer
-from worker.engine import Engine, EngineLimits
-from worker.generation import build_prompt_ids
+from worker import metrics
+from worker.engine import Engine, EngineLimits, fused
+from worker.engine.batch import Batch
+from worker.engine.generation import build_prompt_ids
+from worker.engine.kv_cache import SlotBuffer
+from worker.engine.sampling import SamplingParams
+from worker.engine.textstream import TextStream
 from worker.loading import LoadedModel, load_model
 from worker.models import swappable
-from worker.sampling import SamplingParams
 
 
 def hit_tokens(lm: LoadedModel) -> float:
@@ -121,7 +123,7 @@ def test_batch_surgery_keeps_every_row_as_it_would_be_alone(tiny_lm: LoadedModel
         return SamplingParams(max_new_tokens=n, temperature=1.0, seed=seed)
 
     words = ["fox", "capital", "model", "token", "stream", "batch", "Paris", "quick"]
-    jobs = [Job("long-lived", PROMPTS[0], greedy(SlotLayer.COLUMN_SLACK + 20))]
+    jobs = [Job("long-lived", PROMPTS[0], greedy(SlotBuffer.COLUMN_SLACK + 20))]
     jobs += [Job(f"early{i}", PROMPTS[i % 3], sampled(3 + 4 * i, i)) for i in range(4)]
     jobs += [
         Job(
@@ -130,13 +132,13 @@ def test_batch_surgery_keeps_every_row_as_it_would_be_alone(tiny_lm: LoadedModel
             greedy(10 + 3 * i) if i % 2 else sampled(10 + 3 * i, i),
             at_step=6,
         )
-        for i in range(SlotLayer.ROW_SLACK + 5)
+        for i in range(SlotBuffer.ROW_SLACK + 5)
     ]
     # Not periodic: attention over a cut-off repeat of the same sentence would look alike.
     longest = " ".join(f"{word} {i}" for i, word in enumerate(words * 6))
     jobs.append(Job("longest-prompt", longest, sampled(20, 7), at_step=40))
     out = run(tiny_lm, jobs)
-    assert max(out.batch_sizes) > 5 + SlotLayer.ROW_SLACK
+    assert max(out.batch_sizes) > 5 + SlotBuffer.ROW_SLACK
     assert not out.errors
     for job in jobs:
         if job.params.greedy:
@@ -183,6 +185,39 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny_lm: LoadedModel) 
     assert run(tiny_lm, [Job("s", "Once upon", other_seed)]).done["s"].text != alone.text["s"]
 
 
+def test_seeded_rows_sample_the_same_alone_and_in_any_mix(tiny_lm: LoadedModel) -> None:
+    # Every pass samples all rows at once; what it computes depends on the mix (a top-p row
+    # without top-k has its whole vocabulary ranked, top-k rows the top of theirs, plain rows
+    # neither). A row's tokens must not.
+    def sampled(seed: int, **kwargs: float) -> SamplingParams:
+        return SamplingParams(max_new_tokens=24, seed=seed, **kwargs)  # type: ignore[arg-type]
+
+    mix = [
+        greedy(24),
+        sampled(1, temperature=0.7),
+        sampled(2, temperature=1.0, top_k=5),
+        sampled(3, temperature=0.9, top_p=0.8),
+        sampled(4, temperature=1.2, top_k=20, top_p=0.9),
+        sampled(5, temperature=1.5, top_p=0.5),
+        sampled(6, temperature=1.0),
+    ]
+    jobs = [Job(f"r{i}", PROMPTS[i % 3], p, at_step=i % 3) for i, p in enumerate(mix)]
+    alone = {j.id: run(tiny_lm, [Job(j.id, j.prompt, j.params)]).done[j.id].token_ids for j in jobs}
+    runs = [
+        run(tiny_lm, jobs),
+        run(tiny_lm, [Job(j.id, j.prompt, j.params, at_step=k) for k, j in enumerate(jobs[::-1])]),
+        run(tiny_lm, jobs[::2]),
+        run(tiny_lm, jobs[1::2]),
+    ]
+    for out in runs:
+        for job_id, generation in out.done.items():
+            assert generation.token_ids == alone[job_id], job_id
+    assert alone["r0"] == reference(tiny_lm, PROMPTS[0], 24)
+    # The sampled rows did sample: the same prompt and seeds, greedy, give other tokens.
+    assert alone["r3"] != reference(tiny_lm, PROMPTS[0], 24)
+    assert alone["r6"] != run(tiny_lm, [Job("x", PROMPTS[0], sampled(7))]).done["x"].token_ids
+
+
 def test_streamed_text_equals_final_text_multibyte_included(tiny_lm: LoadedModel) -> None:
     jobs = [
         Job(str(seed), "emoji 🎉 and 日本語", SamplingParams(max_new_tokens=40, seed=seed))
@@ -196,13 +231,25 @@ def test_streamed_text_equals_final_text_multibyte_included(tiny_lm: LoadedModel
 
 
 def test_stop_string_ends_the_row_before_it(tiny_lm: LoadedModel) -> None:
-    full = run(tiny_lm, [Job("a", PROMPTS[1], greedy(30))]).done["a"].text
+    whole = run(tiny_lm, [Job("a", PROMPTS[1], greedy(30))]).done["a"]
+    full = whole.text
     stop = full[10:13]
     params = SamplingParams(max_new_tokens=30, temperature=0.0, stop=(stop,))
     out = run(tiny_lm, [Job("a", PROMPTS[1], params), Job("b", PROMPTS[2], greedy(30))])
     assert out.done["a"].finish_reason == "stop"
     assert out.done["a"].text == full[: full.index(stop)]
     assert out.text["a"] == out.done["a"].text
+    # Its tokens end with the one that completed the stop string: none past it are counted,
+    # though the text side found the stop string after the engine had moved on.
+    prompt_ids = build_prompt_ids(tiny_lm, GenerationRequest(prompt=PROMPTS[1]))
+    stream = TextStream(tiny_lm.tokenizer, prompt_ids, [stop])
+    upto = 0
+    while not stream.stopped:
+        stream.push(whole.token_ids[upto])
+        upto += 1
+    assert out.done["a"].token_ids == whole.token_ids[:upto]
+    # The step that gave that token kept the row; the engine dropped it at the next step.
+    assert out.batch_sizes[upto - 1 : upto + 1] == [2, 1]
 
 
 def test_cancelling_a_row_leaves_the_others_unchanged(tiny_lm: LoadedModel) -> None:

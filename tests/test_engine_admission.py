@@ -10,13 +10,14 @@ import torch
 
 from common.schemas import GenerationRequest
 from tests.engine_driver import PROMPTS, SHARED_START, Job, greedy, reference, run
-from worker import engine as engine_module
 from worker import metrics
-from worker.batch import Batch, SlotLayer, forward_all
 from worker.engine import EngineLimits
-from worker.generation import build_prompt_ids
+from worker.engine import engine as engine_module
+from worker.engine.batch import Batch, forward_all
+from worker.engine.generation import build_prompt_ids
+from worker.engine.kv_cache import SlotLayer
+from worker.engine.memory import padded_peak
 from worker.loading import LoadedModel
-from worker.memory import padded_peak
 
 # Not periodic: a long prompt of one repeated word would make a random model repeat itself.
 LONG_PROMPT = " ".join(f"{word} {i}" for i, word in enumerate(PROMPTS[2].split() * 3))

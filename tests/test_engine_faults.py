@@ -11,16 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from common.schemas import GenerationRequest
 from common.settings import Settings
 from tests.engine_driver import PROMPTS, Collector, Job, greedy, reference, run
+from tests.sampling_harness import sample
 from tests.tiny_model import CHAT_TEMPLATE
-from worker.batch import Batch, RowOutput, advance, forward_all, new_row
-from worker.engine import Engine, EngineHealth, EngineLimits, EngineRequest
-from worker.generation import build_prompt_ids
+from worker.engine import Engine, EngineHealth, EngineLimits, EngineRequest, RowOutput, textstream
+from worker.engine.batch import FAILED, Batch, forward_all, new_row
+from worker.engine.generation import build_prompt_ids
+from worker.engine.sampling import SamplingParams
 from worker.loading import LoadedModel, load_model
-from worker.sampling import Sampler, SamplingParams
 
 POISONED_PROMPT = "emoji 🎉 and 日本語"
 
@@ -73,24 +76,21 @@ def test_non_finite_scores_are_skipped_or_ranked_first(tiny_lm: LoadedModel) -> 
     ]
     batch = Batch.prefill(tiny_lm, rows)
     with torch.inference_mode():
-        logits = forward_all(tiny_lm, [batch])[0]
-    logits = logits.clone()
-    best = int(logits[1].argmax())
-    logits[0] = float("nan")  # nothing to sample
-    logits[1, best] = float("nan")  # the runner-up wins
-    logits[2:, 7] = float("inf")  # wins, whatever the temperature
-    logits[3, 9] = float("-inf")
-    with torch.inference_mode():
-        outputs, after = advance(tiny_lm, batch, logits)
-    assert [out.request_id for out in outputs if out.error is not None] == ["0"]
-    assert outputs[0].error is not None
-    assert outputs[0].error.code == "numerical_error"
+        logits = forward_all(tiny_lm, [batch]).clone()
+        best = int(logits[1].argmax())
+        logits[0] = float("nan")  # nothing to sample
+        logits[1, best] = float("nan")  # the runner-up wins
+        runner_up = int(logits[1].nan_to_num(float("-inf")).argmax())
+        logits[2:, 7] = float("inf")  # wins, whatever the temperature
+        logits[3, 9] = float("-inf")
+        step = batch.advance(logits, eos_ids=torch.tensor([], dtype=torch.long))
+        after = batch.filter([i for i, code in enumerate(step.codes) if code])
+    # Row 0 fails (the text side answers it with `numerical_error`), the others go on.
+    assert [code & FAILED for code in step.codes] == [FAILED, 0, 0, 0]
     assert after is not None
     assert [row.request_id for row in after.rows] == ["3", "1", "2"]
-    runner_up = int(logits[1].nan_to_num(float("-inf")).argmax())
     assert runner_up != best
-    assert rows[1].token_ids == [runner_up]
-    assert rows[2].token_ids == rows[3].token_ids == [7]
+    assert step.tokens[1:] == [runner_up, 7, 7]
 
 
 def test_a_vanishing_temperature_is_greedy(tiny_lm: LoadedModel) -> None:
@@ -108,10 +108,10 @@ def test_sampling_skips_nan_and_ranks_infinite_scores_first() -> None:
     logits[0, 6] = float("-inf")
     for temperature in (1e-3, 0.7, 2.0):
         params = SamplingParams(max_new_tokens=1, temperature=temperature, top_p=0.9, seed=1)
-        assert Sampler(params, torch.device("cpu")).next_token(logits) == 5
+        assert sample(logits, [params]) == [5]
     logits[0, 5] = float("nan")
     params = SamplingParams(max_new_tokens=1, temperature=1e-3)
-    assert Sampler(params, torch.device("cpu")).next_token(logits) == 2
+    assert sample(logits, [params]) == [2]
 
 
 def test_a_chat_template_that_raises_fails_only_its_job(own_lm: LoadedModel) -> None:
@@ -135,17 +135,22 @@ def test_a_chat_template_that_raises_fails_only_its_job(own_lm: LoadedModel) -> 
 def test_a_row_whose_detokenizer_raises_fails_alone(
     own_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A row's stream decodes its first tokens after the last prompt tokens; the tokenizer fails
-    # on those of one prompt only.
+    # A row's stream decodes its first tokens after the last prompt tokens; the tokenizer's
+    # incremental decoder fails on those that follow one prompt only.
     context = ids_of(own_lm, POISONED_PROMPT)[-5:]
-    decode = own_lm.tokenizer.decode
 
-    def failing(ids: list[int], skip_special_tokens: bool = False) -> object:
-        if list(ids[: len(context)]) == context:
-            raise ValueError("undecodable bytes")
-        return decode(ids, skip_special_tokens=skip_special_tokens)
+    class FailingDecodeStream:
+        def __init__(self, skip_special_tokens: bool) -> None:
+            self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            self.seen: list[int] = []
 
-    monkeypatch.setattr(own_lm.tokenizer, "decode", failing)
+        def step(self, tokenizer: Tokenizer, token: int) -> str | None:
+            self.seen.append(token)
+            if self.seen[: len(context)] == context and len(self.seen) > len(context):
+                raise ValueError("undecodable bytes")
+            return self.stream.step(tokenizer, token)
+
+    monkeypatch.setattr(textstream, "DecodeStream", FailingDecodeStream)
     jobs = [
         Job("a", PROMPTS[0], greedy(20)),
         Job("broken", POISONED_PROMPT, SamplingParams(max_new_tokens=20, stop=("zz",)), 2),
@@ -325,3 +330,20 @@ def test_an_engine_thread_killed_by_a_base_exception_shows_in_health(
         engine.stop()
     assert not health.stopped
     assert health.fatal == "the engine thread died: _Abort('gone')"
+
+
+def test_an_on_step_that_raises_makes_the_engine_give_up(own_lm: LoadedModel) -> None:
+    # The text side hands the outputs on: once that fails, no request can be answered.
+    def broken(outputs: list[RowOutput]) -> None:
+        raise RuntimeError("publisher gone")
+
+    engine = Engine(own_lm, EngineLimits(), broken)
+    engine.start()
+    try:
+        submit(engine, "a")
+        assert wait_for(lambda: not engine.health().alive)
+        health = engine.health()
+    finally:
+        engine.stop()
+    assert not health.stopped
+    assert health.fatal == "the detokenizer thread failed: RuntimeError('publisher gone')"

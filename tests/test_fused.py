@@ -10,12 +10,12 @@ import torch
 from common.schemas import GenerationRequest
 from common.settings import Settings
 from tests.tiny_model import build_tiny_model
-from worker import fused
-from worker.batch import Batch, advance, forward, forward_all, new_row
-from worker.generation import build_prompt_ids
+from worker.engine import fused
+from worker.engine.batch import Batch, forward, forward_all, new_row
+from worker.engine.generation import build_prompt_ids
+from worker.engine.prefix_cache import PrefixCache
+from worker.engine.sampling import SamplingParams
 from worker.loading import LoadedModel, load_model
-from worker.prefix_cache import PrefixCache
-from worker.sampling import SamplingParams
 
 RUNNING = ["Hi", "The capital of France is", "Once upon a time there was a small model that"]
 SHARED_START = "You are a careful assistant: answer briefly, precisely, and in plain words. "
@@ -35,12 +35,14 @@ def batch_of(lm: LoadedModel, prompts: list[str], cache: PrefixCache | None = No
     return Batch.prefill(lm, rows, hits)
 
 
+NO_EOS = torch.tensor([], dtype=torch.long)
+
+
 def decoding(lm: LoadedModel) -> Batch:
     """The running prompts prefilled and their first token picked: a batch ready to decode."""
     batch = batch_of(lm, RUNNING)
-    _, after = advance(lm, batch, forward(lm, batch))
-    assert after is not None
-    return after
+    batch.advance(forward(lm, batch), NO_EOS)
+    return batch
 
 
 @pytest.mark.parametrize("architecture", sorted(fused.FUSED_MODEL_TYPES))
@@ -58,16 +60,19 @@ def test_a_fused_step_equals_the_models_own_passes(tmp_path: Path, architecture:
         mine = [decoding(lm), batch_of(lm, ADMITTED, prefixes)]
         assert mine[1].rows[0].cached_prompt_tokens > 0
         for step in range(3):
-            expected = [forward(lm, b) for b in own]
+            expected = torch.cat([forward(lm, b) for b in own])
             got = forward_all(lm, mine)  # one fused pass: the model is of a fused type
-            for want, have in zip(expected, got, strict=True):
-                torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
-                assert torch.equal(have.argmax(-1), want.argmax(-1)), f"step {step}"
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            assert torch.equal(got.argmax(-1), expected.argmax(-1)), f"step {step}"
             # Both sides decode on: the next steps read what this one wrote into the caches.
-            own = [merged(lm, own, expected)]
-            mine = [merged(lm, mine, got)]
+            own = [merged(own, expected)]
+            mine = [merged(mine, got)]
 
 
-def merged(lm: LoadedModel, batches: list[Batch], logits: list[torch.Tensor]) -> Batch:
-    survivors = [advance(lm, b, x)[1] for b, x in zip(batches, logits, strict=True)]
-    return Batch.concatenate([b for b in survivors if b is not None])
+def merged(batches: list[Batch], logits: torch.Tensor) -> Batch:
+    """The batches as one, each row's token picked from `logits`."""
+    batch = batches[0]
+    for other in batches[1:]:
+        batch = batch.extend(other)
+    batch.advance(logits, NO_EOS)
+    return batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.prefix_cache import KV, MIN_MATCH_TOKENS, PrefixCache
+from worker.engine.prefix_cache import KV, MIN_MATCH_TOKENS, PrefixCache
 
 LAYERS, HEADS, DIM = 2, 2, 4
 BYTES_PER_TOKEN = LAYERS * 2 * HEADS * DIM * 4  # fp32 keys and values

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import random
+from typing import cast
+
 import pytest
 from transformers import PreTrainedTokenizerFast
 
 from tests.tiny_model import build_tokenizer
-from worker.textstream import TextStream
+from worker.engine.textstream import TextStream
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +65,43 @@ def test_text_that_may_become_a_stop_string_is_held_back(
 def test_earliest_of_several_stop_strings_wins(tokenizer: PreTrainedTokenizerFast) -> None:
     _, final = run(tokenizer, "one two three four", ["four", "two"])
     assert final == "one "
+
+
+class WithoutBackend:
+    """The tokenizer's `decode` alone: what a tokenizer without a Rust backend offers."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self.decode = tokenizer.decode
+
+
+def deltas_of(stream: TextStream, ids: list[int]) -> list[str]:
+    return [stream.push(token) for token in ids] + [stream.flush()]
+
+
+def test_the_incremental_decoder_gives_what_decoding_the_tokens_gives(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    # Random tokens, byte tokens among them: characters split across tokens, and sequences that
+    # end inside one (the flush releases those bytes as replacement characters).
+    rng = random.Random(5)
+    plain = cast(PreTrainedTokenizerFast, WithoutBackend(tokenizer))
+    vocabulary = len(tokenizer)
+    for _ in range(50):
+        prompt = [rng.randrange(vocabulary) for _ in range(rng.randint(0, 8))]
+        ids = [rng.randrange(vocabulary) for _ in range(rng.randint(1, 40))]
+        stop = rng.choice([[], ["e"], ["th", "🎉"]])
+        fast = deltas_of(TextStream(tokenizer, prompt, list(stop)), ids)
+        slow = deltas_of(TextStream(plain, prompt, list(stop)), ids)
+        assert fast == slow, (prompt, ids, stop)
+
+
+def test_a_character_cut_off_at_the_end_is_flushed_as_a_replacement(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    ids = tokenizer("ok 🎉", add_special_tokens=False).input_ids
+    stream = TextStream(tokenizer, [], [])
+    emitted = "".join(stream.push(token) for token in ids[:-1])
+    assert emitted == "ok"  # the space rides in the emoji's first token
+    flushed = stream.flush()
+    assert flushed.startswith(" \ufffd")
+    assert stream.text == emitted + flushed == tokenizer.decode(ids[:-1])

@@ -15,27 +15,38 @@ from httpx_sse import connect_sse
 
 from bench.faults import Stack
 from tests.conftest import TINY_NAME
+from tests.tiny_model import build_tiny_model
 from worker.main import SHUTDOWN_MARGIN_S
 
 # No wait for running jobs: the worker hands its job back at once, whatever the machine's speed.
 COMPLETION_WAIT_S = 0
+# Long enough to be running still when the worker is stopped, however fast the machine.
+JOB_TOKENS = 4000
+
+
+@pytest.fixture(scope="module")
+def long_context_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with room for a long job."""
+    path = tmp_path_factory.mktemp("long-context-model")
+    return build_tiny_model(path, config={"max_position_embeddings": JOB_TOKENS + 64})
 
 
 @pytest.fixture
-def stack(tmp_path: Path, tiny_model_dir: Path, log_dir: Path) -> Iterator[Stack]:
+def stack(tmp_path: Path, long_context_model: Path, log_dir: Path) -> Iterator[Stack]:
     stack = Stack(
         tmp_path,
         log_dir,
-        GENQ_MODEL=str(tiny_model_dir),
+        GENQ_MODEL=str(long_context_model),
         GENQ_MODEL_NAME=TINY_NAME,
         GENQ_WORKER_JOB_COMPLETION_WAIT_S=str(COMPLETION_WAIT_S),
+        GENQ_MAX_NEW_TOKENS_LIMIT=str(JOB_TOKENS),
     )
     yield stack
     stack.close()
 
 
 def running_job(client: httpx.Client) -> str:
-    body = {"prompt": "Once", "max_new_tokens": 1000, "temperature": 0}
+    body = {"prompt": "Once", "max_new_tokens": JOB_TOKENS, "temperature": 0}
     job_id: str = client.post("/v1/jobs", json=body).json()["id"]
     with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events") as source:
         assert next(source.iter_sse()).event == "token"

@@ -51,20 +51,23 @@ def build_tiny_model(
     config: dict[str, object] | None = None,
 ) -> Path:
     """A random decoder of `architecture` (a transformers model type), with full attention
-    unless `config` overrides say otherwise; another `seed` gives other weights of the same
-    shapes (a new version)."""
+    unless `config` overrides say otherwise (its shape too); another `seed` gives other weights
+    of the same shapes (a new version)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
+    shape: dict[str, object] = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,  # Qwen3's default is 128 whatever the hidden size
+        "max_position_embeddings": 1024,
+        "sliding_window": None,
+    }
     model_config = AutoConfig.for_model(
         architecture,
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,  # Qwen3's default is 128 whatever the hidden size
-        max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -73,7 +76,7 @@ def build_tiny_model(
         # that the next token depends on the current token alone, and a test could not tell a
         # row that sees the wrong keys from one that sees the right ones.
         initializer_range=0.3,
-        **{"sliding_window": None, **(config or {})},
+        **{**shape, **(config or {})},
     )
     model = AutoModelForCausalLM.from_config(model_config)  # type: ignore[no-untyped-call]  # untyped
     model.save_pretrained(path)

@@ -27,7 +27,7 @@ from common.contract import ErrorCode
 from common.schemas import Job, JobStatus
 
 if TYPE_CHECKING:
-    from worker.generation import Generation
+    from worker.engine import Generation
 
 MODEL = ("pool", "model")
 

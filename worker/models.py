@@ -17,8 +17,7 @@ from common.catalog import CatalogSource, ModelSpec, UnknownModel
 from common.registry import HeldModel, ModelState
 from common.settings import Settings
 from worker import metrics
-from worker.engine import Engine, EngineLimits, StepCallback
-from worker.generation import GenerationError
+from worker.engine import Engine, EngineLimits, GenerationError, StepCallback
 from worker.loading import LoadedModel, ModelLoadError, estimated_bytes, load_spec
 from worker.model_fetch import ModelFetchError
 

@@ -37,11 +37,9 @@ from common.schemas import (
 from common.settings import Settings
 from common.webhooks import enqueue_delivery
 from worker import metrics, spans
-from worker.batch import RowOutput
-from worker.engine import Engine, EngineRequest
-from worker.generation import Generation, GenerationError
+from worker.engine import Engine, EngineRequest, Generation, GenerationError, RowOutput
+from worker.engine.sampling import SamplingParams
 from worker.models import Held, ModelManager
-from worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +281,7 @@ class JobRunner:
                     self.cancel(job_id)
 
     def _on_step(self, outputs: list[RowOutput]) -> None:
-        """Called on the engine thread; hands the step to the event loop."""
+        """Called on the engine's text thread; hands the step to the event loop."""
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._steps.put_nowait, outputs)
 

@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from common import tracing
 from common.contract import WorkItem
 from common.schemas import Job, JobStatus
-from worker.generation import Generation
+from worker.engine import Generation
 
 
 def _ns(epoch_s: float) -> int:

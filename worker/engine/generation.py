@@ -1,4 +1,4 @@
-"""What a generation is and how a request becomes prompt tokens; the engine does the decoding."""
+"""What a generation is, what the engine reports of it, and how a request becomes prompt tokens."""
 
 from __future__ import annotations
 
@@ -111,6 +111,20 @@ class Generation:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutput:
+    """What one step produced for one request: new text, and the outcome once it has ended."""
+
+    request_id: str
+    text: str = ""
+    finished: Generation | None = None
+    error: GenerationError | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.finished is not None or self.error is not None
 
 
 def build_prompt_ids(lm: LoadedModel, request: PromptSource) -> list[int]:

@@ -28,32 +28,52 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
+class Attention(NamedTuple):
+    """What a batch's queries see: `positions` (B, T) of its inputs, and `mask` (B, 1, T,
+    cached + T, bool), True where a query may attend."""
+
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
 class Part(NamedTuple):
-    """One batch's inputs: `input_ids` (B, T), `attention_mask` (B, cached + T), and its cache."""
+    """One batch's inputs: `input_ids` (B, T), their attention, and the batch's cache."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention: Attention
     cache: Any  # a transformers DynamicCache
-
-
-class _Prepared(NamedTuple):
-    rows: int
-    tokens: int  # per row
-    rope: tuple[torch.Tensor, torch.Tensor]
-    mask: torch.Tensor  # (B, 1, T, cached + T), True where a query may attend
 
 
 def supports(model: Any) -> bool:
     return model.config.model_type in FUSED_MODEL_TYPES
 
 
-def forward(model: Any, parts: Sequence[Part]) -> list[torch.Tensor]:
-    """The next-token logits (B x vocab, fp32) of every part; each part's cache grows by its
-    inputs, as `model(...)` would grow it."""
+def prefill_attention(mask: torch.Tensor, tokens: int) -> Attention:
+    """The attention of a prefill batch whose last `tokens` columns of `mask` (B x width, bool:
+    real tokens, left-padded, a cached prefix before them) are its inputs: causal over real
+    columns, positions counting real tokens."""
+    width = mask.shape[1]
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -tokens:]
+    seen = mask[:, None, :]
+    query_at = torch.arange(width - tokens, width, device=mask.device)
+    columns = torch.arange(width, device=mask.device)
+    attend = seen & (columns[None, :] <= query_at[:, None])
+    # A padding query sees no real key; letting it see itself keeps its (unused) output finite.
+    attend |= columns[None, :] == query_at[:, None]
+    return Attention(positions, attend[:, None])
+
+
+def forward(model: Any, parts: Sequence[Part]) -> torch.Tensor:
+    """The next-token logits (rows x vocab, fp32) of every part's rows, in order; each part's
+    cache grows by its inputs, as `model(...)` would grow it."""
     decoder = model.model
     embeds = [decoder.embed_tokens(part.input_ids) for part in parts]
-    prepared = [_prepare(decoder, part, e) for part, e in zip(parts, embeds, strict=True)]
-    hidden = torch.cat([e.flatten(0, 1) for e in embeds])
+    rope = [
+        decoder.rotary_emb(e, part.attention.positions)
+        for part, e in zip(parts, embeds, strict=True)
+    ]
+    flat = [e.flatten(0, 1) for e in embeds]
+    hidden = flat[0] if len(flat) == 1 else torch.cat(flat)
     for index, layer in enumerate(decoder.layers):
         attention = layer.self_attn
         normed = layer.input_layernorm(hidden)
@@ -63,38 +83,27 @@ def forward(model: Any, parts: Sequence[Part]) -> list[torch.Tensor]:
             k = attention.k_norm(k.unflatten(-1, (-1, attention.head_dim))).flatten(-2)
         outputs = []
         start = 0
-        for part, prep in zip(parts, prepared, strict=True):
-            stop = start + prep.rows * prep.tokens
-            shape = (prep.rows, prep.tokens, -1, attention.head_dim)
+        for part, (cos, sin) in zip(parts, rope, strict=True):
+            rows, tokens = part.input_ids.shape
+            stop = start + rows * tokens
+            shape = (rows, tokens, -1, attention.head_dim)
             heads = [x[start:stop].view(shape).transpose(1, 2) for x in (q, k, v)]
-            queries, keys = apply_rotary_pos_emb(heads[0], heads[1], *prep.rope)
+            queries, keys = apply_rotary_pos_emb(heads[0], heads[1], cos, sin)
             keys, values = part.cache.layers[index].update(keys, heads[2])
             out, _ = sdpa_attention_forward(
-                attention, queries, keys, values, prep.mask, scaling=attention.scaling
+                attention, queries, keys, values, part.attention.mask, scaling=attention.scaling
             )
             outputs.append(out.flatten(0, 1).flatten(1))
             start = stop
-        hidden = hidden + attention.o_proj(torch.cat(outputs))
+        hidden = hidden + attention.o_proj(torch.cat(outputs) if len(outputs) > 1 else outputs[0])
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     # Only each row's last position needs logits: the LM head over whole prompts would cost
     # more than the layers.
-    last, start = [], 0
-    for prep in prepared:
-        ends = torch.arange(1, prep.rows + 1, device=hidden.device) * prep.tokens - 1
-        last.append(start + ends)
-        start += prep.rows * prep.tokens
-    logits = model.lm_head(decoder.norm(hidden[torch.cat(last)])).float()
-    return list(logits.split([prep.rows for prep in prepared]))
-
-
-def _prepare(decoder: Any, part: Part, embeds: torch.Tensor) -> _Prepared:
-    rows, tokens = part.input_ids.shape
-    width = part.attention_mask.shape[1]
-    positions = (part.attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -tokens:]
-    seen = part.attention_mask.bool()[:, None, :]
-    query_at = torch.arange(width - tokens, width, device=seen.device)
-    columns = torch.arange(width, device=seen.device)
-    mask = seen & (columns[None, :] <= query_at[:, None])
-    # A padding query sees no real key; letting it see itself keeps its (unused) output finite.
-    mask |= columns[None, :] == query_at[:, None]
-    return _Prepared(rows, tokens, decoder.rotary_emb(embeds, positions), mask[:, None])
+    if any(part.input_ids.shape[1] > 1 for part in parts):
+        last, start = [], 0
+        for part in parts:
+            rows, tokens = part.input_ids.shape
+            last.append(start + torch.arange(1, rows + 1, device=hidden.device) * tokens - 1)
+            start += rows * tokens
+        hidden = hidden[torch.cat(last)]
+    return model.lm_head(decoder.norm(hidden)).float()  # type: ignore[no-any-return]

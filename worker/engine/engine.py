@@ -1,29 +1,33 @@
-"""The continuous-batching engine: one thread owns the model and, at every decode step, admits
-waiting requests into the running batch and drops finished or cancelled ones.
+"""The continuous-batching engine: one thread owns the model and, at every step, admits waiting
+requests into the running batch, runs one forward pass and one sampling pass over all its rows,
+and drops the rows that ended. Its text side, a thread of its own (`detokenizer.py`), turns each
+step's token ids into text and reports the step's outputs, for all rows at once, through
+`on_step`.
 
-Callers (arq job coroutines) `submit` requests and `cancel` them from any thread; the engine
-reports every step's outputs, for all rows at once, through `on_step` (called on its thread).
-Every request it accepts gets a last output (finished or failed), whatever goes wrong: a fault of
-one row fails that row; a fault of a whole step fails the rows of that step, and a device error
-or repeated step faults make the engine give up (`health().fatal`), answering every request with
-`engine_error` until the worker restarts it.
+Callers (arq job coroutines) `submit` requests and `cancel` them from any thread. Every request
+the engine accepts gets a last output (finished or failed), whatever goes wrong: a fault of one
+row fails that row; a fault of a whole step fails the rows of that step, and a device error or
+repeated step faults make the engine give up (`health().fatal`), answering every request it holds
+with `engine_error`; the worker's watchdog then restarts the worker.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from common.schemas import FinishReason
 from worker import metrics
-from worker.batch import Batch, Row, RowOutput, advance, check_supported, forward_all, new_row
-from worker.generation import (
+from worker.engine.batch import Batch, Row, forward_all, new_row
+from worker.engine.detokenizer import Detokenizer, Ending, Record, StepCallback
+from worker.engine.generation import (
     EngineFault,
     GenerationError,
     GenerationTimeout,
@@ -33,28 +37,19 @@ from worker.generation import (
     check_context,
     is_device_error,
 )
+from worker.engine.kv_cache import check_supported
+from worker.engine.memory import MemoryMonitor, kv_bytes_per_token
+from worker.engine.prefix_cache import PrefixCache, PrefixHit
+from worker.engine.sampling import SamplingParams
+from worker.engine.scheduling import EngineLimits, admit
 from worker.loading import LoadedModel
-from worker.memory import MemoryMonitor, kv_bytes_per_token, padded_peak
-from worker.prefix_cache import PrefixCache, PrefixHit
-from worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-StepCallback = Callable[[list[RowOutput]], None]
 
 # How long an idle engine waits for work before it looks at its stop flag again.
 _IDLE_WAIT_S = 0.5
 # Step faults in a row after which the engine gives up: something is broken for good.
 _MAX_FAULTS_IN_ROW = 3
-
-
-@dataclass(frozen=True, slots=True)
-class EngineLimits:
-    max_batch_size: int = 32
-    max_batch_tokens: int = 65_536  # KV-cache tokens the padded batch may hold at its peak
-    max_prefill_tokens: int = 4_096  # padded prompt tokens prefilled in one step
-    memory_limit_bytes: int = 0  # 0: off
-    prefix_cache_bytes: int = 256 * 2**20  # 0: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +68,18 @@ class EngineHealth:
     alive: bool  # the engine thread runs (False before `start()`)
     stopped: bool  # `stop()` was called: a thread that is no longer alive ended on purpose
     step_started: float | None  # time.monotonic() when the step in progress began; None: idle
-    fatal: str | None  # why the engine gave up (or its thread died); None while it serves
+    fatal: str | None  # why the engine gave up (or a thread of it died); None while it serves
 
 
 @dataclass(frozen=True, slots=True)
 class _Cancel:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Answered:
+    """The text side ended the row (a stop string, a detokenizer fault): drop it."""
+
     id: str
 
 
@@ -90,24 +92,30 @@ class Engine:
     def __init__(self, lm: LoadedModel, limits: EngineLimits, on_step: StepCallback) -> None:
         self.lm = lm
         self.limits = limits
-        self.on_step = on_step
         check_supported(lm)
         self.memory = MemoryMonitor(lm.device, limits.memory_limit_bytes)
         self._kv_bytes_per_token = kv_bytes_per_token(lm)
+        self._eos_ids = _eos_tensor(lm)
         self.prefix_cache = PrefixCache(lm.name, limits.prefix_cache_bytes)
-        self._inbox: queue.SimpleQueue[EngineRequest | _Cancel | _Swap] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[EngineRequest | _Cancel | _Answered | _Swap] = (
+            queue.SimpleQueue()
+        )
         self._waiting: deque[Row] = deque()
-        # Every request accepted and not yet answered, with its deadline: a request leaves it
-        # when its last output goes into `_outputs`, so a failed step knows whom to answer.
+        # Every request accepted and not yet answered, with its deadline (and the deadlines in
+        # a heap): a request leaves it when its end goes into the step's record, so a failed
+        # step knows whom to answer. Its row, once it has one, is in `_rows`.
         self._open: dict[str, float] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._rows: dict[str, Row] = {}
         self._batch: Batch | None = None
-        self._outputs: list[RowOutput] = []  # of the step in progress
+        self._record = Record()  # of the step in progress, for the text side
         # Set by an out-of-memory prefill; admitting again waits until a running row finishes.
         self._admission_paused = False
         self._faults_in_row = 0
         self._fatal: str | None = None
         self._step_started: float | None = None
         self._stop = threading.Event()
+        self._text = Detokenizer(on_step, lambda request_id: self._inbox.put(_Answered(request_id)))
         self._thread = threading.Thread(target=self._run, name="genq-engine", daemon=True)
 
     def start(self) -> None:
@@ -115,7 +123,9 @@ class Engine:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        self._text.stop()
 
     def submit(self, request: EngineRequest) -> None:
         self._inbox.put(request)
@@ -129,6 +139,10 @@ class Engine:
         must be `swappable` with the current model (a reload of the same architecture)."""
         self._inbox.put(_Swap(lm))
 
+    def flush(self) -> None:
+        """Wait until the outputs of every step so far went to `on_step` (tests, benchmarks)."""
+        self._text.flush()
+
     @property
     def running(self) -> int:
         return len(self._batch) if self._batch else 0
@@ -138,16 +152,16 @@ class Engine:
             alive=self._thread.is_alive(),
             stopped=self._stop.is_set(),
             step_started=self._step_started,
-            fatal=self._fatal,
+            fatal=self._fatal or self._text.died,
         )
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set() and self._fatal is None:
+            while not self._stop.is_set() and self._fatal is None and self._text.died is None:
                 self.step()
         except BaseException as e:
-            # `step` answers its own faults; what gets here (`on_step` raising, say) ends the
-            # thread, and `health()` shows a thread that died, for the watchdog to act on.
+            # `step` answers its own faults; what gets here ends the thread, and `health()`
+            # shows a thread that died, for the watchdog to act on.
             self._fatal = f"the engine thread died: {e!r}"
             logger.critical("the engine thread died", exc_info=True)
 
@@ -155,7 +169,8 @@ class Engine:
     def step(self) -> None:
         """One iteration: take new work, then one forward pass that decodes a token for every
         running row and prefills the admitted rows' prompts. A fault of the step as a whole
-        fails the rows it held (`_on_fault`); the outputs go to `on_step` once, at the end."""
+        fails the rows it held (`_on_fault`); what the step produced goes to the text side once,
+        at the end."""
         idle = self._batch is None and not self._waiting
         first = self._next_item(block=idle)
         started = self._step_started = time.monotonic()
@@ -166,15 +181,15 @@ class Engine:
             decoding = self.running
             admitted, hits = self._admit()
             if admitted or self._batch is not None:
-                self._emit(self._generate(admitted, hits))
+                self._generate(admitted, hits)
             metrics.observe_step(self.lm.name, self._step_stats(started, decoding, admitted, hits))
         except Exception as e:
             self._on_fault(e)
         finally:
             self._step_started = None
-        outputs, self._outputs = self._outputs, []
-        if outputs:
-            self.on_step(outputs)
+        record, self._record = self._record, Record()
+        if record:
+            self._text.put(record)
 
     def _step_stats(
         self, started: float, decoding: int, admitted: list[Row], hits: list[PrefixHit | None]
@@ -199,20 +214,23 @@ class Engine:
             prefix_hits=cached,
         )
 
-    def _next_item(self, *, block: bool) -> EngineRequest | _Cancel | _Swap | None:
+    def _next_item(self, *, block: bool) -> EngineRequest | _Cancel | _Answered | _Swap | None:
         try:
             return self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return None
 
-    def _take_inbox(self, item: EngineRequest | _Cancel | _Swap) -> None:
+    def _take_inbox(self, item: EngineRequest | _Cancel | _Answered | _Swap) -> None:
         while True:
             if isinstance(item, _Cancel):
                 self._cancel(item.id)
+            elif isinstance(item, _Answered):
+                self._drop_answered(item.id)
             elif isinstance(item, _Swap):
                 logger.info("now decoding with %s (%s)", item.lm.name, item.lm.source)
                 metrics.forget_model(self.lm.name)
                 self.lm = item.lm
+                self._eos_ids = _eos_tensor(item.lm)
                 self.prefix_cache.clear()  # keys and values of the old weights
             else:
                 self._intake(item)
@@ -224,11 +242,12 @@ class Engine:
     def _intake(self, request: EngineRequest) -> None:
         # Open from here on: should anything below raise, the step's fault answers it.
         self._open[request.id] = request.deadline
+        heapq.heappush(self._deadlines, (request.deadline, request.id))
         try:
             prompt_ids = build_prompt_ids(self.lm, request.request)
             check_context(self.lm, len(prompt_ids), request.params.max_new_tokens)
         except GenerationError as e:
-            self._emit([RowOutput(request.id, error=e)])
+            self._end(request.id, error=e)
             return
         row = new_row(self.lm, request.id, prompt_ids, request.params, request.cache_scope)
         if row.reserved_tokens > self.limits.max_batch_tokens:
@@ -237,82 +256,68 @@ class Engine:
                 f"({request.params.max_new_tokens}) exceed the engine's token budget "
                 f"({self.limits.max_batch_tokens}, GENQ_MAX_BATCH_TOKENS)"
             )
-            self._emit([RowOutput(request.id, error=error)])
+            self._end(request.id, error=error)
             return
+        self._rows[request.id] = row
         self._waiting.append(row)
 
     def _cancel(self, request_id: str) -> None:
-        for row in self._waiting:
-            if row.request_id == request_id:
-                self._waiting.remove(row)
-                self._emit([row.end("cancelled")])
-                return
-        if self._batch is not None:
-            for i, row in enumerate(self._batch.rows):
-                if row.request_id == request_id:
-                    self._drop_rows([i])
-                    self._emit([row.end("cancelled")])
-                    return
+        row = self._rows.get(request_id)
+        if row is None:
+            return
+        if row in self._waiting:
+            self._waiting.remove(row)
+        else:
+            self._drop(row)
+        self._end(request_id, "cancelled")
 
-    def _emit(self, outputs: list[RowOutput]) -> None:
-        """Outputs for `on_step`; a request whose last output this is leaves `_open`."""
-        for output in outputs:
-            if output.ended:
-                self._open.pop(output.request_id, None)
-        self._outputs += outputs
+    def _drop_answered(self, request_id: str) -> None:
+        row = self._rows.get(request_id)
+        if row is not None:
+            self._drop(row)
+            self._forget(request_id)
+
+    def _end(
+        self,
+        request_id: str,
+        reason: FinishReason | None = None,
+        error: GenerationError | None = None,
+    ) -> None:
+        """The request's end, for the text side to answer; it leaves `_open`."""
+        self._record.endings.append(Ending(request_id, self._rows.get(request_id), reason, error))
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._open.pop(request_id, None)
+        self._rows.pop(request_id, None)
 
     def _expire(self) -> None:
         now = time.monotonic()
-        late = {rid for rid, deadline in self._open.items() if deadline < now}
+        late: set[str] = set()
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, request_id = heapq.heappop(self._deadlines)
+            if request_id in self._open:
+                late.add(request_id)
         if not late:
             return
         error = GenerationTimeout("generation ran past GENQ_JOB_TIMEOUT_S")
         self._waiting = deque(r for r in self._waiting if r.request_id not in late)
         if self._batch is not None:
             self._drop_rows([i for i, r in enumerate(self._batch.rows) if r.request_id in late])
-        self._emit([RowOutput(rid, error=error) for rid in late])
+        for request_id in late:
+            self._end(request_id, error=error)
 
     def _admit(self) -> tuple[list[Row], list[PrefixHit | None]]:
-        """Waiting rows that fit the batch size, the prefill budget, the KV token budget and
-        the memory limit, in arrival order (a row that does not fit holds back those behind it,
-        so large requests are not starved by small ones), with their cached prompt prefixes.
-
-        The KV budget and the memory limit are checked against the cache the batch will really
-        hold: rows are left-padded to the widest, so that is the peak, over the steps to come, of
-        (rows still running) x (cache width), as if every row ran to its `max_new_tokens`."""
-        limits = self.limits
-        if self._admission_paused or not self._waiting or self.running >= limits.max_batch_size:
+        if self._admission_paused or not self._waiting:
             return [], []
-        batch = self._batch
-        running = batch.extents() if batch else []
-        in_use = len(batch) * batch.cached_tokens if batch else 0
-        admitted: list[Row] = []
-        hits: list[PrefixHit | None] = []
-        longest = 0
-        while self._waiting and len(running) + len(admitted) < limits.max_batch_size:
-            row = self._waiting[0]
-            longest_if = max(longest, len(row.prompt_ids))
-            first = not admitted
-            if not first and longest_if * (len(admitted) + 1) > limits.max_prefill_tokens:
-                break
-            hit = (
-                self.prefix_cache.lookup(row.prompt_ids, row.cache_scope)
-                if self.prefix_cache.enabled
-                else None
-            )
-            rows, prefixes = [*admitted, row], [*hits, hit]
-            peak = padded_peak([*running, *Batch.prefill_extents(rows, prefixes)])
-            if peak > limits.max_batch_tokens:
-                break
-            # An empty engine always takes one row: waiting could never free anything.
-            kv_bytes = (peak - in_use) * self._kv_bytes_per_token
-            if (running or not first) and not self._memory_for(kv_bytes):
-                break
-            self._waiting.popleft()
-            admitted.append(row)
-            hits.append(hit)
-            longest = longest_if
-        return admitted, hits
+        return admit(
+            self._waiting,
+            self._batch,
+            self.limits,
+            self.prefix_cache,
+            self._memory_for,
+            self._kv_bytes_per_token,
+        )
 
     def _memory_for(self, kv_bytes: int) -> bool:
         if self.memory.can_admit(kv_bytes):
@@ -324,10 +329,10 @@ class Engine:
         self.memory.release()
         return self.memory.can_admit(kv_bytes)
 
-    def _generate(self, admitted: list[Row], hits: list[PrefixHit | None]) -> list[RowOutput]:
-        """The step's forward pass and its outputs, returned only once every row has advanced:
-        a step that fails half way has emitted nothing for its rows, and `_on_fault` answers
-        each of them once."""
+    def _generate(self, admitted: list[Row], hits: list[PrefixHit | None]) -> None:
+        """The step's forward pass, then one sampling pass over every row, running and just
+        admitted; the rows that ended leave the batch. A step that fails half way has handed
+        nothing of its rows on, and `_on_fault` answers each of them once."""
         running = self._batch
         prefill = self._prefill_batch(admitted, hits) if admitted else None
         batches = [b for b in (running, prefill) if b is not None]
@@ -339,24 +344,28 @@ class Engine:
                 running.restore_cache_length(cached)
             if prefill is not None:
                 # The running rows decode again next step, without these.
-                return self._on_prefill_oom(prefill.rows)
-            return self._on_decode_oom()
+                self._on_prefill_oom(prefill.rows)
+            else:
+                self._on_decode_oom()
+            return
         if prefill is not None and self.prefix_cache.enabled:
             self._remember_prompts(prefill)
-        outputs: list[RowOutput] = []
-        survivors: list[Batch] = []
-        for batch, batch_logits in zip(batches, logits, strict=True):
-            batch_outputs, after = advance(self.lm, batch, batch_logits)
-            outputs += batch_outputs
-            if after is not None:
-                survivors.append(after)
-        self._batch = Batch.concatenate(survivors) if survivors else None
+        if running is None:
+            assert prefill is not None
+            batch = prefill
+        else:
+            batch = running.extend(prefill) if prefill is not None else running
+        step = batch.advance(logits, self._eos_ids)
+        self._record.step = step  # from here on, the rows that ended are answered by the text side
+        ended = [i for i, code in enumerate(step.codes) if code]
+        for i in ended:
+            self._forget(step.rows[i].request_id)
+        self._batch = batch.filter(ended)
         self._faults_in_row = 0
-        if any(out.ended for out in outputs):
+        if ended:
             self._admission_paused = False  # memory was freed
         if self._batch is None:
             self.memory.release()  # the batch drained: hand cached GPU blocks back
-        return outputs
 
     def _prefill_batch(self, rows: list[Row], hits: list[PrefixHit | None]) -> Batch:
         for row in rows:
@@ -374,28 +383,28 @@ class Engine:
             self.prefix_cache.clear()
             self.memory.release()
 
-    def _on_prefill_oom(self, rows: list[Row]) -> list[RowOutput]:
+    def _on_prefill_oom(self, rows: list[Row]) -> None:
         self.memory.release()
         if self._batch is not None:
             # The running rows hold the memory; these wait until some of them finish.
             logger.warning("out of memory prefilling %d rows; they wait", len(rows))
             self._waiting.extendleft(reversed(rows))
             self._admission_paused = True
-            return []
+            return
         error = OutOfMemory("out of memory prefilling this prompt; retry with a shorter one")
-        return [RowOutput(r.request_id, error=error) for r in rows]
+        for row in rows:
+            self._end(row.request_id, error=error)
 
-    def _on_decode_oom(self) -> list[RowOutput]:
+    def _on_decode_oom(self) -> None:
         # Fail the newest row only; the others decode this step again next iteration.
         batch = self._batch
         assert batch is not None
-        newest = max(range(len(batch)), key=lambda i: batch.rows[i].started)
-        victim = batch.rows[newest]
+        victim = max(batch.rows, key=lambda row: row.started)
         logger.warning("out of memory decoding %d rows; failing %s", len(batch), victim.request_id)
-        self._drop_rows([newest])
+        self._drop(victim)
         self.memory.release()
         error = OutOfMemory("out of memory while generating; retry, or lower max_new_tokens")
-        return [RowOutput(victim.request_id, error=error)]
+        self._end(victim.request_id, error=error)
 
     def _on_fault(self, error: Exception) -> None:
         """A step failed as a whole, in the forward pass or anywhere no single row is to blame:
@@ -418,16 +427,24 @@ class Engine:
             )
         keep = {row.request_id for row in self._waiting}
         fault = EngineFault(f"the engine failed a step ({what})")
-        self._emit([RowOutput(rid, error=fault) for rid in self._open if rid not in keep])
+        for request_id in [rid for rid in self._open if rid not in keep]:
+            self._end(request_id, error=fault)
         self._batch = None
         self._admission_paused = False
         self.prefix_cache.clear()  # it may hold what the failed step computed
         if self._fatal is None:
             self.memory.release()
 
+    def _drop(self, row: Row) -> None:
+        if self._batch is not None and row in self._batch.rows:
+            self._drop_rows([self._batch.rows.index(row)])
+
     def _drop_rows(self, indexes: list[int]) -> None:
         assert self._batch is not None
-        dropped = set(indexes)
-        self._batch = self._batch.filter([i for i in range(len(self._batch)) if i not in dropped])
+        self._batch = self._batch.filter(indexes)
         if self._batch is None:
             self.memory.release()
+
+
+def _eos_tensor(lm: LoadedModel) -> torch.Tensor:
+    return torch.tensor(sorted(lm.eos_token_ids), dtype=torch.long, device=lm.device)

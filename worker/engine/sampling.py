@@ -1,0 +1,249 @@
+"""Next-token choice for a whole batch in one pass: greedy and sampled rows together, with
+temperature, top-k and top-p as per-row tensors.
+
+A sampled row draws its n-th token with the n-th number of its own random stream: SplitMix64
+seeded with its (mixed) seed, computed from (seed, n) by a few integer tensor operations. So a
+seeded request samples the same tokens alone or in any batch, and a re-run of it reproduces the
+tokens already streamed, without a generator per row or a call per row; the pass is a fixed
+sequence of tensor operations, as CUDA graphs need. The number picks a token by inverting the
+cumulative distribution in vocabulary order, after top-k and top-p have zeroed what they cut:
+whichever way the batch computes those cuts, the same distribution gives the same token.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Dividing logits by a tinier temperature overflows them; in the limit it is greedy anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+_MAX_SCORE = torch.finfo(torch.float32).max
+
+_MASK64 = 2**64 - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks generate exactly max_new_tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def top_k_cut(self) -> int:
+        """The top-k this row samples with; 0: none (greedy rows sample nothing)."""
+        return 0 if self.greedy else self.top_k
+
+    @property
+    def top_p_cut(self) -> bool:
+        return not self.greedy and self.top_p < 1.0
+
+    @property
+    def ranks_all(self) -> bool:
+        """Top-p without top-k: the row's whole vocabulary is ranked."""
+        return self.top_p_cut and not self.top_k_cut
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the batch's rows ask of a pass, known on the host: which tensor work to skip."""
+
+    sampled: bool = False  # some row samples
+    # The rows that sample (the others are greedy), when not all do: only they pay for the
+    # sampling pass, a few passes over their vocabulary.
+    rows: torch.Tensor | None = None
+    top_k: int = 0  # the largest top-k of the rows; 0: no row cuts by top-k
+    top_p: bool = False  # some row cuts by top-p
+    # Of the sampling rows, those that cut by top-p without top-k, whose whole vocabulary is
+    # ranked (a full sort costs about 3 ms a row for a 49k vocabulary on a CPU core).
+    rank_all: torch.Tensor | None = None
+
+
+class Planner:
+    """Keeps count of what a batch's rows ask of sampling, as rows come and go (O(rows that
+    change)), for the `Plan` of each pass."""
+
+    def __init__(self) -> None:
+        self._sampled = self._top_p = self._rank_all = 0
+        self._top_k: Counter[int] = Counter()
+
+    def add(self, params: Iterable[SamplingParams], sign: int = 1) -> None:
+        """Count rows in (`sign` 1) or out (-1)."""
+        for p in params:
+            if p.greedy:
+                continue
+            self._sampled += sign
+            if p.top_k_cut:
+                self._top_k[p.top_k_cut] += sign
+                if not self._top_k[p.top_k_cut]:
+                    del self._top_k[p.top_k_cut]
+            if p.top_p_cut:
+                self._top_p += sign
+                self._rank_all += sign * p.ranks_all
+
+    def plan(self, params: Sequence[SamplingParams], device: torch.device) -> Plan:
+        """The plan of a pass over rows of `params` (in slot order, the rows counted in)."""
+        if not self._sampled:
+            return Plan()
+        rows = rank_all = None
+        sampling = [i for i, p in enumerate(params) if not p.greedy]
+        if len(sampling) < len(params):
+            rows = torch.tensor(sampling, device=device)
+        if self._rank_all:
+            ranking = [j for j, i in enumerate(sampling) if params[i].ranks_all]
+            rank_all = torch.tensor(ranking, device=device)
+        return Plan(
+            sampled=True,
+            rows=rows,
+            top_k=max(self._top_k, default=0),
+            top_p=self._top_p > 0,
+            rank_all=rank_all,
+        )
+
+
+def sanitize(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 logits with NaN turned into -inf (never chosen) and +inf into the largest float, in
+    place, so argmax and softmax see only what they can rank; a row left with no finite logit
+    cannot be sampled at all."""
+    return logits.nan_to_num_(nan=-torch.inf, posinf=_MAX_SCORE, neginf=-torch.inf)
+
+
+def stream_key(seed: int) -> int:
+    """The seed of a row's stream (an int64): `seed` through SplitMix64's finaliser, so that
+    nearby seeds give unrelated streams."""
+    key = _finalise((seed + _GOLDEN) & _MASK64)
+    return key - 2**64 if key >= 2**63 else key
+
+
+def uniform(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Per row, the number in [0, 1) (float32, 24 random bits) of its stream at `positions`:
+    the top bits of output `positions` of SplitMix64 seeded with `keys` (int64 tensors; the
+    arithmetic wraps around as in uint64, shifts are made logical with masks)."""
+    z = keys + (positions + 1) * _signed(_GOLDEN)
+    z = (z ^ ((z >> 30) & (2**34 - 1))) * _signed(_MIX1)
+    z = (z ^ ((z >> 27) & (2**37 - 1))) * _signed(_MIX2)
+    z = z ^ ((z >> 31) & (2**33 - 1))
+    return ((z >> 40) & (2**24 - 1)).float() * 2.0**-24
+
+
+def reference_uniform(key: int, position: int) -> float:
+    """`uniform` in plain Python integers, for one row."""
+    z = _finalise((key + (position + 1) * _GOLDEN) & _MASK64)
+    return (z >> 40) * 2.0**-24
+
+
+def _finalise(z: int) -> int:
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _signed(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    plan: Plan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's next token and whether its scores could be sampled at all (B, each).
+
+    `logits` (B x vocab, fp32) is sanitised in place. Per row: `temperature` (float; below
+    GREEDY_BELOW_TEMPERATURE the row is greedy), `top_k` (int; 0: off), `top_p` (float; 1: off),
+    `keys` (`stream_key` of its seed) and `positions` (the index of the token drawn).
+    """
+    logits = sanitize(logits)
+    best = logits.argmax(dim=-1)
+    top = logits.gather(1, best.unsqueeze(1))
+    usable = top.squeeze(1) > -torch.inf
+    if not plan.sampled:
+        return best, usable
+    if plan.rows is None:
+        picked = _draw(logits, top, best, temperature, top_k, top_p, keys, positions, plan)
+        return picked, usable
+    rows = plan.rows
+    picked = _draw(
+        logits[rows], top[rows], best[rows], temperature[rows], top_k[rows], top_p[rows],
+        keys[rows], positions[rows], plan,
+    )  # fmt: skip
+    return best.index_put((rows,), picked), usable
+
+
+def _draw(
+    logits: torch.Tensor,
+    top: torch.Tensor,
+    best: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    plan: Plan,
+) -> torch.Tensor:
+    """The sampling rows' tokens (`logits`: theirs, sanitised, overwritten; `top` and `best`:
+    their best scores and tokens)."""
+    # Shifted so that the best score is 0 whatever the temperature: the softmax always has a
+    # finite maximum. A row with no finite score (it fails) gets zeros, never NaN.
+    usable = top > -torch.inf
+    scale = temperature.clamp(min=GREEDY_BELOW_TEMPERATURE).unsqueeze(1)
+    scores = logits.sub_(top.where(usable, 0.0)).div_(scale).masked_fill_(~usable, 0.0)
+    probs = torch.softmax(scores, dim=-1)
+    if plan.top_k or plan.rank_all is not None:
+        probs = torch.where(probs >= _threshold(probs, top_k, top_p, plan), probs, 0.0)
+    cdf = probs.cumsum(dim=-1)
+    target = uniform(keys, positions).unsqueeze(1) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[1] - 1)
+    # Rounding can put the target at the very end of the distribution, past its last token.
+    return torch.where(probs.gather(1, picked) > 0, picked, best.unsqueeze(1)).squeeze(1)
+
+
+def _threshold(
+    probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, plan: Plan
+) -> torch.Tensor:
+    """Per row (B x 1), the smallest probability top-k and then top-p keep (as transformers'
+    warpers do: top-p applies to what top-k left; ties with the last kept token stay)."""
+    threshold = probs.new_zeros((probs.shape[0], 1))
+    if plan.top_k:
+        ranked = probs.topk(min(plan.top_k, probs.shape[1]), dim=-1).values
+        kth = ranked.gather(1, (top_k.clamp(min=1, max=ranked.shape[1]) - 1).unsqueeze(1))
+        threshold = torch.where(top_k.unsqueeze(1) > 0, kth, 0.0)
+        if plan.top_p:
+            # Wrong for the rows in `rank_all`, whose nucleus may reach past this ranking:
+            # they get theirs below.
+            threshold = _nucleus(ranked, threshold, top_p)
+    if plan.rank_all is not None:
+        rows = plan.rank_all
+        ranked = probs[rows].sort(dim=-1, descending=True).values
+        no_top_k = ranked.new_zeros((ranked.shape[0], 1))
+        threshold[rows] = _nucleus(ranked, no_top_k, top_p[rows])
+    return threshold
+
+
+def _nucleus(ranked: torch.Tensor, threshold: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`threshold` raised, in rows that cut by top-p, to the smallest probability of their
+    nucleus: the most likely tokens above `threshold` (`ranked`: probabilities sorted down)
+    until they reach top_p of what is left, the token that crosses it included."""
+    kept = torch.where(ranked >= threshold, ranked, 0.0)
+    cdf = kept.cumsum(dim=-1)
+    inside = (cdf - kept) < top_p.unsqueeze(1) * cdf[:, -1:]  # a prefix of the ranking
+    last = inside.sum(dim=-1, keepdim=True).clamp(min=1) - 1
+    nucleus = kept.gather(1, last)
+    return torch.where(top_p.unsqueeze(1) < 1.0, torch.maximum(threshold, nucleus), threshold)
