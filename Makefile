@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS := gateway,worker,dev,embedded-redis
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install clean
+.PHONY: run test lint load install clean
 
 run: $(STAMP)
 	$(BIN)/genq run
@@ -20,6 +20,18 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 	$(BIN)/pytest -p no:cacheprovider
+
+# Load a running stack (`make run` in another terminal) with every user class of
+# tests/load_test.py; CSVs and locust's HTML report go to bench/results/.
+HOST ?= http://127.0.0.1:8000
+USERS ?= 16
+TIME ?= 60s
+LOAD_ARGS ?=
+load: $(STAMP)
+	mkdir -p bench/results
+	$(BIN)/locust -f tests/load_test.py --headless --host $(HOST) --users $(USERS) \
+		--spawn-rate $(USERS) --run-time $(TIME) --csv bench/results/load \
+		--html bench/results/load.html $(LOAD_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

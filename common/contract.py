@@ -30,7 +30,21 @@ DELIVER_WEBHOOK_FUNCTION = "deliver_webhook"
 # `prefix_cache_scope`: the worker matches a prompt only against cached prompts of the same
 # `cache_scope` (an API key), so a key cannot learn how other keys' prompts begin.
 PREFIX_CACHE_SCOPE = "prefix_cache_scope"
-SUPPORTED_FEATURES: frozenset[str] = frozenset({PREFIX_CACHE_SCOPE})
+# `min_tokens`, `ignore_eos`: the request's fields of those names (vLLM's meanings); a worker
+# that ignored them would end the generation early.
+MIN_TOKENS = "min_tokens"
+IGNORE_EOS = "ignore_eos"
+SUPPORTED_FEATURES: frozenset[str] = frozenset({PREFIX_CACHE_SCOPE, MIN_TOKENS, IGNORE_EOS})
+
+
+def required_features(request: WorkRequest, cache_scope: str | None) -> list[str]:
+    """The features a worker must implement to run this request as asked."""
+    wanted = {
+        PREFIX_CACHE_SCOPE: cache_scope is not None,
+        MIN_TOKENS: request.min_tokens > 0,
+        IGNORE_EOS: request.ignore_eos,
+    }
+    return [feature for feature, needed in wanted.items() if needed]
 
 
 class ErrorCode(StrEnum):
@@ -70,6 +84,8 @@ class WorkRequest(_Lenient):
     top_p: float = 1.0
     top_k: int = 0
     stop: list[str] = Field(default_factory=list)
+    min_tokens: int = 0  # a non-zero value comes with the `min_tokens` feature in `requires`
+    ignore_eos: bool = False  # True comes with the `ignore_eos` feature in `requires`
 
 
 class WorkItem(_Lenient):

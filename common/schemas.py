@@ -47,6 +47,17 @@ class GenerationRequest(Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1000, description="0 turns top-k off.")
+    min_tokens: int = Field(
+        0,
+        ge=0,
+        description="Tokens generated before end-of-sequence or a stop string may end the "
+        "generation (vLLM's min_tokens).",
+    )
+    ignore_eos: bool = Field(
+        False,
+        description="Go on past end-of-sequence tokens: exactly max_new_tokens are generated "
+        "(vLLM's ignore_eos, for benchmarks), unless a stop string ends it first.",
+    )
     stop: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list, description="Generation ends before the first of these strings."
     )
@@ -62,6 +73,8 @@ class GenerationRequest(Strict):
             raise ValueError("give exactly one of `prompt` or `messages`")
         if self.messages is not None and not self.messages:
             raise ValueError("`messages` must hold at least one message")
+        if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
+            raise ValueError("`min_tokens` must not exceed `max_new_tokens`")
         return self
 
 

@@ -95,7 +95,7 @@ def create_app(settings: Settings, drain: Drain | None = None) -> FastAPI:
         FastAPIInstrumentor.instrument_app(
             app,
             tracer_provider=provider,
-            excluded_urls="/healthz,/readyz,/metrics",
+            excluded_urls="/healthz,/readyz,/health,/metrics",
             exclude_spans=["receive", "send"],  # one per SSE event otherwise
         )
     return app

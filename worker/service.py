@@ -62,6 +62,8 @@ def sampling_params(item: WorkItem) -> SamplingParams:
         top_k=r.top_k,
         seed=item.seed,
         stop=tuple(r.stop),
+        ignore_eos=r.ignore_eos,
+        min_tokens=r.min_tokens,
     )
 
 

@@ -26,6 +26,10 @@ class SamplingFields(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extensions, which load generators (vLLM's `bench serve`, guidellm) send.
+    top_k: int = Field(0, ge=-1, le=1000, description="0 or -1 turns top-k off (vLLM).")
+    min_tokens: int = Field(0, ge=0, description="Tokens before end-of-sequence may end it.")
+    ignore_eos: bool = Field(False, description="Go on past end-of-sequence (benchmarks).")
     # Accepted at their neutral values only, so clients that always send them keep working.
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -48,6 +52,14 @@ class SamplingFields(Strict):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def vllm_fields(self) -> dict[str, object]:
+        """vLLM's extensions, as the native request names them."""
+        return {
+            "top_k": max(self.top_k, 0),
+            "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos,
+        }
 
     @property
     def include_usage(self) -> bool:

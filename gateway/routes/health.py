@@ -26,9 +26,11 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", responses={503: {"model": ErrorBody}})
+@router.get("/health", responses={503: {"model": ErrorBody}})
 async def readyz(services: ServicesDep) -> Health:
     """Readiness: not shutting down, and Redis answers a PING (within the command timeout, or at
-    once while the circuit breaker is open)."""
+    once while the circuit breaker is open). `/health` is the same: the route vLLM and TGI
+    serve, which load generators and balancers probe before they start."""
     if services.drain.started:
         raise ShuttingDown("draining: this gateway is shutting down", retry_after_s=1)
     try:

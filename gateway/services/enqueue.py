@@ -16,9 +16,9 @@ from common import keys, logs, tracing
 from common.catalog import ModelSpec
 from common.contract import (
     GENERATE_FUNCTION,
-    PREFIX_CACHE_SCOPE,
     WorkItem,
     WorkRequest,
+    required_features,
     serialize_payload,
 )
 from common.jobstore import JobStore
@@ -69,16 +69,17 @@ def stage_enqueue(
     matches the prompt only against cached prompts of `cache_scope` (None: of every key). The
     item carries the request id and the trace context of the request being handled, for the
     worker's logs and spans."""
+    work = WorkRequest.model_validate(request.model_dump(mode="json"))
     item = WorkItem(
         job_id=job.id,
-        request=WorkRequest.model_validate(request.model_dump(mode="json")),
+        request=work,
         # Drawn here, not by the worker, so that a re-run reproduces the tokens already streamed.
         seed=request.seed if request.seed is not None else secrets.randbits(63),
         max_new_tokens=new_tokens(request, route.spec, settings),
         model=route.model,
         cache_scope=cache_scope,
-        # A worker that ignored the scope would match other keys' prompts: it must refuse.
-        requires=[] if cache_scope is None else [PREFIX_CACHE_SCOPE],
+        # A worker that ignored these would do something else than asked: it must refuse.
+        requires=required_features(work, cache_scope),
         request_id=logs.current().request_id,
         trace_context=tracing.inject(),
     )

@@ -99,7 +99,7 @@ class JobService:
     ) -> Job:
         check_limits(request, self.settings, self.webhooks)
         route = await self.models.resolve(request.model)
-        check_model_limits(request, route.spec)
+        check_model_limits(request, route.spec, new_tokens(request, route.spec, self.settings))
         await self.limiter.count_requests(caller, 1)
         owner = caller.principal.id
         scope = self._sharing_scope(owner)
@@ -177,7 +177,9 @@ class JobService:
                 request = GenerationRequest.model_validate(raw)
                 check_limits(request, self.settings, self.webhooks)
                 route = await self.models.resolve(request.model)
-                check_model_limits(request, route.spec)
+                check_model_limits(
+                    request, route.spec, new_tokens(request, route.spec, self.settings)
+                )
             except ValidationError as e:
                 out.append(BatchItem(index=index, error=_item_error("invalid_request", e)))
                 continue

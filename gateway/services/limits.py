@@ -54,8 +54,14 @@ def check_limits(request: GenerationRequest, settings: Settings, webhooks: Webho
             raise LimitExceeded(str(e)) from e
 
 
-def check_model_limits(request: GenerationRequest, spec: ModelSpec) -> None:
-    """The registry's limits of the version that will serve the request."""
+def check_model_limits(request: GenerationRequest, spec: ModelSpec, max_new_tokens: int) -> None:
+    """The registry's limits of the version that will serve the request; `max_new_tokens`:
+    what the job will run with (the request's, or that version's default)."""
+    if request.min_tokens > max_new_tokens:
+        raise LimitExceeded(
+            f"min_tokens={request.min_tokens} exceeds the max_new_tokens of this request "
+            f"({max_new_tokens}); ask for more max_new_tokens"
+        )
     if (
         request.max_new_tokens is not None
         and spec.max_new_tokens is not None

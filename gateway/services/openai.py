@@ -278,6 +278,7 @@ class OpenAIService:
             top_p=body.top_p,
             stop=body.stop_list(),
             seed=body.seed,
+            **body.vllm_fields(),
         )
 
     def _chat_request(self, body: ChatCompletionRequest) -> GenerationRequest:
@@ -293,4 +294,5 @@ class OpenAIService:
             top_p=body.top_p,
             stop=body.stop_list(),
             seed=body.seed,
+            **body.vllm_fields(),
         )

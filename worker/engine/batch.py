@@ -101,7 +101,7 @@ def new_row(
         request_id=request_id,
         prompt_ids=prompt_ids,
         params=params,
-        stream=TextStream(lm.tokenizer, prompt_ids, list(params.stop)),
+        stream=TextStream(lm.tokenizer, prompt_ids, list(params.stop), params.min_tokens),
         cache_scope=cache_scope,
     )
 
@@ -251,6 +251,11 @@ class Batch:
         """Pick every row's token from `logits` (B x vocab, fp32) and make it the next input;
         what the host learns of the step comes over in one transfer."""
         slots = self.slots
+        plan = self._sampling_plan()
+        if plan.holds_eos:
+            # Rows short of their `min_tokens` cannot pick an end-of-sequence token (vLLM).
+            early = (slots.generated < slots.min_tokens).unsqueeze(1)
+            logits[:, eos_ids] = logits[:, eos_ids].masked_fill(early, -torch.inf)
         tokens, usable = next_tokens(
             logits,
             slots.temperature,
@@ -258,7 +263,7 @@ class Batch:
             slots.top_p,
             slots.keys,
             slots.generated,
-            self._sampling_plan(),
+            plan,
         )
         codes = (
             (slots.generated >= slots.last) * LENGTH

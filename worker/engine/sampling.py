@@ -36,7 +36,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int = 0
     stop: tuple[str, ...] = ()
-    ignore_eos: bool = False  # benchmarks generate exactly max_new_tokens
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks), stop strings aside
+    min_tokens: int = 0  # tokens before end-of-sequence or a stop string may end it
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +71,8 @@ class Plan:
     # Of the sampling rows, those that cut by top-p without top-k, whose whole vocabulary is
     # ranked (a full sort costs about 3 ms a row for a 49k vocabulary on a CPU core).
     rank_all: torch.Tensor | None = None
+    # Some row may not end yet (`min_tokens`): its end-of-sequence scores are masked.
+    holds_eos: bool = False
 
 
 class Planner:
@@ -77,12 +80,13 @@ class Planner:
     change)), for the `Plan` of each pass."""
 
     def __init__(self) -> None:
-        self._sampled = self._top_p = self._rank_all = 0
+        self._sampled = self._top_p = self._rank_all = self._min_tokens = 0
         self._top_k: Counter[int] = Counter()
 
     def add(self, params: Iterable[SamplingParams], sign: int = 1) -> None:
         """Count rows in (`sign` 1) or out (-1)."""
         for p in params:
+            self._min_tokens += sign * (p.min_tokens > 0)
             if p.greedy:
                 continue
             self._sampled += sign
@@ -96,8 +100,9 @@ class Planner:
 
     def plan(self, params: Sequence[SamplingParams], device: torch.device) -> Plan:
         """The plan of a pass over rows of `params` (in slot order, the rows counted in)."""
+        holds_eos = self._min_tokens > 0
         if not self._sampled:
-            return Plan()
+            return Plan(holds_eos=holds_eos)
         rows = rank_all = None
         sampling = [i for i, p in enumerate(params) if not p.greedy]
         if len(sampling) < len(params):
@@ -111,6 +116,7 @@ class Planner:
             top_k=max(self._top_k, default=0),
             top_p=self._top_p > 0,
             rank_all=rank_all,
+            holds_eos=holds_eos,
         )
 
 

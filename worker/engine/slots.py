@@ -10,7 +10,7 @@ from worker.engine.kv_cache import Compaction
 from worker.engine.sampling import SamplingParams, stream_key
 
 # Integer columns. GENERATED and POSITION are next to each other: one add ticks both.
-TOP_K, KEY, GENERATED, POSITION, LAST, EOS_ENDS = range(6)
+TOP_K, KEY, GENERATED, POSITION, LAST, EOS_ENDS, MIN_TOKENS = range(7)
 # Float columns.
 TEMPERATURE, TOP_P = range(2)
 ROW_SLACK = 8
@@ -19,7 +19,8 @@ ROW_SLACK = 8
 class SlotTensors:
     """Per row: top-k (0: off), its random stream's key, tokens generated so far, the position
     of the token it feeds next, the index of its last token (max_new_tokens - 1), whether an
-    end-of-sequence token ends it; temperature and top-p."""
+    end-of-sequence token ends it, the tokens it generates before one may; temperature and
+    top-p."""
 
     def __init__(self, ints: torch.Tensor, floats: torch.Tensor, rows: int) -> None:
         self._ints = ints
@@ -32,7 +33,15 @@ class SlotTensors:
     ) -> SlotTensors:
         """New rows, before the pass that prefills their prompts."""
         ints = [
-            [p.top_k_cut, stream_key(p.seed), 0, n - 1, p.max_new_tokens - 1, int(not p.ignore_eos)]
+            [
+                p.top_k_cut,
+                stream_key(p.seed),
+                0,
+                n - 1,
+                p.max_new_tokens - 1,
+                int(not p.ignore_eos),
+                p.min_tokens,
+            ]
             for p, n in zip(params, prompt_lengths, strict=True)
         ]
         floats = [[p.temperature, p.top_p if p.top_p_cut else 1.0] for p in params]
@@ -65,6 +74,10 @@ class SlotTensors:
     @property
     def eos_ends(self) -> torch.Tensor:
         return self._ints[: self.rows, EOS_ENDS]
+
+    @property
+    def min_tokens(self) -> torch.Tensor:
+        return self._ints[: self.rows, MIN_TOKENS]
 
     @property
     def temperature(self) -> torch.Tensor:

@@ -25,7 +25,11 @@ _CONTEXT_TOKENS = 5
 
 class TextStream:
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: list[str]
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_ids: list[int],
+        stop: list[str],
+        min_tokens: int = 0,
     ) -> None:
         self._tokenizer = tokenizer
         self._context: list[int] | None = prompt_ids[-_CONTEXT_TOKENS:]
@@ -38,6 +42,11 @@ class TextStream:
         self._stop = stop
         self._text = ""  # all text decoded so far, cut at a stop string once one is found
         self._emitted = 0  # how much of _text has been handed out
+        # Stop strings count only once `min_tokens` tokens were generated (vLLM), and only in
+        # text from then on: what was emitted before stays the start of the result.
+        self._min_tokens = min_tokens
+        self._generated = 0
+        self._stops_from: int | None = None if min_tokens else 0
         self.stopped = False
 
     def push(self, token_id: int) -> str:
@@ -49,6 +58,9 @@ class TextStream:
                     self._decode_next(token)
                 self._context = None
                 self._text = ""
+            self._generated += 1
+            if self._stops_from is None and self._generated >= self._min_tokens:
+                self._stops_from = self._emitted
             if not self._decode_next(token_id):
                 return ""
             return self._release(final=False)
@@ -97,12 +109,12 @@ class TextStream:
         return True
 
     def _release(self, *, final: bool) -> str:
-        if not self._stop:
+        if not self._stop or self._stops_from is None:
             out = self._text[self._emitted :]
             self._emitted = len(self._text)
             return out
         longest = max(map(len, self._stop))
-        search_from = max(0, self._emitted - longest + 1)
+        search_from = max(self._stops_from, self._emitted - longest + 1)
         hits = [i for s in self._stop if (i := self._text.find(s, search_from)) >= 0]
         if hits:
             self._text = self._text[: min(hits)]
