@@ -99,6 +99,7 @@ class EngineDriver:
     """Runs the engine thread and lets the benchmark wait for requests to finish."""
 
     def __init__(self, lm: LoadedModel, limits: EngineLimits) -> None:
+        self.first: dict[str, float] = {}  # when a request's first output came
         self.finished: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
         self.errors: list[str] = []
@@ -110,6 +111,7 @@ class EngineDriver:
         now = time.perf_counter()
         with self._cond:
             for out in outputs:
+                self.first.setdefault(out.request_id, now)
                 if out.finished is not None:
                     self.finished[out.request_id] = now
                     self.tokens[out.request_id] = out.finished.completion_tokens
@@ -123,7 +125,12 @@ class EngineDriver:
         params = SamplingParams(
             max_new_tokens=max_new_tokens or item.max_new_tokens, temperature=0.0, ignore_eos=True
         )
-        self.engine.submit(EngineRequest(request_id, item.request, params, float("inf")))
+        self.submit_request(request_id, item.request, params)
+
+    def submit_request(
+        self, request_id: str, request: GenerationRequest, params: SamplingParams
+    ) -> None:
+        self.engine.submit(EngineRequest(request_id, request, params, float("inf")))
 
     def wait(self, done: Callable[[], bool]) -> None:
         with self._cond:

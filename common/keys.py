@@ -54,6 +54,12 @@ def worker_health(worker_id: str) -> str:
     return f"{PREFIX}:worker-health:{worker_id}"
 
 
+def wake(pool: str) -> str:
+    """Pub/sub channel: a job was queued on `pool`; its idle workers look at the queue now
+    rather than at their next poll."""
+    return f"{PREFIX}:wake:{pool}"
+
+
 def cancellations() -> str:
     """Pub/sub channel: ids of running jobs to cancel; every worker listens."""
     return f"{PREFIX}:cancel"

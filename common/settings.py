@@ -211,7 +211,12 @@ class Settings(BaseSettings):
     )
     worker_max_jobs: int = Field(64, ge=1, description="Jobs a worker holds (running + waiting).")
     worker_queue_read_limit: int = Field(1000, ge=1)
-    worker_poll_delay_s: float = Field(0.05, gt=0)
+    worker_poll_delay_s: float = Field(
+        0.25,
+        gt=0,
+        description="How often an idle worker looks at its queue without a wake-up (each "
+        "submission wakes the pool's workers at once).",
+    )
     worker_job_completion_wait_s: int = Field(30, ge=0)
     worker_heartbeat_s: float = Field(5.0, gt=0)
     worker_metrics_port: int = Field(

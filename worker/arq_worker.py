@@ -59,10 +59,15 @@ class ResilientWorker(Worker):
         *args: Any,
         lease_s: float,
         grace_s: float,
+        idle_poll_s: float,
         on_drain: Callable[[], None],
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        # arq polls its queue every `poll_delay`; here the loop waits for a wake-up (a job was
+        # queued, or a job slot came free) or `idle_poll_s`, whichever comes first.
+        super().__init__(*args, poll_delay=0, **kwargs)
+        self.idle_poll_s = idle_poll_s
+        self._wake = asyncio.Event()
         logging.getLogger("arq.worker").addFilter(_HIDE_JOB_ARGUMENTS)
         # A claim is a lease the heartbeat renews, not arq's fixed job timeout: a dead worker's
         # jobs are free again once it lapses.
@@ -81,7 +86,18 @@ class ResilientWorker(Worker):
             except (RedisError, OSError) as e:  # before the poll loop: Redis is not there yet
                 await self._disconnected(e)
 
+    def wake(self) -> None:
+        """Look at the queue now (a job was queued on it)."""
+        self._wake.set()
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._wake.set()  # a job slot came free: a job waiting in the queue can start
+
     async def _poll_iteration(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
+        self._wake.clear()
         try:
             await super()._poll_iteration()
         except (RedisError, OSError) as e:

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 # Beyond GENQ_WORKER_JOB_COMPLETION_WAIT_S, what a stopping worker may take to hand its jobs
 # back and close: past it, it exits anyway.
 SHUTDOWN_MARGIN_S = 10
+# How often running jobs' cancel flags are checked: the net under missed cancel messages.
+_SWEEP_EVERY_S = 1.0
 # arq's own job timeout is only a backstop: a job ends itself at GENQ_JOB_TIMEOUT_S, then may
 # spend a minute or two retrying its writes while Redis is away.
 _BACKSTOP_MARGIN_S = 180
@@ -208,17 +210,25 @@ class WorkerProcess:
         while True:
             try:
                 async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(keys.cancellations(), keys.control())
+                    channels = (keys.cancellations(), keys.control(), keys.wake(self.settings.pool))
+                    await pubsub.subscribe(*channels)
+                    swept = time.monotonic()
                     while True:
                         message = await pubsub.get_message(timeout=1.0)
                         if message is not None:
                             self._on_message(message["channel"].decode(), message["data"])
-                        await self.runner.sweep_cancel_flags()
+                        if time.monotonic() - swept >= _SWEEP_EVERY_S:
+                            await self.runner.sweep_cancel_flags()
+                            swept = time.monotonic()
             except (OSError, RedisError) as e:
                 logger.warning("cancel/control channels lost, resubscribing: %s", e)
                 await asyncio.sleep(1)
 
     def _on_message(self, channel: str, data: bytes) -> None:
+        if channel == keys.wake(self.settings.pool):
+            if self.worker is not None:
+                self.worker.wake()
+            return
         if channel == keys.cancellations():
             self.runner.cancel(data.decode())
             return
@@ -248,7 +258,7 @@ class WorkerProcess:
             job_timeout=s.job_timeout_s + _BACKSTOP_MARGIN_S,
             job_completion_wait=s.worker_job_completion_wait_s,
             keep_result=0,
-            poll_delay=s.worker_poll_delay_s,
+            idle_poll_s=s.worker_poll_delay_s,
             queue_read_limit=s.worker_queue_read_limit,
             health_check_key=keys.worker_health(self.id),
             health_check_interval=max(1, int(s.worker_heartbeat_s)),

@@ -103,8 +103,8 @@ def stage_item(pipe: Pipeline, item: dict[str, Any], *, pool: str, head_start_ms
     """Add arq's payload for a work item and its place in the pool's queue to `pipe`.
 
     What arq's `enqueue_job` writes, minus its check for an existing id (ours are fresh UUIDs),
-    so that a batch of jobs costs one round trip. A job ranks by enqueue time less its head
-    start.
+    so that a batch of jobs costs one round trip, and a wake-up for the pool's idle workers. A
+    job ranks by enqueue time less its head start.
     """
     now_ms = int(time.time() * 1000)
     score = now_ms - head_start_ms
@@ -113,6 +113,8 @@ def stage_item(pipe: Pipeline, item: dict[str, Any], *, pool: str, head_start_ms
     )
     pipe.psetex(keys.arq_job(item["job_id"]), score - now_ms + expires_extra_ms, payload)
     pipe.zadd(keys.queue(pool), {item["job_id"]: score})
+    # In the same round trip: an idle worker takes the job now, not at its next poll.
+    pipe.publish(keys.wake(pool), b"")
 
 
 def new_tokens(request: GenerationRequest, spec: ModelSpec, settings: Settings) -> int:
