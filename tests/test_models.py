@@ -164,8 +164,9 @@ def test_a_checksum_mismatch_fails_its_jobs_while_other_models_serve(
     assert job["status"] == "failed"
     assert job["error"]["code"] == "model_unavailable"
     assert "checksum mismatch for model.safetensors" in job["error"]["message"]
+    # The worker's heartbeat carries the model's state: it may land just after the job's end.
+    wait_for(lambda: version_state(routed, "broken@1")["state"] == "failed", timeout_s=10)
     state = version_state(routed, "broken@1")
-    assert state["state"] == "failed"
     assert "checksum mismatch" in state["reason"]
     # Failing fast: the second job does not try to load it again.
     again = routed.post("/v1/generate", json={"prompt": "x", "model": "broken"}).json()
