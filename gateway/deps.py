@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from arq.connections import ArqRedis
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 
 from common.catalog import CatalogSource
@@ -100,7 +101,17 @@ async def _listener(request: Request) -> AsyncIterator[Redis]:
         yield listener
 
 
-async def _caller(request: Request) -> Caller:
+# Declared for the OpenAPI schema (its Authorize button, generated clients); the key itself is
+# read from the raw headers by `presented_key`, so that a header that is not ASCII is a 401.
+_BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
+_API_KEY = APIKeyHeader(name="x-api-key", auto_error=False, description="An API key.")
+
+
+async def _caller(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
+    _api_key: Annotated[str | None, Security(_API_KEY)],
+) -> Caller:
     """The request's API key, as `Authorization: Bearer <key>` or `x-api-key: <key>`. The
     caller is kept on the request: its answer carries the rate-limit headers of what it spent."""
     try:
