@@ -56,6 +56,7 @@ class Row:
     started: float = field(default_factory=time.perf_counter)
     cached_prompt_tokens: int = 0
     cache_scope: str = ""  # the prefix-cache partition of its prompt (an API key)
+    queued_step: int = 0  # the engine step at which it began waiting
     # The batch pass that prefilled it, and the cache columns it spanned after that pass.
     first_pass: int = 0
     first_span: int = 0
@@ -317,10 +318,11 @@ class Batch:
                 layer.truncate(length)
 
 
-def forward_all(lm: LoadedModel, batches: list[Batch]) -> torch.Tensor:
+def forward_all(lm: LoadedModel, batches: list[Batch], *, compiled: bool = False) -> torch.Tensor:
     """The next-token logits of every row of the batches, in order (rows x vocab, fp32); each
-    cache grows by its inputs. One fused pass over all the batches where the model allows it."""
-    if fused.supports(lm.model) and not lm.compiled:
+    cache grows by its inputs. One fused pass over all the batches where the model allows it,
+    unless the model's own forward pass is `compiled`."""
+    if fused.supports(lm.model) and not compiled:
         return fused.forward(lm.model, [batch.part() for batch in batches])
     logits = [forward(lm, batch) for batch in batches]
     return logits[0] if len(logits) == 1 else torch.cat(logits)
