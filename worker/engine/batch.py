@@ -205,7 +205,7 @@ class Batch:
         ]
 
     def prompt_kv(self, i: int) -> KV:
-        """Row `i`'s prompt keys and values (1 x H x prompt x D per layer), between its prefill
+        """Row `i`'s prompt keys and values (layers x 2 x H x prompt x D), between its prefill
         forward pass and `extend`: its prefix columns (if any) and its rest's."""
         row = self.rows[i]
         width = self.mask.width
@@ -214,13 +214,17 @@ class Batch:
         parts = [slice(width - rest, width)]
         if row.cached_prompt_tokens:
             parts.insert(0, slice(prefix_end - row.cached_prompt_tokens, prefix_end))
-        return [
-            (
-                torch.cat([k[i : i + 1, :, part] for part in parts], dim=2),
-                torch.cat([v[i : i + 1, :, part] for part in parts], dim=2),
-            )
-            for k, v in map(live, layers(self.cache))
-        ]
+        return torch.stack(
+            [
+                torch.stack(
+                    (
+                        torch.cat([k[i, :, part] for part in parts], dim=1),
+                        torch.cat([v[i, :, part] for part in parts], dim=1),
+                    )
+                )
+                for k, v in map(live, layers(self.cache))
+            ]
+        )
 
     def part(self) -> fused.Part:
         """This batch's inputs to a forward pass."""

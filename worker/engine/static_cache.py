@@ -118,12 +118,8 @@ class StaticCache:
 
     def load_prefix(self, slot: int, hit: PrefixHit) -> None:
         """A cached prompt prefix's keys and values into the first columns of `slot`."""
-        for index, (keys, values) in enumerate(hit.kv):
-            self.kv[index, 0, slot, :, : hit.length] = keys[0]
-            self.kv[index, 1, slot, :, : hit.length] = values[0]
+        self.kv[:, :, slot, :, : hit.length] = hit.kv
 
     def prompt_kv(self, slot: int, length: int) -> KV:
-        """A copy of the first `length` columns of `slot`, per layer (1 x H x length x D), for
-        the prefix cache."""
-        block = self.kv[:, :, slot, :, :length].clone()
-        return [(block[i, 0].unsqueeze(0), block[i, 1].unsqueeze(0)) for i in range(len(block))]
+        """A copy of the first `length` columns of `slot`, for the prefix cache."""
+        return self.kv[:, :, slot, :, :length].clone()
