@@ -3,11 +3,11 @@ replayed as a CUDA graph), and the fallbacks that keep requests served when comp
 fail.
 
 A decode-only step pads the running rows to a rows bucket and reads a length bucket of columns;
-its step function (`_step`) reads its inputs from the slot state's fixed buffers and writes the
-logits into its buffer, so a CUDA graph captured per pair of buckets at start-up replays every
-such step. A step that admits rows runs eagerly: by default one pass over the decode rows and the
-prompts (each weight read once), or, with `fused_prefill` off, the graph replay and then a pass
-of the prompts alone.
+its step function (`decode_step`) reads its inputs from the slot state's fixed buffers and
+writes the logits into its buffer, so a CUDA graph captured per pair of buckets at start-up
+replays every such step. A step that admits rows runs eagerly: by default one pass over the
+decode rows and the prompts (each weight read once), or, with `fused_prefill` off, the graph
+replay and then a pass of the prompts alone.
 
 Anything but a device error or an out-of-memory error raised by the compiled or captured step at
 run time turns that feature off for good (said once in the log and in the mode) and the step
@@ -69,7 +69,7 @@ class StaticDecoder:
         self.graphs = False
         self.compiled = False
         self.notes: list[str] = []
-        self._runner: Runner = EagerRunner(self._step)
+        self._runner: Runner = EagerRunner(self.decode_step)
         self._live = 0  # what `state.live` holds
 
     @property
@@ -94,14 +94,14 @@ class StaticDecoder:
         self._set_live(0)
         if self.lm.compile:
             compiled: DecodeFn = torch.compile(
-                self._step, dynamic=True, backend=config.compile_backend
+                self.decode_step, dynamic=True, backend=config.compile_backend
             )
             if self._try_prepare(compiled, factory, "torch.compile"):
                 self.compiled = True
                 self.graphs = factory is not None
                 return
         if factory is not None:
-            self.graphs = self._try_prepare(self._step, factory, "CUDA graphs")
+            self.graphs = self._try_prepare(self.decode_step, factory, "CUDA graphs")
 
     def _try_prepare(self, fn: DecodeFn, factory: Any, feature: str) -> bool:
         runner: Runner = EagerRunner(fn) if factory is None else factory(fn, self.lm.device)
@@ -119,7 +119,7 @@ class StaticDecoder:
         """Decode with `lm` (the same architecture) from now on: graphs and compiled code hold
         the old weights, so they are made again."""
         self.lm = lm
-        self._runner = EagerRunner(self._step)
+        self._runner = EagerRunner(self.decode_step)
         if self.graphs or self.compiled:
             self.graphs = self.compiled = False
             self.prepare()
@@ -163,11 +163,11 @@ class StaticDecoder:
             feature = "CUDA graphs" if self.graphs else "torch.compile"
             self._off(feature, e, "at run time")
             self.graphs = self.compiled = False
-            self._runner = EagerRunner(self._step)
-            self._step(rows, length)
+            self._runner = EagerRunner(self.decode_step)
+            self.decode_step(rows, length)
         return self.state.logits[:n]
 
-    def _step(self, rows: int, length: int) -> None:
+    def decode_step(self, rows: int, length: int) -> None:
         """The decode step of a bucket: rows 0..rows-1, `length` columns (the `DecodeFn`)."""
         logits = static_forward.forward(
             self.lm.model, self.state.cache, self._decode_part(rows, length), None
