@@ -466,7 +466,7 @@ class Engine:
         if ended:
             self._admission_paused = False  # memory was freed
         if self._batch is None:
-            self.memory.release()  # the batch drained: hand cached GPU blocks back
+            self._drained()
 
     def _prefill_batch(self, rows: list[Row], hits: list[PrefixHit | None]) -> Batch | StaticBatch:
         for row in rows:
@@ -581,6 +581,12 @@ class Engine:
         assert self._batch is not None
         self._batch = self._batch.filter(indexes)
         if self._batch is None:
+            self._drained()
+
+    def _drained(self) -> None:
+        # Hand cached GPU blocks back; on the static path the cache stays allocated anyway,
+        # and the next prefill would only allocate its activations again.
+        if self._static is None:
             self.memory.release()
 
 
