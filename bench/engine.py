@@ -3,6 +3,8 @@
     python -m bench.engine [--json] [--model PATH_OR_HUB_ID]
     python -m bench.engine --overhead [--json]   # the engine's own cost: bench/engine_overhead.py
     python -m bench.engine --shape NAME [--layers N] [--concurrency 1,16,64,256] [--json]
+        [--paths static,eager] [--eager-concurrency 1,16,64] [--sequential 4] [--hf-batch 64]
+        [--requests-per-row 4] [--variants] [--no-static-batch] [--tokenizer DIR]
         # a real model shape with random weights, on any device: bench/shapes.py
 
 Runs on the default model (or --model) on this machine's device, with chat prompts of mixed
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+from pathlib import Path
 
 import orjson
 import torch
@@ -67,15 +70,15 @@ def main() -> None:
     parser.add_argument(
         "--concurrency", default="1,16,64,256", help="--shape: requests in flight, comma-separated"
     )
+    shapes_options(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.overhead:
         _overhead(args.json)
         return
     if args.shape:
-        lm = shapes.build(args.shape, Settings(), layers=args.layers)
-        in_flight = [int(c) for c in args.concurrency.split(",")]
-        figures = shapes.measure(lm, in_flight, (lambda _: None) if args.json else print)
+        lm = shapes.build(args.shape, Settings(), layers=args.layers, tokenizer_dir=args.tokenizer)
+        figures = shapes.measure(lm, shape_plan(args), (lambda _: None) if args.json else print)
         if args.json:
             print(orjson.dumps(figures).decode())
         return
@@ -138,6 +141,36 @@ def main() -> None:
             "prompt_tokens_mean": statistics.mean(lengths),
         }
         print(orjson.dumps(figures).decode())
+
+
+def shapes_options(parser: argparse.ArgumentParser) -> None:
+    def ints(text: str) -> list[int]:
+        return [int(c) for c in text.split(",")]
+
+    parser.add_argument("--paths", default="static,eager", help="--shape: engine decode paths")
+    parser.add_argument(
+        "--eager-concurrency", type=ints, default=None, help="--shape: the eager path's, if fewer"
+    )
+    parser.add_argument("--sequential", type=int, default=4, help="--shape: generate() requests")
+    parser.add_argument("--hf-batch", type=int, default=64, help="--shape: generate_batch's")
+    parser.add_argument("--requests-per-row", type=int, default=4, help="--shape: loop length")
+    parser.add_argument("--variants", action="store_true", help="--shape: static variants at 64")
+    parser.add_argument("--no-static-batch", action="store_true", help="--shape: skip it")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="--shape: tokenizer dir")
+
+
+def shape_plan(args: argparse.Namespace, deadline: float = float("inf")) -> shapes.Plan:
+    return shapes.Plan(
+        concurrency=[int(c) for c in args.concurrency.split(",")],
+        paths=tuple(args.paths.split(",")),
+        eager_concurrency=args.eager_concurrency,
+        sequential_requests=args.sequential,
+        static_batch=not args.no_static_batch,
+        hf_batch=args.hf_batch,
+        requests_per_row=args.requests_per_row,
+        variants=args.variants,
+        deadline=deadline,
+    )
 
 
 def _overhead(as_json: bool) -> None:

@@ -14,7 +14,7 @@ import torch
 from transformers import GenerationConfig
 
 from common.schemas import ChatMessage, GenerationRequest
-from worker.engine import Engine, EngineLimits, EngineRequest, RowOutput
+from worker.engine import DecodeConfig, Engine, EngineLimits, EngineRequest, RowOutput
 from worker.engine.generation import build_prompt_ids
 from worker.engine.sampling import SamplingParams
 from worker.loading import LoadedModel
@@ -96,16 +96,26 @@ def hf_generate_batch(lm: LoadedModel, items: list[Item]) -> float:
 
 
 class EngineDriver:
-    """Runs the engine thread and lets the benchmark wait for requests to finish."""
+    """Runs the engine thread and lets the benchmark wait for requests to finish; `reset`
+    between loops serves several loops with one engine (and one start-up)."""
 
-    def __init__(self, lm: LoadedModel, limits: EngineLimits) -> None:
+    def __init__(
+        self, lm: LoadedModel, limits: EngineLimits, decode: DecodeConfig | None = None
+    ) -> None:
         self.first: dict[str, float] = {}  # when a request's first output came
         self.finished: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
         self.errors: list[str] = []
         self._cond = threading.Condition()
-        self.engine = Engine(lm, limits, self._on_step)
+        self.engine = Engine(lm, limits, self._on_step, decode)
         self.engine.start()
+        self.used = 0  # workload items submitted so far: a later loop takes new prompts
+
+    def reset(self) -> None:
+        with self._cond:
+            self.first.clear()
+            self.finished.clear()
+            self.tokens.clear()
 
     def _on_step(self, outputs: list[RowOutput]) -> None:
         now = time.perf_counter()
@@ -151,6 +161,20 @@ class LoopResult:
 def engine_closed_loop(
     lm: LoadedModel, items: list[Item], concurrency: int, total: int, prefix_cache: bool = True
 ) -> LoopResult:
+    """`closed_loop` on an engine of its own, of at least 32 rows."""
+    limits = EngineLimits(max_batch_size=max(32, concurrency))
+    if not prefix_cache:
+        limits = replace(limits, prefix_cache_bytes=0)
+    driver = EngineDriver(lm, limits)
+    try:
+        return closed_loop(driver, items, concurrency, total)
+    finally:
+        driver.close()
+
+
+def closed_loop(
+    driver: EngineDriver, items: list[Item], concurrency: int, total: int
+) -> LoopResult:
     """Keep `concurrency` requests in flight until `total` were submitted, then drain.
 
     The steady-state rate counts the tokens of requests that completed between the end of the
@@ -158,22 +182,22 @@ def engine_closed_loop(
     `concurrency` requests were in flight. The whole-run rate includes the start and the drain,
     when fewer are.
     """
-    limits = EngineLimits(max_batch_size=max(32, concurrency))
-    if not prefix_cache:
-        limits = replace(limits, prefix_cache_bytes=0)
-    driver = EngineDriver(lm, limits)
+    driver.reset()
     started = time.perf_counter()
     submitted = 0
     last_submitted = started
     while len(driver.finished) < total:
         while submitted < total and submitted - len(driver.finished) < concurrency:
-            driver.submit(str(submitted), items[submitted % len(items)])
+            item = items[(driver.used + submitted) % len(items)]
+            driver.submit(f"{driver.used + submitted}", item)
             submitted += 1
             last_submitted = time.perf_counter()
         seen = len(driver.finished)
         driver.wait(lambda seen=seen: len(driver.finished) > seen)  # type: ignore[misc]
     elapsed = time.perf_counter() - started
-    driver.close()
+    driver.used += total
+    if driver.errors:
+        raise RuntimeError(f"requests failed: {driver.errors}")
     first_wave = sorted(driver.finished.values())[concurrency - 1]
     steady = [
         driver.tokens[rid]

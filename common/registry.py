@@ -21,6 +21,14 @@ class HeldModel(BaseModel):
     reason: str | None = Field(None, description="Why it failed to load (or to reload).")
     loaded_at: float | None = None
     bytes: int = Field(0, description="Memory its weights take.")
+    decode: str | None = Field(
+        None,
+        description="How its engine decodes: `cuda_graphs`, `static` or `eager`, `+compiled` "
+        "when torch.compile'd; unset until the engine has set up.",
+    )
+    decode_note: str | None = Field(
+        None, description="Why it decodes otherwise than configured (a fallback)."
+    )
 
 
 class WorkerInfo(BaseModel):

@@ -181,6 +181,14 @@ class WorkerHolding(BaseModel):
     worker: str
     state: Literal["loading", "ready", "reloading", "failed"]
     reason: str | None = None
+    decode: str | None = Field(
+        None,
+        description="How the worker decodes it: `cuda_graphs`, `static` or `eager`, "
+        "`+compiled` when torch.compile'd.",
+    )
+    decode_note: str | None = Field(
+        None, description="Why it decodes otherwise than configured (a fallback)."
+    )
 
 
 class ModelVersion(BaseModel):

@@ -192,10 +192,43 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(Path.home() / ".cache" / "genq")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    compile: bool = Field(False, description="torch.compile the model (falls back if it fails).")
+    compile: bool = Field(
+        False,
+        description="torch.compile what the engine runs: the static path's decode step (every "
+        "bucket at start-up), else the model's forward pass. A compile error, then or at run "
+        "time, turns it off and the step runs eagerly.",
+    )
+    static_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="The static decode path (a preallocated KV cache of GENQ_MAX_BATCH_SIZE "
+        "slots, decode steps padded to buckets): `auto` on CUDA devices for Llama, Mistral, "
+        "Qwen2 and Qwen3 models, `on` on any device, `off` never.",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="On the static path on CUDA, capture every decode bucket as a CUDA graph at "
+        "start-up and replay it at every decode step.",
+    )
+    gpu_memory_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="On the static path on CUDA, size the KV cache so that the process uses "
+        "this fraction of the GPU's memory (weights, cache, 1 GiB of activations); 0 sizes it "
+        "from GENQ_MAX_BATCH_TOKENS. Leave 0 with several models per worker.",
+    )
+    prefill_wait_steps: int = Field(
+        4,
+        ge=0,
+        description="With CUDA graphs, decode steps a new request may wait while rows decode, "
+        "so that one prefill serves several; 0 prefills at once.",
+    )
     max_batch_size: int = Field(32, ge=1, description="Rows decoded together.")
     max_batch_tokens: int = Field(
-        65_536, ge=1, description="KV-cache tokens the left-padded batch may hold at its peak."
+        65_536,
+        ge=1,
+        description="KV-cache tokens the left-padded batch may hold at its peak; on the static "
+        "path, the cache's size, split evenly between the slots.",
     )
     max_prefill_tokens: int = Field(
         4_096, ge=1, description="Padded prompt tokens prefilled in one step."

@@ -10,6 +10,7 @@ import torch
 from common.schemas import ChatMessage, GenerationRequest
 from worker.engine import Engine, EngineLimits, EngineRequest, RowOutput
 from worker.engine.generation import Generation, GenerationError, build_prompt_ids
+from worker.engine.modes import DecodeConfig, DecodeMode
 from worker.engine.sampling import SamplingParams
 from worker.loading import LoadedModel
 
@@ -28,6 +29,7 @@ class Collector:
     done: dict[str, Generation] = field(default_factory=dict)
     errors: dict[str, GenerationError] = field(default_factory=dict)
     batch_sizes: list[int] = field(default_factory=list)
+    mode: DecodeMode | None = None  # how the engine decoded, at the end
 
     def __call__(self, outputs: list[RowOutput]) -> None:
         for out in outputs:
@@ -55,13 +57,15 @@ def run(
     limits: EngineLimits | None = None,
     cancel: dict[int, str] | None = None,
     before_step: Callable[[int, Engine], object] | None = None,
+    decode: DecodeConfig | None = None,
 ) -> Collector:
     out = Collector()
-    engine = Engine(lm, limits or EngineLimits(), out)
+    engine = Engine(lm, limits or EngineLimits(), out, decode)
     try:
         drive(engine, out, jobs, cancel, before_step)
     finally:
         engine.stop()
+    out.mode = engine.decode_mode
     return out
 
 

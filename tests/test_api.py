@@ -263,6 +263,20 @@ def test_models_lists_the_served_model_with_its_worker(client: httpx.Client) -> 
     assert len(version["workers"]) == 1
 
 
+def test_models_say_how_each_worker_decodes(client: httpx.Client) -> None:
+    # The engine sets up on its own thread; the next heartbeat carries what it chose.
+    deadline = time.monotonic() + 30
+    while True:
+        (card,) = client.get("/v1/models").json()["data"]
+        (holding,) = card["versions"][0]["workers"]
+        if holding["decode"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    # The CPU keeps the eager path (GENQ_STATIC_DECODE=auto), as configured: no note.
+    assert holding["decode"] == "eager"
+    assert holding["decode_note"] is None
+
+
 def test_queue_reports_pool_statistics(client: httpx.Client) -> None:
     (pool,) = client.get("/v1/queue").json()["pools"]
     assert pool["pool"] == "default"

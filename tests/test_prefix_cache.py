@@ -12,9 +12,9 @@ BYTES_PER_TOKEN = LAYERS * 2 * HEADS * DIM * 4  # fp32 keys and values
 
 def kv_of(tokens: list[int]) -> KV:
     """Keys and values whose every column records the token it belongs to."""
-    column = torch.tensor(tokens, dtype=torch.float32).view(1, 1, -1, 1)
-    k = column.expand(1, HEADS, len(tokens), DIM).clone()
-    return [(k + layer, -k - layer) for layer in range(LAYERS)]
+    column = torch.tensor(tokens, dtype=torch.float32).view(1, -1, 1)
+    k = column.expand(HEADS, len(tokens), DIM)
+    return torch.stack([torch.stack((k + layer, -k - layer)) for layer in range(LAYERS)])
 
 
 def stored(cache: PrefixCache, tokens: list[int]) -> None:
@@ -34,9 +34,9 @@ def test_lookup_gives_the_longest_cached_start_and_its_keys_and_values() -> None
     assert hit.length == len(SHARED) + 3
     assert len(hit.kv) == LAYERS
     keys, values = hit.kv[1]
-    assert keys.shape == (1, HEADS, hit.length, DIM)
-    assert keys[0, 0, :, 0].tolist() == [t + 1 for t in [*SHARED, 1, 2, 9]]
-    assert values[0, 0, :, 0].tolist() == [-t - 1 for t in [*SHARED, 1, 2, 9]]
+    assert keys.shape == (HEADS, hit.length, DIM)
+    assert keys[0, :, 0].tolist() == [t + 1 for t in [*SHARED, 1, 2, 9]]
+    assert values[0, :, 0].tolist() == [-t - 1 for t in [*SHARED, 1, 2, 9]]
 
 
 def test_the_last_prompt_token_is_always_left_to_prefill() -> None:

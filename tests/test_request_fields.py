@@ -10,8 +10,14 @@ import pytest
 
 from tests.conftest import TINY_NAME, Stack
 from tests.engine_driver import PROMPTS, Job, greedy, run
+from worker.engine.modes import DecodeConfig
 from worker.engine.sampling import SamplingParams
 from worker.loading import LoadedModel
+
+# Both decode paths mask end-of-sequence tokens: the eager one and the static one GPUs take.
+PATHS = pytest.mark.parametrize(
+    "decode", [None, DecodeConfig(static="on")], ids=["eager", "static"]
+)
 
 
 @pytest.fixture
@@ -28,20 +34,29 @@ def ends_early(lm: LoadedModel, at: int) -> tuple[LoadedModel, list[int]]:
     return dataclasses.replace(lm, eos_token_ids=eos), tokens
 
 
-def test_ignore_eos_generates_exactly_max_new_tokens(tiny_lm: LoadedModel) -> None:
+@PATHS
+def test_ignore_eos_generates_exactly_max_new_tokens(
+    tiny_lm: LoadedModel, decode: DecodeConfig | None
+) -> None:
     lm, tokens = ends_early(tiny_lm, at=2)
-    assert run(lm, [Job("a", PROMPTS[1], greedy(12))]).done["a"].token_ids == tokens[:3]
+    assert (
+        run(lm, [Job("a", PROMPTS[1], greedy(12))], decode=decode).done["a"].token_ids
+        == (tokens[:3])
+    )
     params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
-    done = run(lm, [Job("a", PROMPTS[1], params)]).done["a"]
+    done = run(lm, [Job("a", PROMPTS[1], params)], decode=decode).done["a"]
     assert done.finish_reason == "length"
     assert done.token_ids == tokens  # the same tokens, the end-of-sequence one included
 
 
-def test_min_tokens_holds_back_end_of_sequence_until_reached(tiny_lm: LoadedModel) -> None:
+@PATHS
+def test_min_tokens_holds_back_end_of_sequence_until_reached(
+    tiny_lm: LoadedModel, decode: DecodeConfig | None
+) -> None:
     lm, tokens = ends_early(tiny_lm, at=2)
     eos = lm.eos_token_ids
     params = SamplingParams(max_new_tokens=12, temperature=0.0, min_tokens=6)
-    out = run(lm, [Job("a", PROMPTS[1], params), Job("b", PROMPTS[2], greedy(12))])
+    out = run(lm, [Job("a", PROMPTS[1], params), Job("b", PROMPTS[2], greedy(12))], decode=decode)
     held = out.done["a"].token_ids
     assert len(held) >= 6
     assert not eos & set(held[:6])  # none could be picked before the 6th token

@@ -52,7 +52,7 @@ class LoadedModel:
     max_context: int
     load_s: float
     max_prompt_tokens: int | None = None  # the registry's limit, below the context window
-    compiled: bool = False  # model.forward is torch.compile'd
+    compile: bool = False  # torch.compile asked for: the engine compiles what it runs
     # The smallest attention window of its sliding-window layers, when it bounds max_context.
     sliding_window: int | None = None
 
@@ -160,19 +160,6 @@ def _use_onednn_output_head(model: Any) -> None:
         model.set_output_embeddings(torch.utils.mkldnn.MkldnnLinear(head, torch.float32))
 
 
-def _compile(model: Any) -> bool:
-    """torch.compile the forward pass; a model or platform it fails on runs eagerly."""
-    eager = model.forward
-    try:
-        model.forward = torch.compile(eager, dynamic=True)
-        _warm_up(model, next(model.parameters()).device)
-    except Exception as e:  # compilation fails in many ways (no compiler, unsupported op, ...)
-        model.forward = eager
-        logger.warning("torch.compile failed, running eagerly: %s", e)
-        return False
-    return True
-
-
 def _sliding_window(model: Any) -> int | None:
     """The smallest window of the model's sliding-window attention layers, if it has any.
 
@@ -264,7 +251,6 @@ def load_spec(spec: ModelSpec, settings: Settings) -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     if device.type == "cpu" and dtype == torch.float32:
         _use_onednn_output_head(model)
-    compiled = (settings.compile if spec.compile is None else spec.compile) and _compile(model)
     _warm_up(model, device)
     positions = int(getattr(model.config, "max_position_embeddings", 2048))
     window = _sliding_window(model)
@@ -279,7 +265,7 @@ def load_spec(spec: ModelSpec, settings: Settings) -> LoadedModel:
         max_context=min(positions, window or positions),
         load_s=time.perf_counter() - started,
         max_prompt_tokens=spec.max_prompt_tokens,
-        compiled=compiled,
+        compile=settings.compile if spec.compile is None else spec.compile,
         sliding_window=window if window and window < positions else None,
     )
     logger.info(

@@ -17,7 +17,7 @@ from common.catalog import CatalogSource, ModelSpec, UnknownModel
 from common.registry import HeldModel, ModelState
 from common.settings import Settings
 from worker import metrics
-from worker.engine import Engine, EngineLimits, GenerationError, StepCallback
+from worker.engine import DecodeConfig, Engine, EngineLimits, GenerationError, StepCallback
 from worker.loading import LoadedModel, ModelLoadError, estimated_bytes, load_spec
 from worker.model_fetch import ModelFetchError
 
@@ -55,12 +55,15 @@ class Held:
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # loaded, or failed to
 
     def info(self) -> HeldModel:
+        mode = self.engine.decode_mode if self.engine is not None else None
         return HeldModel(
             key=self.spec.key,
             state=self.state,
             reason=self.reason,
             loaded_at=self.loaded_at,
             bytes=self.bytes,
+            decode=mode.label if mode is not None else None,
+            decode_note=mode.note if mode is not None else None,
         )
 
     @property
@@ -283,7 +286,7 @@ class ModelManager:
             memory_limit_bytes=s.memory_limit_mb * 2**20,
             prefix_cache_bytes=s.prefix_cache_mb * 2**20,
         )
-        engine = Engine(lm, limits, self.on_step)
+        engine = Engine(lm, limits, self.on_step, decode_config(s))
         if start:
             engine.start()
         held.lm, held.engine, held.bytes = lm, engine, lm.weight_bytes
@@ -343,6 +346,15 @@ class ModelManager:
         gc.collect()
         if device is not None and device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def decode_config(settings: Settings) -> DecodeConfig:
+    return DecodeConfig(
+        static=settings.static_decode,
+        cuda_graphs=settings.cuda_graphs,
+        gpu_memory_fraction=settings.gpu_memory_fraction,
+        prefill_wait_steps=settings.prefill_wait_steps,
+    )
 
 
 def _loaded(key: str, lm: LoadedModel, outcome: str) -> None:

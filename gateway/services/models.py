@@ -50,7 +50,13 @@ class ModelService:
             for worker in await registry.live_workers(self.redis, pool):
                 for held in worker.models:
                     holdings.setdefault(held.key, []).append(
-                        WorkerHolding(worker=worker.id, state=held.state, reason=held.reason)
+                        WorkerHolding(
+                            worker=worker.id,
+                            state=held.state,
+                            reason=held.reason,
+                            decode=held.decode,
+                            decode_note=held.decode_note,
+                        )
                     )
         cards = []
         for name in catalog.names():

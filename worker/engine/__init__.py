@@ -5,9 +5,12 @@ the prefix cache and the text side. The process side of the worker (`worker.main
 from worker.engine.detokenizer import StepCallback
 from worker.engine.engine import Engine, EngineHealth, EngineRequest
 from worker.engine.generation import Generation, GenerationError, RowOutput
+from worker.engine.modes import DecodeConfig, DecodeMode
 from worker.engine.scheduling import EngineLimits
 
 __all__ = [
+    "DecodeConfig",
+    "DecodeMode",
     "Engine",
     "EngineHealth",
     "EngineLimits",

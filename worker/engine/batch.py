@@ -44,6 +44,25 @@ from worker.loading import LoadedModel
 LENGTH, EOS, FAILED = 1, 2, 4
 
 
+def pick_tokens(
+    logits: torch.Tensor, slots: SlotTensors, plan: Plan, eos_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's next token from `logits` (rows x vocab, fp32), and its end codes."""
+    if plan.holds_eos:
+        # Rows short of their `min_tokens` cannot pick an end-of-sequence token (vLLM).
+        early = (slots.generated < slots.min_tokens).unsqueeze(1)
+        logits[:, eos_ids] = logits[:, eos_ids].masked_fill(early, -torch.inf)
+    tokens, usable = next_tokens(
+        logits, slots.temperature, slots.top_k, slots.top_p, slots.keys, slots.generated, plan
+    )
+    codes = (
+        (slots.generated >= slots.last) * LENGTH
+        + torch.isin(tokens, eos_ids) * slots.eos_ends * EOS
+        + (~usable) * FAILED
+    )
+    return tokens, codes
+
+
 @dataclass(eq=False)
 class Row:
     """One sequence. The engine thread owns its scheduling fields; the text side (the
@@ -56,6 +75,7 @@ class Row:
     started: float = field(default_factory=time.perf_counter)
     cached_prompt_tokens: int = 0
     cache_scope: str = ""  # the prefix-cache partition of its prompt (an API key)
+    queued_step: int = 0  # the engine step at which it began waiting
     # The batch pass that prefilled it, and the cache columns it spanned after that pass.
     first_pass: int = 0
     first_span: int = 0
@@ -204,7 +224,7 @@ class Batch:
         ]
 
     def prompt_kv(self, i: int) -> KV:
-        """Row `i`'s prompt keys and values (1 x H x prompt x D per layer), between its prefill
+        """Row `i`'s prompt keys and values (layers x 2 x H x prompt x D), between its prefill
         forward pass and `extend`: its prefix columns (if any) and its rest's."""
         row = self.rows[i]
         width = self.mask.width
@@ -213,13 +233,17 @@ class Batch:
         parts = [slice(width - rest, width)]
         if row.cached_prompt_tokens:
             parts.insert(0, slice(prefix_end - row.cached_prompt_tokens, prefix_end))
-        return [
-            (
-                torch.cat([k[i : i + 1, :, part] for part in parts], dim=2),
-                torch.cat([v[i : i + 1, :, part] for part in parts], dim=2),
-            )
-            for k, v in map(live, layers(self.cache))
-        ]
+        return torch.stack(
+            [
+                torch.stack(
+                    (
+                        torch.cat([k[i, :, part] for part in parts], dim=1),
+                        torch.cat([v[i, :, part] for part in parts], dim=1),
+                    )
+                )
+                for k, v in map(live, layers(self.cache))
+            ]
+        )
 
     def part(self) -> fused.Part:
         """This batch's inputs to a forward pass."""
@@ -251,25 +275,7 @@ class Batch:
         """Pick every row's token from `logits` (B x vocab, fp32) and make it the next input;
         what the host learns of the step comes over in one transfer."""
         slots = self.slots
-        plan = self._sampling_plan()
-        if plan.holds_eos:
-            # Rows short of their `min_tokens` cannot pick an end-of-sequence token (vLLM).
-            early = (slots.generated < slots.min_tokens).unsqueeze(1)
-            logits[:, eos_ids] = logits[:, eos_ids].masked_fill(early, -torch.inf)
-        tokens, usable = next_tokens(
-            logits,
-            slots.temperature,
-            slots.top_k,
-            slots.top_p,
-            slots.keys,
-            slots.generated,
-            plan,
-        )
-        codes = (
-            (slots.generated >= slots.last) * LENGTH
-            + torch.isin(tokens, eos_ids) * slots.eos_ends * EOS
-            + (~usable) * FAILED
-        )
+        tokens, codes = pick_tokens(logits, slots, self._sampling_plan(), eos_ids)
         host = torch.stack((tokens, codes)).tolist()
         slots.tick()
         self.input_ids = tokens.unsqueeze(1)
@@ -322,10 +328,11 @@ class Batch:
                 layer.truncate(length)
 
 
-def forward_all(lm: LoadedModel, batches: list[Batch]) -> torch.Tensor:
+def forward_all(lm: LoadedModel, batches: list[Batch], *, compiled: bool = False) -> torch.Tensor:
     """The next-token logits of every row of the batches, in order (rows x vocab, fp32); each
-    cache grows by its inputs. One fused pass over all the batches where the model allows it."""
-    if fused.supports(lm.model) and not lm.compiled:
+    cache grows by its inputs. One fused pass over all the batches where the model allows it,
+    unless the model's own forward pass is `compiled`."""
+    if fused.supports(lm.model) and not compiled:
         return fused.forward(lm.model, [batch.part() for batch in batches])
     logits = [forward(lm, batch) for batch in batches]
     return logits[0] if len(logits) == 1 else torch.cat(logits)

@@ -26,6 +26,7 @@ import torch
 from common.schemas import FinishReason
 from worker import metrics
 from worker.engine.batch import Batch, Row, forward_all, new_row
+from worker.engine.compiling import compile_forward, uncompile
 from worker.engine.detokenizer import Detokenizer, Ending, Record, StepCallback
 from worker.engine.generation import (
     EngineFault,
@@ -39,9 +40,13 @@ from worker.engine.generation import (
 )
 from worker.engine.kv_cache import check_supported
 from worker.engine.memory import MemoryMonitor, kv_bytes_per_token
+from worker.engine.modes import DecodeConfig, DecodeMode, describe
 from worker.engine.prefix_cache import PrefixCache, PrefixHit
 from worker.engine.sampling import SamplingParams
-from worker.engine.scheduling import EngineLimits, admit
+from worker.engine.scheduling import EngineLimits, admit, admit_to_slots
+from worker.engine.static_batch import StaticBatch
+from worker.engine.static_cache import CacheTooSmall, geometry
+from worker.engine.static_path import StaticDecoder, unsupported
 from worker.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -89,9 +94,16 @@ class _Swap:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, limits: EngineLimits, on_step: StepCallback) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        limits: EngineLimits,
+        on_step: StepCallback,
+        decode: DecodeConfig | None = None,
+    ) -> None:
         self.lm = lm
         self.limits = limits
+        self.decode_config = decode or DecodeConfig()
         check_supported(lm)
         self.memory = MemoryMonitor(lm.device, limits.memory_limit_bytes)
         self._kv_bytes_per_token = kv_bytes_per_token(lm)
@@ -107,7 +119,16 @@ class Engine:
         self._open: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._rows: dict[str, Row] = {}
-        self._batch: Batch | None = None
+        self._batch: Batch | StaticBatch | None = None
+        # Set up by `_prepare`, on the engine thread before its first step: the static path
+        # (None: the eager one), whether the model's own forward pass is compiled, and the mode.
+        self._prepared = False
+        self._static: StaticDecoder | None = None
+        self._forward_compiled = False
+        self._mode: DecodeMode | None = None
+        self._steps = 0
+        # This step left waiting rows out to prefill them later with more (the static path).
+        self._held_back = False
         self._record = Record()  # of the step in progress, for the text side
         # Set by an out-of-memory prefill; admitting again waits until a running row finishes.
         self._admission_paused = False
@@ -147,6 +168,11 @@ class Engine:
     def running(self) -> int:
         return len(self._batch) if self._batch else 0
 
+    @property
+    def decode_mode(self) -> DecodeMode | None:
+        """How it decodes (None until the engine thread has set up); any thread may read it."""
+        return self._mode
+
     def health(self) -> EngineHealth:
         return EngineHealth(
             alive=self._thread.is_alive(),
@@ -157,6 +183,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            self._prepare()
             while not self._stop.is_set() and self._fatal is None and self._text.died is None:
                 self.step()
         except BaseException as e:
@@ -171,6 +198,8 @@ class Engine:
         running row and prefills the admitted rows' prompts. A fault of the step as a whole
         fails the rows it held (`_on_fault`); what the step produced goes to the text side once,
         at the end."""
+        if not self._prepared:
+            self._prepare()
         idle = self._batch is None and not self._waiting
         first = self._next_item(block=idle)
         started = self._step_started = time.monotonic()
@@ -187,9 +216,55 @@ class Engine:
             self._on_fault(e)
         finally:
             self._step_started = None
+            self._steps += 1
         record, self._record = self._record, Record()
         if record:
             self._text.put(record)
+
+    @torch.inference_mode()
+    def _prepare(self) -> None:
+        """Choose the decode path and set it up: the static path (its cache allocated, its
+        buckets compiled and captured as far as that works) where configured and supported,
+        else the eager one, its forward pass compiled if asked. Whatever does not work is said
+        once, in the log and in the mode; requests are served either way."""
+        self._prepared = True
+        config, lm = self.decode_config, self.lm
+        note = None
+        if config.static == "on" or (config.static == "auto" and lm.device.type == "cuda"):
+            note = unsupported(lm)
+            if note is None:
+                try:
+                    self._static = self._static_decoder()
+                except (CacheTooSmall, torch.OutOfMemoryError) as e:
+                    note = str(e)
+                    self.memory.release()
+            if note is not None:
+                note = f"the static decode path is off: {note}"
+                logger.warning("%s (model %s)", note, lm.name)
+        if self._static is not None:
+            self._mode = self._static.mode
+        else:
+            if lm.compile:
+                compile_note = compile_forward(lm.model, lm.device, config.compile_backend)
+                self._forward_compiled = compile_note is None
+                if compile_note is not None:
+                    logger.warning("%s (model %s)", compile_note, lm.name)
+                note = "; ".join(n for n in (note, compile_note) if n) or None
+            self._mode = DecodeMode("eager", compiled=self._forward_compiled, note=note)
+        logger.info("model %s decodes with %s", lm.name, self._mode.label)
+
+    def _static_decoder(self) -> StaticDecoder:
+        config, limits = self.decode_config, self.limits
+        shape = geometry(
+            self.lm,
+            limits.max_batch_size,
+            limits.max_batch_tokens,
+            config.gpu_memory_fraction,
+            self._kv_bytes_per_token,
+        )
+        static = StaticDecoder(self.lm, shape, config)
+        static.prepare()
+        return static
 
     def _step_stats(
         self, started: float, decoding: int, admitted: list[Row], hits: list[PrefixHit | None]
@@ -197,8 +272,9 @@ class Engine:
         batch = self._batch
         waiting = len(self._waiting)
         # Rows stay waiting beside a free row only when the KV budget or the memory limit holds
-        # them back (the prefill budget always lets the first through).
-        blocked = not admitted and self.running < self.limits.max_batch_size
+        # them back (the prefill budget always lets the first through), or the static path
+        # holds them for a later prefill.
+        blocked = not admitted and not self._held_back and self.running < self.limits.max_batch_size
         cached = sum(hit.length for hit in hits if hit is not None)
         prompts = sum(len(row.prompt_ids) for row in admitted)
         return metrics.StepStats(
@@ -209,7 +285,9 @@ class Engine:
             waiting=waiting,
             waiting_for_memory=waiting if blocked else 0,
             kv_tokens=len(batch) * batch.cached_tokens if batch else 0,
-            kv_budget=self.limits.max_batch_tokens,
+            kv_budget=(
+                self._static.geometry.tokens if self._static else self.limits.max_batch_tokens
+            ),
             prefix_queries=prompts if self.prefix_cache.enabled else 0,
             prefix_hits=cached,
         )
@@ -227,17 +305,28 @@ class Engine:
             elif isinstance(item, _Answered):
                 self._drop_answered(item.id)
             elif isinstance(item, _Swap):
-                logger.info("now decoding with %s (%s)", item.lm.name, item.lm.source)
-                metrics.forget_model(self.lm.name)
-                self.lm = item.lm
-                self._eos_ids = _eos_tensor(item.lm)
-                self.prefix_cache.clear()  # keys and values of the old weights
+                self._swap(item.lm)
             else:
                 self._intake(item)
             next_item = self._next_item(block=False)
             if next_item is None:
                 return
             item = next_item
+
+    def _swap(self, lm: LoadedModel) -> None:
+        logger.info("now decoding with %s (%s)", lm.name, lm.source)
+        metrics.forget_model(self.lm.name)
+        self.lm = lm
+        self._eos_ids = _eos_tensor(lm)
+        self.prefix_cache.clear()  # keys and values of the old weights
+        if self._static is not None:
+            self._static.swap(lm)
+            self._mode = self._static.mode
+        elif self._forward_compiled and compile_forward(
+            lm.model, lm.device, self.decode_config.compile_backend
+        ):
+            self._forward_compiled = False
+            self._mode = DecodeMode("eager", note="torch.compile failed for the swapped-in model")
 
     def _intake(self, request: EngineRequest) -> None:
         # Open from here on: should anything below raise, the step's fault answers it.
@@ -250,14 +339,20 @@ class Engine:
             self._end(request.id, error=e)
             return
         row = new_row(self.lm, request.id, prompt_ids, request.params, request.cache_scope)
-        if row.reserved_tokens > self.limits.max_batch_tokens:
+        if self._static is not None:
+            limit, what = self._static.geometry.columns, "the tokens one slot of the KV cache holds"
+            source = self._static.geometry.source
+        else:
+            limit, what = self.limits.max_batch_tokens, "the engine's token budget"
+            source = "GENQ_MAX_BATCH_TOKENS"
+        if row.reserved_tokens > limit:
             error = GenerationError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
-                f"({request.params.max_new_tokens}) exceed the engine's token budget "
-                f"({self.limits.max_batch_tokens}, GENQ_MAX_BATCH_TOKENS)"
+                f"({request.params.max_new_tokens}) exceed {what} ({limit}, {source})"
             )
             self._end(request.id, error=error)
             return
+        row.queued_step = self._steps
         self._rows[request.id] = row
         self._waiting.append(row)
 
@@ -308,8 +403,19 @@ class Engine:
             self._end(request_id, error=error)
 
     def _admit(self) -> tuple[list[Row], list[PrefixHit | None]]:
+        self._held_back = False
         if self._admission_paused or not self._waiting:
             return [], []
+        if self._static is not None:
+            static = self._static
+            # With graphs a decode step costs a fraction of one that also prefills: while rows
+            # decode, newcomers wait a few steps to share one prefill.
+            wait = self.decode_config.prefill_wait_steps if static.graphs else 0
+            if self._batch is not None and self._waiting[0].queued_step + wait > self._steps:
+                self._held_back = True
+                return [], []
+            return admit_to_slots(self._waiting, self.running, self.limits, self.prefix_cache)
+        assert not isinstance(self._batch, StaticBatch)
         return admit(
             self._waiting,
             self._batch,
@@ -335,10 +441,9 @@ class Engine:
         nothing of its rows on, and `_on_fault` answers each of them once."""
         running = self._batch
         prefill = self._prefill_batch(admitted, hits) if admitted else None
-        batches = [b for b in (running, prefill) if b is not None]
         cached = running.cached_tokens if running else 0
         try:
-            logits = forward_all(self.lm, batches)
+            logits = self._forward(running, prefill)
         except torch.OutOfMemoryError:
             if running is not None:
                 running.restore_cache_length(cached)
@@ -350,11 +455,7 @@ class Engine:
             return
         if prefill is not None and self.prefix_cache.enabled:
             self._remember_prompts(prefill)
-        if running is None:
-            assert prefill is not None
-            batch = prefill
-        else:
-            batch = running.extend(prefill) if prefill is not None else running
+        batch = _merged(running, prefill)
         step = batch.advance(logits, self._eos_ids)
         self._record.step = step  # from here on, the rows that ended are answered by the text side
         ended = [i for i, code in enumerate(step.codes) if code]
@@ -365,14 +466,49 @@ class Engine:
         if ended:
             self._admission_paused = False  # memory was freed
         if self._batch is None:
-            self.memory.release()  # the batch drained: hand cached GPU blocks back
+            self._drained()
 
-    def _prefill_batch(self, rows: list[Row], hits: list[PrefixHit | None]) -> Batch:
+    def _prefill_batch(self, rows: list[Row], hits: list[PrefixHit | None]) -> Batch | StaticBatch:
         for row in rows:
             row.started = time.perf_counter()
+        if self._static is not None:
+            assert not isinstance(self._batch, Batch)
+            return self._static.prefill(rows, hits, self._batch)
         return Batch.prefill(self.lm, rows, hits)
 
-    def _remember_prompts(self, batch: Batch) -> None:
+    def _forward(
+        self, running: Batch | StaticBatch | None, prefill: Batch | StaticBatch | None
+    ) -> torch.Tensor:
+        """The step's pass: logits of the running rows, then the admitted ones."""
+        if self._static is not None:
+            assert not isinstance(running, Batch)
+            assert not isinstance(prefill, Batch)
+            logits = self._static.forward(running, prefill)
+            self._mode = self._static.mode  # a fallback may have changed it
+            return logits
+        assert not isinstance(running, StaticBatch)
+        assert not isinstance(prefill, StaticBatch)
+        batches = [b for b in (running, prefill) if b is not None]
+        if not self._forward_compiled:
+            return forward_all(self.lm, batches)
+        lengths = [b.cached_tokens for b in batches]
+        try:
+            return forward_all(self.lm, batches, compiled=True)
+        except Exception as e:
+            if is_device_error(e) or isinstance(e, torch.OutOfMemoryError):
+                raise
+            # A compile error at a new shape (inductor's, say): this step and every later one
+            # run eagerly, from the caches as they were before the pass.
+            note = f"torch.compile failed at run time, running eagerly: {describe(e)}"
+            logger.warning("%s (model %s)", note, self.lm.name, exc_info=e)
+            uncompile(self.lm.model)
+            self._forward_compiled = False
+            self._mode = DecodeMode("eager", note=note)
+            for batch, length in zip(batches, lengths, strict=True):
+                batch.restore_cache_length(length)
+            return forward_all(self.lm, batches)
+
+    def _remember_prompts(self, batch: Batch | StaticBatch) -> None:
         try:
             for i, row in enumerate(batch.rows):
                 if not self.prefix_cache.covers(row.prompt_ids, row.cache_scope):
@@ -430,6 +566,8 @@ class Engine:
         for request_id in [rid for rid in self._open if rid not in keep]:
             self._end(request_id, error=fault)
         self._batch = None
+        if self._static is not None:
+            self._static.reset()
         self._admission_paused = False
         self.prefix_cache.clear()  # it may hold what the failed step computed
         if self._fatal is None:
@@ -443,7 +581,29 @@ class Engine:
         assert self._batch is not None
         self._batch = self._batch.filter(indexes)
         if self._batch is None:
+            self._drained()
+
+    def _drained(self) -> None:
+        # Hand cached GPU blocks back; on the static path the cache stays allocated anyway,
+        # and the next prefill would only allocate its activations again.
+        if self._static is None:
             self.memory.release()
+
+
+def _merged(
+    running: Batch | StaticBatch | None, prefill: Batch | StaticBatch | None
+) -> Batch | StaticBatch:
+    """The running batch with the rows just prefilled taken in (both of one path)."""
+    if running is None:
+        assert prefill is not None
+        return prefill
+    if prefill is None:
+        return running
+    if isinstance(running, StaticBatch):
+        assert isinstance(prefill, StaticBatch)
+        return running.extend(prefill)
+    assert isinstance(prefill, Batch)
+    return running.extend(prefill)
 
 
 def _eos_tensor(lm: LoadedModel) -> torch.Tensor:

@@ -206,16 +206,13 @@ def live(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
 def load_prefixes(cache: DynamicCache, hits: list[PrefixHit | None], width: int) -> None:
     """Fill a fresh cache with each row's cached prefix, right-aligned to `width` columns."""
     some = next(hit for hit in hits if hit is not None)
+    heads, head_dim = some.kv.shape[2], some.kv.shape[4]
     for index, layer in enumerate(layers(cache)):
-        like = some.kv[index][0]
-        shape = (len(hits), like.shape[1], width, like.shape[3])
-        keys, values = like.new_zeros(shape), like.new_zeros(shape)
+        both = some.kv.new_zeros((2, len(hits), heads, width, head_dim))
         for i, hit in enumerate(hits):
             if hit is not None:
-                k, v = hit.kv[index]
-                keys[i, :, width - hit.length :] = k[0]
-                values[i, :, width - hit.length :] = v[0]
-        layer.update(keys, values)
+                both[:, i, :, width - hit.length :] = hit.kv[index]
+        layer.update(both[0], both[1])
 
 
 def check_supported(lm: LoadedModel) -> None:

@@ -23,7 +23,9 @@ from worker import metrics
 # Shorter matches (a BOS token, a role marker) save less prefill than the gather costs.
 MIN_MATCH_TOKENS = 16
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (1 x H x T x D)
+# A prompt's keys and values, every layer in one tensor: (layers, 2, KV heads, tokens, head dim),
+# keys at [:, 0] and values at [:, 1]. One tensor, so that a hit goes into a cache in one copy.
+KV = torch.Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,7 @@ class PrefixCache:
         if best is None or length < MIN_MATCH_TOKENS:
             return None
         self._entries.move_to_end(best.key)
-        return PrefixHit(length, [(k[:, :, :length], v[:, :, :length]) for k, v in best.kv])
+        return PrefixHit(length, best.kv[:, :, :, :length])
 
     def covers(self, prompt_ids: list[int], scope: str = "") -> bool:
         """Whether `prompt_ids` as a whole is already the start of an entry of `scope`."""
@@ -90,7 +92,7 @@ class PrefixCache:
     def store(self, prompt_ids: list[int], kv: KV, scope: str = "") -> None:
         """Keep a prefilled prompt's keys and values (tensors this cache may hold on to). Callers
         skip prompts it `covers` already, sparing the gather of their keys and values."""
-        nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+        nbytes = kv.nbytes
         if nbytes > self.budget_bytes:
             return
         tokens = tuple(prompt_ids)

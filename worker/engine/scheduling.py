@@ -60,3 +60,25 @@ def admit(
         hits.append(hit)
         longest = longest_if
     return admitted, hits
+
+
+def admit_to_slots(
+    waiting: deque[Row], running: int, limits: EngineLimits, prefix_cache: PrefixCache
+) -> tuple[list[Row], list[PrefixHit | None]]:
+    """The static path's admission: waiting rows, in arrival order, while a slot is free and
+    their right-padded prompts fit the prefill budget. Each slot holds a whole request (checked
+    at intake) and the cache is allocated already, so nothing else can run out."""
+    admitted: list[Row] = []
+    hits: list[PrefixHit | None] = []
+    longest = 0
+    while waiting and running + len(admitted) < limits.max_batch_size:
+        row = waiting[0]
+        longest_if = max(longest, len(row.prompt_ids))
+        if admitted and longest_if * (len(admitted) + 1) > limits.max_prefill_tokens:
+            break
+        hit = prefix_cache.lookup(row.prompt_ids, row.cache_scope) if prefix_cache.enabled else None
+        waiting.popleft()
+        admitted.append(row)
+        hits.append(hit)
+        longest = longest_if
+    return admitted, hits

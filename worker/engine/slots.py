@@ -10,9 +10,9 @@ from worker.engine.kv_cache import Compaction
 from worker.engine.sampling import SamplingParams, stream_key
 
 # Integer columns. GENERATED and POSITION are next to each other: one add ticks both.
-TOP_K, KEY, GENERATED, POSITION, LAST, EOS_ENDS, MIN_TOKENS = range(7)
+TOP_K, KEY, GENERATED, POSITION, LAST, EOS_ENDS, MIN_TOKENS = range(INT_COLUMNS := 7)
 # Float columns.
-TEMPERATURE, TOP_P = range(2)
+TEMPERATURE, TOP_P = range(FLOAT_COLUMNS := 2)
 ROW_SLACK = 8
 
 
@@ -50,6 +50,21 @@ class SlotTensors:
             torch.tensor(floats, dtype=torch.float32, device=device),
             len(params),
         )
+
+    @classmethod
+    def empty(cls, capacity: int, device: torch.device) -> SlotTensors:
+        """No rows yet, room for `capacity` that never moves (the static path's CUDA graphs read
+        the positions in place)."""
+        return cls(
+            torch.zeros((capacity, INT_COLUMNS), dtype=torch.long, device=device),
+            torch.ones((capacity, FLOAT_COLUMNS), dtype=torch.float32, device=device),
+            0,
+        )
+
+    @property
+    def all_positions(self) -> torch.Tensor:
+        """The position column of every slot, rows or not (a view)."""
+        return self._ints[:, POSITION]
 
     @property
     def top_k(self) -> torch.Tensor:
@@ -99,6 +114,13 @@ class SlotTensors:
         self._ints[self.rows : rows] = other._ints[: other.rows]
         self._floats[self.rows : rows] = other._floats[: other.rows]
         self.rows = rows
+
+    def put(self, first: int, other: SlotTensors) -> None:
+        """`other`'s rows into slots from `first`, within the room there is, not yet counted
+        among the rows."""
+        assert first + other.rows <= self._ints.shape[0], "no room for the rows"
+        self._ints[first : first + other.rows] = other._ints[: other.rows]
+        self._floats[first : first + other.rows] = other._floats[: other.rows]
 
     def compact(self, plan: Compaction) -> None:
         if plan.dst is not None and plan.src is not None:

@@ -1,0 +1,61 @@
+"""How an engine decodes: what it is asked for (`DecodeConfig`, from the settings) and what it
+does (`DecodeMode`, shown in `/v1/models`), which may be less, with the reason."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from worker.engine.graphs import RunnerFactory
+
+StaticSetting = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    # The static decode path (preallocated slots, bucketed decode steps): "auto" on CUDA
+    # devices for the architectures it covers, "on" on any device (the CPU too), "off" never.
+    static: StaticSetting = "auto"
+    cuda_graphs: bool = True  # replay each decode bucket as a CUDA graph (CUDA devices only)
+    # The compiler torch.compile uses where the model asks for it (`LoadedModel.compile`): on
+    # the static path it compiles the decode step, on the eager one the model's forward pass.
+    compile_backend: str | Callable[..., Any] = "inductor"
+    # With the static path on CUDA, size the cache from this fraction of the device's memory
+    # instead of GENQ_MAX_BATCH_TOKENS; 0: off.
+    gpu_memory_fraction: float = 0.0
+    # Decode steps a waiting request may wait for its prefill while rows decode with graphs,
+    # so that one eager prefill serves several requests (TGI's max_waiting_tokens).
+    prefill_wait_steps: int = 4
+    # Prefill admitted prompts in the decode step's pass (one eager pass), or in a pass of their
+    # own beside the graph replay (benchmarks compare the two).
+    fused_prefill: bool = True
+    # Rows buckets of the decode step; None: 1, 2, 4, ... and the batch size.
+    batch_buckets: tuple[int, ...] | None = None
+    # What runs the buckets' decode steps instead of CUDA graphs (tests inject failing ones).
+    graph_runner: RunnerFactory | None = None
+
+
+Path = Literal["static", "eager"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeMode:
+    path: Path
+    cuda_graphs: bool = False
+    compiled: bool = False
+    # Why it decodes otherwise than asked (a fallback); None when it runs as configured.
+    note: str | None = None
+
+    @property
+    def label(self) -> str:
+        """`cuda_graphs`, `static` or `eager`, `+compiled` when torch.compile'd."""
+        name = "cuda_graphs" if self.cuda_graphs else self.path
+        return f"{name}+compiled" if self.compiled else name
+
+
+def describe(error: BaseException) -> str:
+    """An error in a line, for notes: compilers' messages run to pages."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(error).__name__}: {text[:300]}"
