@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from redis.asyncio import Redis
 
 from common import events, keys
@@ -93,8 +94,14 @@ class EventReader:
         finally:
             if not read.done():
                 read.cancel()  # redis-py drops a connection whose read was cancelled
-                read.add_done_callback(_retrieve)
-        if not read.done():
+                # Wait for that before the connection can go back to the pool (this client
+                # went away, or the gateway drains): the next holder would find the read still
+                # waiting on its socket. Shielded: anyio cancels a gone client's task again at
+                # every await.
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait((read,))
+                _retrieve(read)
+        if read.cancelled():
             raise ShuttingDown(_DRAINING)
         return read.result()
 
