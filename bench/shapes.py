@@ -14,9 +14,10 @@ requests), once per decode path: `static` (the static path, CUDA graphs where CU
 `eager` (the engine of issue 15). One engine per path serves every concurrency (one start-up,
 one capture of the graphs); every loop takes prompts no earlier loop sent.
 
-With `variants`, the static engine also runs the loop at 64 with the prompts prefilled in a pass
-of their own beside the graph replay, and with no prefill wait, to compare with its default (the
-prompts in the decode step's pass, newcomers waiting up to GENQ_PREFILL_WAIT_STEPS steps).
+With `variants`, the static engine also runs the loop at 64 with the prompts prefilled in the
+decode rows' eager pass (`fused_prefill`), and with no prefill wait, to compare with its default
+(the graph replay, then the prompts' own pass; newcomers waiting up to GENQ_PREFILL_WAIT_STEPS
+steps).
 
 Every part runs on its own: one that fails is recorded in `errors` and the others go on, and a
 part that would start past `deadline` (time.monotonic()) is skipped.
@@ -59,7 +60,7 @@ PATHS = {
     "eager": DecodeConfig(static="off"),
 }
 VARIANTS: dict[str, dict[str, Any]] = {
-    "separate_prefill": {"fused_prefill": False},
+    "fused_prefill": {"fused_prefill": True},
     "no_prefill_wait": {"prefill_wait_steps": 0},
 }
 VARIANT_CONCURRENCY = 64

@@ -125,13 +125,16 @@ class ResilientWorker(Worker):
                 return
             self.job_counter += 1
             job_id = job_id_b.decode()
+            # A job not claimed gives its slot back without a wake-up: the queue still lists the
+            # jobs that run (here or elsewhere) until they end, and a wake-up per such job
+            # would poll Redis in a loop for as long as they run.
             try:
                 score = await self._claim(job_id)
             except BaseException:
-                self._release_sem_dec_counter_on_complete()
+                super()._release_sem_dec_counter_on_complete()
                 raise
             if score is None:
-                self._release_sem_dec_counter_on_complete()
+                super()._release_sem_dec_counter_on_complete()
                 continue
             task = self.loop.create_task(self.run_job(job_id, score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())

@@ -27,9 +27,11 @@ class DecodeConfig:
     # Decode steps a waiting request may wait for its prefill while rows decode with graphs,
     # so that one eager prefill serves several requests (TGI's max_waiting_tokens).
     prefill_wait_steps: int = 4
-    # Prefill admitted prompts in the decode step's pass (one eager pass), or in a pass of their
-    # own beside the graph replay (benchmarks compare the two).
-    fused_prefill: bool = True
+    # With CUDA graphs, prefill admitted prompts in the decode step's pass (one eager pass over
+    # every row) instead of in a pass of their own after the graph replay. Off: on an H100 the
+    # separate pass gave 13-19% more tokens/s at 64 in flight (docs/benchmarks.md). Without
+    # graphs the prompts always join the decode rows' pass.
+    fused_prefill: bool = False
     # Rows buckets of the decode step; None: 1, 2, 4, ... and the batch size.
     batch_buckets: tuple[int, ...] | None = None
     # What runs the buckets' decode steps instead of CUDA graphs (tests inject failing ones).

@@ -5,9 +5,9 @@ fail.
 A decode-only step pads the running rows to a rows bucket and reads a length bucket of columns;
 its step function (`decode_step`) reads its inputs from the slot state's fixed buffers and
 writes the logits into its buffer, so a CUDA graph captured per pair of buckets at start-up
-replays every such step. A step that admits rows runs eagerly: by default one pass over the
-decode rows and the prompts (each weight read once), or, with `fused_prefill` off, the graph
-replay and then a pass of the prompts alone.
+replays every such step. A step that admits rows replays the decode rows' graph, then runs
+the prompts in an eager pass of their own; with `fused_prefill` (and always without graphs), one
+eager pass over the decode rows and the prompts.
 
 Anything but a device error or an out-of-memory error raised by the compiled or captured step at
 run time turns that feature off for good (said once in the log and in the mode) and the step
