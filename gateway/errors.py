@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -199,6 +200,12 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts)
+
+
+def describe_validation(error: ValidationError) -> str:
+    """A model's validation errors in one line, naming each field, without the input (a
+    client's prompt) echoed back as pydantic's own message does."""
+    return _validation_message([dict(e) for e in error.errors(include_input=False)])
 
 
 def map_exception(exc: Exception) -> ApiError:

@@ -110,6 +110,15 @@ def test_min_tokens_over_max_new_tokens_is_refused_naming_both(client: httpx.Cli
     default = client.post("/v1/jobs", json={"prompt": "Hi", "min_tokens": 100_000})
     assert default.status_code == 422
     assert "max_new_tokens" in default.json()["error"]["message"]
+    # The OpenAI routes say it as plainly, without the request (its prompt) echoed back.
+    openai = client.post(
+        "/v1/completions",
+        json={"model": TINY_NAME, "prompt": "secret words", "max_tokens": 5, "min_tokens": 9},
+    )
+    assert openai.status_code == 422
+    message = openai.json()["error"]["message"]
+    assert message == "Value error, `min_tokens` must not exceed `max_new_tokens`"
+    assert "secret" not in openai.text
 
 
 def test_health_answers_as_readyz(client: httpx.Client) -> None:

@@ -41,6 +41,7 @@ from gateway.errors import (
     LimitExceeded,
     QueueFull,
     ShuttingDown,
+    describe_validation,
 )
 from gateway.services.enqueue import fingerprint, is_deterministic, new_tokens, stage_enqueue
 from gateway.services.events import STREAM_ID, EventReader
@@ -409,8 +410,4 @@ def _enqueue_span(pool: str, jobs: list[Job]) -> AbstractContextManager[Span]:
 
 
 def _item_error(code: str, error: ValidationError) -> ErrorDetail:
-    parts = [
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
-        for e in error.errors()
-    ]
-    return ErrorDetail(code=code, message="; ".join(parts))
+    return ErrorDetail(code=code, message=describe_validation(error))

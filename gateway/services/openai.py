@@ -24,6 +24,7 @@ from gateway.errors import (
     GatewayTimeout,
     GenerationFailed,
     ShuttingDown,
+    describe_validation,
     error_body,
     map_exception,
 )
@@ -82,7 +83,7 @@ def _generation(**fields: object) -> GenerationRequest:
     try:
         return GenerationRequest.model_validate(fields)
     except ValidationError as e:
-        raise BadRequest(str(e)) from e
+        raise BadRequest(describe_validation(e)) from e
 
 
 @dataclass(frozen=True)
