@@ -63,6 +63,23 @@ def pick_tokens(
     return tokens, codes
 
 
+def drop_rows(
+    rows: list[Row], dropped: list[int], planner: Planner, widest: int
+) -> tuple[list[tuple[int, int]], int]:
+    """Drop the rows at indexes `dropped` from `rows` and `planner`: each hole below the new
+    size takes a row from the end. The moves (slot, from slot) for the batch's tensors, and the
+    widest origin left (`widest` before)."""
+    gone = [rows[i] for i in dropped]
+    moves = compaction(len(rows), dropped)
+    for slot, source in moves:
+        rows[slot] = rows[source]
+    del rows[len(rows) - len(dropped) :]
+    planner.add((row.params for row in gone), -1)
+    if max(row.origin for row in gone) >= widest:
+        widest = max(row.origin for row in rows)
+    return moves, widest
+
+
 @dataclass(eq=False)
 class Row:
     """One sequence. The engine thread owns its scheduling fields; the text side (the
@@ -291,15 +308,8 @@ class Batch:
             return None
         if not dropped:
             return self
-        gone = [self.rows[i] for i in dropped]
-        moves = compaction(len(self.rows), dropped)
-        for slot, source in moves:
-            self.rows[slot] = self.rows[source]
-        del self.rows[len(self.rows) - len(dropped) :]
-        self.planner.add((row.params for row in gone), -1)
+        moves, self._widest = drop_rows(self.rows, dropped, self.planner, self._widest)
         self._plan = None
-        if max(row.origin for row in gone) >= self._widest:
-            self._widest = max(row.origin for row in self.rows)
         # The mask is one column ahead of the cache (the next inputs'): the widest row left
         # spans `_widest + passes` of its columns, and every column before it is padding.
         drop_columns = self.mask.width - (self._widest + self.passes)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from worker.engine.batch import FAILED, Row, Step, pick_tokens
-from worker.engine.kv_cache import compaction, compaction_plan
+from worker.engine.batch import FAILED, Row, Step, drop_rows, pick_tokens
+from worker.engine.kv_cache import compaction_plan
 from worker.engine.prefix_cache import KV, PrefixHit
 from worker.engine.sampling import Plan, Planner
 from worker.engine.slots import SlotTensors
@@ -174,16 +174,9 @@ class StaticBatch:
             return None
         if not dropped:
             return self
-        gone = [self.rows[i] for i in dropped]
         span = self.span
-        moves = compaction(len(self.rows), dropped)
-        for slot, source in moves:
-            self.rows[slot] = self.rows[source]
-        del self.rows[len(self.rows) - len(dropped) :]
-        self.planner.add((row.params for row in gone), -1)
+        moves, self._widest = drop_rows(self.rows, dropped, self.planner, self._widest)
         self._plan = None
-        if max(row.origin for row in gone) >= self._widest:
-            self._widest = max(row.origin for row in self.rows)
         plan = compaction_plan(len(self.rows), moves, 0, self.state.tokens.device)
         state = self.state
         if plan.dst is not None and plan.src is not None:
