@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 import orjson
 import torch
+from httpx_sse import EventSource
 
 from bench.engine_workload import EngineDriver
 from common.schemas import ChatMessage, GenerationRequest
@@ -171,20 +172,6 @@ def _body(prompt: str, seed: int) -> dict[str, Any]:
     }
 
 
-async def _sse(resp: httpx.Response) -> Any:
-    """Each event's (event, data) of a text/event-stream."""
-    event, data = "message", ""
-    async for line in resp.aiter_lines():
-        if not line:
-            if data:
-                yield event, data
-            event, data = "message", ""
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data = line[5:].strip()
-
-
 async def openai_stream(http: httpx.AsyncClient, prompt: str, seed: int) -> Sample:
     sample = Sample(time.perf_counter())
     body = {
@@ -201,10 +188,10 @@ async def openai_stream(http: httpx.AsyncClient, prompt: str, seed: int) -> Samp
         if resp.status_code != 200:
             sample.error = f"HTTP {resp.status_code}"
         else:
-            async for _, data in _sse(resp):
-                if data == "[DONE]":
+            async for event in EventSource(resp).aiter_sse():
+                if event.data == "[DONE]":
                     break
-                chunk = orjson.loads(data)
+                chunk = orjson.loads(event.data)
                 if "error" in chunk:
                     sample.error = chunk["error"]["code"]
                     break
@@ -218,21 +205,15 @@ async def openai_stream(http: httpx.AsyncClient, prompt: str, seed: int) -> Samp
 
 async def native_sse(http: httpx.AsyncClient, prompt: str, seed: int) -> Sample:
     sample = Sample(time.perf_counter())
-    resp = await http.post("/v1/jobs", json=_body(prompt, seed))
-    if resp.status_code != 202:
-        sample.error, sample.ended = f"HTTP {resp.status_code}", time.perf_counter()
+    job_id = await _submit(http, prompt, seed, sample)
+    if job_id is None:
         return sample
-    job_id = resp.json()["id"]
     async with http.stream("GET", f"/v1/jobs/{job_id}/events") as events:
-        async for kind, data in _sse(events):
-            if kind == "token":
+        async for event in EventSource(events).aiter_sse():
+            if event.event == "token":
                 sample.token_times.append(time.perf_counter())
-            elif kind in ("done", "error"):
-                job = orjson.loads(data)
-                if job.get("status") == "succeeded":
-                    sample.tokens = job["result"]["usage"]["completion_tokens"]
-                else:
-                    sample.error = str(job.get("error") or job.get("status"))
+            elif event.event in ("done", "error"):
+                _settle(sample, orjson.loads(event.data))
                 break
     sample.ended = time.perf_counter()
     return sample
@@ -251,22 +232,34 @@ async def sync(http: httpx.AsyncClient, prompt: str, seed: int) -> Sample:
 
 async def poll(http: httpx.AsyncClient, prompt: str, seed: int) -> Sample:
     sample = Sample(time.perf_counter())
-    resp = await http.post("/v1/jobs", json=_body(prompt, seed))
-    if resp.status_code != 202:
-        sample.error, sample.ended = f"HTTP {resp.status_code}", time.perf_counter()
+    job_id = await _submit(http, prompt, seed, sample)
+    if job_id is None:
         return sample
-    job_id = resp.json()["id"]
     while True:
         await asyncio.sleep(0.1)
         job = (await http.get(f"/v1/jobs/{job_id}")).json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             break
     sample.ended = time.perf_counter()
-    if job["status"] == "succeeded":
+    _settle(sample, job)
+    return sample
+
+
+async def _submit(http: httpx.AsyncClient, prompt: str, seed: int, sample: Sample) -> str | None:
+    """The queued job's id; None (the sample ended with the error) when it was refused."""
+    resp = await http.post("/v1/jobs", json=_body(prompt, seed))
+    if resp.status_code != 202:
+        sample.error, sample.ended = f"HTTP {resp.status_code}", time.perf_counter()
+        return None
+    return str(resp.json()["id"])
+
+
+def _settle(sample: Sample, job: dict[str, Any]) -> None:
+    """A finished job record's tokens, or what ended it otherwise."""
+    if job.get("status") == "succeeded":
         sample.tokens = job["result"]["usage"]["completion_tokens"]
     else:
-        sample.error = job["status"]
-    return sample
+        sample.error = str(job.get("error") or job.get("status"))
 
 
 async def plain(http: httpx.AsyncClient, prompt: str, seed: int) -> Sample:
@@ -624,6 +617,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("var/bench-report"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    if not {1, 16} <= set(levels):
+        parser.error("--concurrency must include 1 and 16: the routes and the targets use them")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     work = args.work / time.strftime("%Y%m%d-%H%M%S")
     prompts = Prompts()

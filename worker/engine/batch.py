@@ -63,21 +63,52 @@ def pick_tokens(
     return tokens, codes
 
 
-def drop_rows(
-    rows: list[Row], dropped: list[int], planner: Planner, widest: int
-) -> tuple[list[tuple[int, int]], int]:
-    """Drop the rows at indexes `dropped` from `rows` and `planner`: each hole below the new
-    size takes a row from the end. The moves (slot, from slot) for the batch's tensors, and the
-    widest origin left (`widest` before)."""
-    gone = [rows[i] for i in dropped]
-    moves = compaction(len(rows), dropped)
-    for slot, source in moves:
-        rows[slot] = rows[source]
-    del rows[len(rows) - len(dropped) :]
-    planner.add((row.params for row in gone), -1)
-    if max(row.origin for row in gone) >= widest:
-        widest = max(row.origin for row in rows)
-    return moves, widest
+class RowBook:
+    """What both kinds of batch keep of their rows, in slot order: the rows, the forward passes
+    taken, the widest origin among them, and their sampling plan (worked out again when the rows
+    change)."""
+
+    def __init__(self, rows: list[Row], device: torch.device) -> None:
+        self.rows = rows
+        self.passes = 0  # forward passes this batch has taken
+        self._device = device
+        self._widest = max(row.origin for row in rows)
+        self.planner = Planner()
+        self.planner.add(row.params for row in rows)
+        self._plan: Plan | None = None  # of the rows as they are; None: to work out
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _take_rows(self, other: RowBook) -> None:
+        """Count in `other`'s rows, prefilled by the same pass, after these."""
+        shift = self.passes - other.passes
+        for row in other.rows:
+            row.first_pass += shift
+        self._widest = max(self._widest, max(row.origin for row in other.rows))  # shifted
+        self.planner.add(row.params for row in other.rows)
+        self._plan = None
+        self.rows += other.rows
+
+    def _drop_rows(self, dropped: list[int]) -> list[tuple[int, int]]:
+        """Drop the rows at indexes `dropped`: each hole below the new size takes a row from
+        the end. The moves (slot, from slot) the batch's tensors make too."""
+        rows = self.rows
+        gone = [rows[i] for i in dropped]
+        moves = compaction(len(rows), dropped)
+        for slot, source in moves:
+            rows[slot] = rows[source]
+        del rows[len(rows) - len(dropped) :]
+        self.planner.add((row.params for row in gone), -1)
+        self._plan = None
+        if max(row.origin for row in gone) >= self._widest:
+            self._widest = max(row.origin for row in rows)
+        return moves
+
+    def _sampling_plan(self) -> Plan:
+        if self._plan is None:
+            self._plan = self.planner.plan([row.params for row in self.rows], self._device)
+        return self._plan
 
 
 @dataclass(eq=False)
@@ -153,7 +184,7 @@ class Step:
     codes: list[int]
 
 
-class Batch:
+class Batch(RowBook):
     """`input_ids` (B, T) are the tokens to feed next: whole prompts before the first pass, one
     token per row after. The mask buffer (B x 1 x columns x 1, bool) covers the cache and those
     inputs; `slots` holds each row's sampling parameters and counters."""
@@ -167,20 +198,12 @@ class Batch:
         slots: SlotTensors,
         attention: fused.Attention | None = None,
     ) -> None:
-        self.rows = rows
+        super().__init__(rows, mask.device)
         self.input_ids = input_ids
         self.mask = mask
         self.cache = cache
         self.slots = slots
-        self.passes = 0  # forward passes this batch has taken
         self._attention = attention  # a prefill batch's, before its pass
-        self._widest = max(row.origin for row in rows)
-        self.planner = Planner()
-        self.planner.add(row.params for row in rows)
-        self._plan: Plan | None = None  # of the rows as they are; None: to work out
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     @property
     def cached_tokens(self) -> int:
@@ -279,13 +302,7 @@ class Batch:
         self.mask.append_rows(other.mask.windows(), width)
         self.slots.append(other.slots)
         # `input_ids` stay as they are: `advance` replaces them for every row.
-        shift = self.passes - other.passes
-        for row in other.rows:
-            row.first_pass += shift
-        self._widest = max(self._widest, max(row.origin for row in other.rows))
-        self.planner.add(row.params for row in other.rows)
-        self._plan = None
-        self.rows += other.rows
+        self._take_rows(other)
         return self
 
     def advance(self, logits: torch.Tensor, eos_ids: torch.Tensor) -> Step:
@@ -308,8 +325,7 @@ class Batch:
             return None
         if not dropped:
             return self
-        moves, self._widest = drop_rows(self.rows, dropped, self.planner, self._widest)
-        self._plan = None
+        moves = self._drop_rows(dropped)
         # The mask is one column ahead of the cache (the next inputs'): the widest row left
         # spans `_widest + passes` of its columns, and every column before it is padding.
         drop_columns = self.mask.width - (self._widest + self.passes)
@@ -325,11 +341,6 @@ class Batch:
         if plan.dst is not None and plan.src is not None:
             ids[plan.dst] = ids[plan.src]
         self.input_ids = ids[: plan.rows]
-
-    def _sampling_plan(self) -> Plan:
-        if self._plan is None:
-            self._plan = self.planner.plan([row.params for row in self.rows], self.mask.device)
-        return self._plan
 
     def restore_cache_length(self, length: int) -> None:
         """Undo a forward pass that failed half way (some layers appended, others not)."""

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from worker.engine.batch import FAILED, Row, Step, drop_rows, pick_tokens
+from worker.engine.batch import FAILED, Row, RowBook, Step, pick_tokens
 from worker.engine.kv_cache import compaction_plan
 from worker.engine.prefix_cache import KV, PrefixHit
-from worker.engine.sampling import Plan, Planner
 from worker.engine.slots import SlotTensors
 from worker.engine.static_cache import Geometry, StaticCache
 from worker.engine.static_forward import PrefillPart
@@ -49,22 +48,14 @@ class SlotState:
         self.cache.clear()
 
 
-class StaticBatch:
+class StaticBatch(RowBook):
     def __init__(
         self, state: SlotState, rows: list[Row], first: int, part: PrefillPart | None = None
     ) -> None:
+        super().__init__(rows, state.tokens.device)
         self.state = state
-        self.rows = rows
         self.first = first
-        self.passes = 0
         self.part = part  # a prefill batch's, before its pass
-        self._widest = max(row.origin for row in rows)
-        self.planner = Planner()
-        self.planner.add(row.params for row in rows)
-        self._plan: Plan | None = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     @property
     def span(self) -> int:
@@ -138,13 +129,7 @@ class StaticBatch:
     def extend(self, other: StaticBatch) -> StaticBatch:
         """Count in `other`'s rows, prefilled by the same pass into the slots after these."""
         assert other.first == self.first + len(self.rows), "a prefill batch follows the running one"
-        shift = self.passes - other.passes
-        for row in other.rows:
-            row.first_pass += shift
-        self._widest = max(self._widest, max(row.origin for row in other.rows))
-        self.planner.add(row.params for row in other.rows)
-        self._plan = None
-        self.rows += other.rows
+        self._take_rows(other)
         self.part = None
         return self
 
@@ -175,8 +160,7 @@ class StaticBatch:
         if not dropped:
             return self
         span = self.span
-        moves, self._widest = drop_rows(self.rows, dropped, self.planner, self._widest)
-        self._plan = None
+        moves = self._drop_rows(dropped)
         plan = compaction_plan(len(self.rows), moves, 0, self.state.tokens.device)
         state = self.state
         if plan.dst is not None and plan.src is not None:
@@ -188,10 +172,3 @@ class StaticBatch:
     def restore_cache_length(self, length: int) -> None:
         """Nothing to undo after a failed pass: a pass rewrites the same columns when it runs
         again."""
-
-    def _sampling_plan(self) -> Plan:
-        if self._plan is None:
-            self._plan = self.planner.plan(
-                [row.params for row in self.rows], self.state.tokens.device
-            )
-        return self._plan
