@@ -17,11 +17,15 @@ a distinct seed each, `ignore_eos`, so every request generates exactly 64 tokens
 - in the same run, the engine alone (in this process, no queue, no HTTP) at each concurrency,
   and a plain FastAPI app calling `model.generate` per request (`bench.plain_server`) at each.
 
+At each concurrency the three systems run back to back, so that the ratios the targets take
+compare figures measured minutes apart, not half an hour.
+
 For each: requests/s, generated tokens/s, time to first token, inter-token latency and
 end-to-end latency at p50/p90/p99 (TTFT and ITL only where tokens stream), and the error rate.
 Tokens/s counts each request's tokens as spread over its streaming time, within the measured
 window (after a warm-up of `--warmup` seconds). With `--write-docs` it writes the tables and
-plots (PNG) into docs/benchmarks.md between its markers, with the machine described.
+plots (PNG) into docs/benchmarks.md between the markers of its kind of device, with the machine
+described: a run on a GPU writes a second section, labelled with the card, beside the CPU one.
 """
 
 from __future__ import annotations
@@ -50,9 +54,9 @@ from common.schemas import ChatMessage, GenerationRequest
 from common.settings import Settings
 from genq.redis_server import RedisServer, free_port
 from tests.procs import Proc, genq_env, start_gateway, start_worker
-from worker.engine import EngineLimits
 from worker.engine.sampling import SamplingParams
 from worker.loading import LoadedModel, load_model
+from worker.models import decode_config, engine_limits
 
 NEW_TOKENS = 64
 TOPICS = [
@@ -66,7 +70,9 @@ TOPICS = [
     "how vaccines work",
 ]
 DOCS = Path("docs/benchmarks.md")
-BEGIN, END = "<!-- bench.report: begin -->", "<!-- bench.report: end -->"
+# One section per kind of device: a GPU run writes its own tables beside the CPU run's.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BEGIN, END = f"<!-- bench.report {DEVICE}: begin -->", f"<!-- bench.report {DEVICE}: end -->"
 
 
 class Prompts:
@@ -328,8 +334,10 @@ def measure(
 def engine_alone(
     lm: LoadedModel, concurrency: int, prompts: Prompts, args: argparse.Namespace
 ) -> Figures:
-    """The same workload through the engine in this process: no queue, no Redis, no HTTP."""
-    driver = EngineDriver(lm, EngineLimits(max_batch_size=max(32, concurrency)))
+    """The same workload through the engine in this process, configured as the stack's worker
+    is (its settings' limits and decode path): no queue, no Redis, no HTTP."""
+    settings = Settings(model=args.model)
+    driver = EngineDriver(lm, engine_limits(settings), decode_config(settings))
     samples: dict[str, Sample] = {}
     rng = random.Random(0)
     began = time.perf_counter()
@@ -511,7 +519,7 @@ def plots(results: dict[str, list[Figures]], out: Path) -> list[Path]:
         ax.legend()
     ttft.set_yscale("log")
     fig.tight_layout()
-    made.append(out / "report-concurrency.png")
+    made.append(out / f"report-concurrency-{DEVICE}.png")
     fig.savefig(made[-1], dpi=110)
     plt.close(fig)
 
@@ -529,7 +537,7 @@ def plots(results: dict[str, list[Figures]], out: Path) -> list[Path]:
     for ax in (routes, batch):
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    made.append(out / "report-routes-batch.png")
+    made.append(out / f"report-routes-batch-{DEVICE}.png")
     fig.savefig(made[-1], dpi=110)
     plt.close(fig)
     return made
@@ -580,15 +588,20 @@ def targets(results: dict[str, list[Figures]]) -> list[str]:
     return lines
 
 
-def markdown(results: dict[str, list[Figures]], images: list[Path], duration: float) -> str:
+def markdown(
+    results: dict[str, list[Figures]], images: list[Path], duration: float, model: str | None
+) -> str:
+    card = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "CPU"
     return "\n\n".join(
         [
             BEGIN,
-            "## Serving under load (`python -m bench.report`)",
-            f"Machine: {machine()}. Default model, {NEW_TOKENS} new tokens a request "
-            "(`ignore_eos`), chat prompts never seen before, sampled with distinct seeds; closed "
-            f"loops of {duration:.0f} s each after a warm-up. The engine alone reports a "
-            "request's first output and its end, so its ITL is each request's mean gap.",
+            f"## Serving under load, {card} (`python -m bench.report`)",
+            f"Machine: {machine()}. Model: {model or 'the default model'}, {NEW_TOKENS} new "
+            "tokens a request (`ignore_eos`), chat prompts never seen before, sampled with "
+            f"distinct seeds; closed loops of {duration:.0f} s each after a warm-up; at each "
+            "concurrency genq, the engine alone and the plain app were measured back to back. "
+            "The engine alone reports a request's first output and its end, so its ITL is each "
+            "request's mean gap.",
             "### Concurrency: genq (OpenAI chat streaming), the engine alone, a plain FastAPI app",
             table(results["sweep"], "concurrency (genq)"),
             table(results["engine"], "concurrency (engine alone)"),
@@ -612,7 +625,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10, help="seconds before each window")
     parser.add_argument("--concurrency", default="1,4,16,32,64")
     parser.add_argument("--batch-sizes", default="1,4,8,16,32")
-    parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md")
+    parser.add_argument("--write-docs", action="store_true", help="write the tables and plots")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="the Markdown file to write")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--work", type=Path, default=Path("var/bench-report"))
     args = parser.parse_args()
@@ -626,12 +640,21 @@ def main() -> None:
         k: [] for k in ("sweep", "routes", "batch", "engine", "plain")
     }
 
+    # This machine's speed drifts by up to 2x within hours: the three systems are measured back
+    # to back at each concurrency, so the ratios the targets take compare like with like.
     stack = Stack(work, args.model)
+    plain_server: PlainServer | None = None
     try:
+        plain_server = PlainServer(args.model, work)
+        lm = load_model(Settings(model=args.model))
         stack.serve()
         for c in levels:
             results["sweep"].append(
                 measure("genq", stack.base, "openai stream", openai_stream, c, prompts, args)
+            )
+            results["engine"].append(engine_alone(lm, c, prompts, args))
+            results["plain"].append(
+                measure("plain FastAPI", plain_server.base, "generate", plain, c, prompts, args)
             )
         for name, route in ROUTES.items():
             if name != "openai stream":
@@ -646,29 +669,18 @@ def main() -> None:
             results["batch"].append(figures)
     finally:
         stack.close()
-
-    plain_server = PlainServer(args.model, work)
-    try:
-        for c in levels:
-            results["plain"].append(
-                measure("plain FastAPI", plain_server.base, "generate", plain, c, prompts, args)
-            )
-    finally:
-        plain_server.close()
-
-    lm = load_model(Settings(model=args.model))
-    for c in levels:
-        results["engine"].append(engine_alone(lm, c, prompts, args))
+        if plain_server is not None:
+            plain_server.close()
 
     if args.write_docs:
-        images = plots(results, DOCS.parent)
-        text = DOCS.read_text()
-        section = markdown(results, images, args.duration)
+        images = plots(results, args.docs.parent)
+        text = args.docs.read_text() if args.docs.exists() else ""
+        section = markdown(results, images, args.duration, args.model)
         if BEGIN in text:
             text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
         else:
             text = text.rstrip("\n") + "\n\n" + section + "\n"
-        DOCS.write_text(text)
+        args.docs.write_text(text)
     if args.json:
         print(orjson.dumps({k: [asdict(f) for f in v] for k, v in results.items()}).decode())
     else:

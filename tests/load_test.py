@@ -24,12 +24,12 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 from locust import HttpUser, between, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
+from sseclient import SSEClient
 
 SHORT = ["Hi!", "Name a colour.", "What is 2 + 2?", "Say hello in French."]
 LONG = [
@@ -155,20 +155,6 @@ class SyncUser(GenqUser):
             self.check_job("/v1/generate", resp.json(), body["max_new_tokens"])
 
 
-def _sse(lines: Iterator[bytes]) -> Iterator[tuple[str, str, str]]:
-    """(id, event, data) of each event of a text/event-stream, comments skipped."""
-    fields: dict[str, str] = {}
-    for raw in lines:
-        line = raw.decode()
-        if not line:
-            if "data" in fields:
-                yield fields.get("id", ""), fields.get("event", "message"), fields["data"]
-            fields = {}
-        elif not line.startswith(":"):
-            name, _, value = line.partition(":")
-            fields[name] = value.removeprefix(" ")
-
-
 class StreamUser(GenqUser):
     @task
     def stream_with_a_resume(self) -> None:
@@ -192,12 +178,13 @@ class StreamUser(GenqUser):
                 if resp.status_code != 200:
                     self.fail(name, f"{resp.status_code} on the stream of {job_id}")
                     return
-                for event_id, kind, data in _sse(resp.iter_lines()):
-                    payload = json.loads(data)
-                    if kind == "error" and "status" not in payload:
+                # chunk_size=None: each chunk as it comes, not fixed-size reads that wait
+                for event in SSEClient(resp.iter_content(chunk_size=None)).events():
+                    payload = json.loads(event.data)
+                    if event.event == "error" and "status" not in payload:
                         break  # a resumable break: reconnect after `last`
-                    last = event_id
-                    if kind != "token":
+                    last = event.id or ""
+                    if event.event != "token":
                         final = payload
                         break
                     now = time.monotonic()
@@ -247,11 +234,11 @@ class OpenAIStreamUser(GenqUser):
             if resp.status_code != 200:
                 resp.failure(f"{resp.status_code}: {resp.text[:200]}")
                 return
-            for _, _, data in _sse(resp.iter_lines()):
-                if data == "[DONE]":
+            for event in SSEClient(resp.iter_content(chunk_size=None)).events():
+                if event.data == "[DONE]":
                     done = True
                     break
-                chunk = json.loads(data)
+                chunk = json.loads(event.data)
                 if "error" in chunk:
                     resp.failure(f"error chunk: {chunk['error']}")
                     return

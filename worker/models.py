@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.catalog import CatalogSource, ModelSpec, UnknownModel
+from common.catalog import CatalogSource, EngineSpec, ModelSpec, UnknownModel
 from common.registry import HeldModel, ModelState
 from common.settings import Settings
 from worker import metrics
@@ -278,15 +278,8 @@ class ModelManager:
         await self._make_room(0, 0.0, keep=held)  # the estimate may have been low
 
     def _install(self, held: Held, lm: LoadedModel, *, start: bool) -> None:
-        s, e = self.settings, held.spec.engine
-        limits = EngineLimits(
-            max_batch_size=e.max_batch_size or s.max_batch_size,
-            max_batch_tokens=e.max_batch_tokens or s.max_batch_tokens,
-            max_prefill_tokens=e.max_prefill_tokens or s.max_prefill_tokens,
-            memory_limit_bytes=s.memory_limit_mb * 2**20,
-            prefix_cache_bytes=s.prefix_cache_mb * 2**20,
-        )
-        engine = Engine(lm, limits, self.on_step, decode_config(s))
+        limits = engine_limits(self.settings, held.spec.engine)
+        engine = Engine(lm, limits, self.on_step, decode_config(self.settings))
         if start:
             engine.start()
         held.lm, held.engine, held.bytes = lm, engine, lm.weight_bytes
@@ -346,6 +339,18 @@ class ModelManager:
         gc.collect()
         if device is not None and device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def engine_limits(settings: Settings, spec: EngineSpec | None = None) -> EngineLimits:
+    """A model's engine limits: its catalog entry's, the worker's settings for those unset."""
+    e = spec or EngineSpec()
+    return EngineLimits(
+        max_batch_size=e.max_batch_size or settings.max_batch_size,
+        max_batch_tokens=e.max_batch_tokens or settings.max_batch_tokens,
+        max_prefill_tokens=e.max_prefill_tokens or settings.max_prefill_tokens,
+        memory_limit_bytes=settings.memory_limit_mb * 2**20,
+        prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
+    )
 
 
 def decode_config(settings: Settings) -> DecodeConfig:
