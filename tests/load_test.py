@@ -173,10 +173,14 @@ class StreamUser(GenqUser):
         while final is None and time.monotonic() - started < 300:
             headers = {"Last-Event-ID": last} if last else {}
             with self.client.get(
-                f"/v1/jobs/{job_id}/events", headers=headers, stream=True, name=name
+                f"/v1/jobs/{job_id}/events",
+                headers=headers,
+                stream=True,
+                name=name,
+                catch_response=True,
             ) as resp:
                 if resp.status_code != 200:
-                    self.fail(name, f"{resp.status_code} on the stream of {job_id}")
+                    resp.failure(f"{resp.status_code} on the stream of {job_id}")
                     return
                 # chunk_size=None: each chunk as it comes, not fixed-size reads that wait
                 for event in SSEClient(resp.iter_content(chunk_size=None)).events():
