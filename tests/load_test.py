@@ -99,8 +99,14 @@ class GenqUser(HttpUser):
     def fail(self, name: str, message: str) -> None:
         _record("CHECK", name, 0.0, AssertionError(message))
 
-    def metric(self, kind: str, name: str, seconds: float) -> None:
-        _record(kind, name, seconds * 1000, None)
+    def token_came(self, name: str, started: float, previous: float | None) -> float:
+        """A streamed token's time to first token (the first) or inter-token latency; when."""
+        now = time.monotonic()
+        if previous is None:
+            _record("TTFT", name, (now - started) * 1000, None)
+        else:
+            _record("ITL", name, (now - previous) * 1000, None)
+        return now
 
     def check_job(self, name: str, job: dict[str, Any], asked: int) -> bool:
         """A finished job holds exactly the tokens it asked for."""
@@ -191,12 +197,7 @@ class StreamUser(GenqUser):
                     if event.event != "token":
                         final = payload
                         break
-                    now = time.monotonic()
-                    if previous is None:
-                        self.metric("TTFT", name, now - started)
-                    else:
-                        self.metric("ITL", name, now - previous)
-                    previous = now
+                    previous = self.token_came(name, started, previous)
                     indexes.append(payload["index"])
                     text += payload["text"]
                     if len(indexes) == drop_after:
@@ -249,12 +250,7 @@ class OpenAIStreamUser(GenqUser):
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices", []):
                     if content := choice["delta"].get("content"):
-                        now = time.monotonic()
-                        if previous is None:
-                            self.metric("TTFT", name, now - started)
-                        else:
-                            self.metric("ITL", name, now - previous)
-                        previous = now
+                        previous = self.token_came(name, started, previous)
                         text += content
             if not done or usage is None or not text:
                 resp.failure(f"stream ended early: done={done}, usage={usage}, text={text!r}")
