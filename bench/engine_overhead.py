@@ -28,9 +28,11 @@ import torch
 from common.schemas import GenerationRequest
 from common.settings import Settings
 from tests.tiny_model import build_tiny_model
+from worker import metrics
 from worker.engine import Engine, EngineLimits, EngineRequest, RowOutput
+from worker.engine.model import LoadedModel
 from worker.engine.sampling import SamplingParams
-from worker.loading import LoadedModel, load_model
+from worker.loading import load_model
 
 ROW_COUNTS = (1, 16, 64, 256)
 WARM_STEPS = 4
@@ -73,7 +75,7 @@ def step_ms(lm: LoadedModel, rows: int, mixed: bool) -> float:
         max_prefill_tokens=2**30,
         prefix_cache_bytes=0,
     )
-    engine = Engine(lm, limits, _ignore)
+    engine = Engine(lm, limits, _ignore, on_stats=metrics.EngineMetrics())
     params = kinds(WARM_STEPS + TIMED_STEPS + 2)
     for i in range(rows):
         request = GenerationRequest(prompt=f"{i} Hi there")

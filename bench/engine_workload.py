@@ -14,10 +14,11 @@ import torch
 from transformers import GenerationConfig
 
 from common.schemas import ChatMessage, GenerationRequest
+from worker import metrics
 from worker.engine import DecodeConfig, Engine, EngineLimits, EngineRequest, RowOutput
 from worker.engine.generation import build_prompt_ids
+from worker.engine.model import LoadedModel
 from worker.engine.sampling import SamplingParams
-from worker.loading import LoadedModel
 
 TOPICS = [
     "the history of the printing press",
@@ -107,7 +108,8 @@ class EngineDriver:
         self.tokens: dict[str, int] = {}
         self.errors: list[str] = []
         self._cond = threading.Condition()
-        self.engine = Engine(lm, limits, self._on_step, decode)
+        # Its step series recorded as the worker records them.
+        self.engine = Engine(lm, limits, self._on_step, decode, on_stats=metrics.EngineMetrics())
         self.engine.start()
         self.used = 0  # workload items submitted so far: a later loop takes new prompts
 

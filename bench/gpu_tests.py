@@ -26,12 +26,13 @@ from common.settings import Settings
 from tests import static_checks
 from tests.engine_driver import reference, run
 from tests.tiny_model import build_tiny_model
-from worker.engine.graphs import CudaGraphRunner, cuda_graph_runner
+from worker.engine.config import DecodeConfig, describe
 from worker.engine.memory import kv_bytes_per_token
-from worker.engine.modes import DecodeConfig, describe
-from worker.engine.static_cache import ACTIVATION_RESERVE_BYTES, StaticCache, geometry
-from worker.engine.static_path import StaticDecoder
-from worker.loading import LoadedModel, load_model
+from worker.engine.model import LoadedModel
+from worker.engine.static.cache import ACTIVATION_RESERVE_BYTES, StaticCache, geometry
+from worker.engine.static.decoder import StaticDecoder
+from worker.engine.static.graphs import CudaGraphRunner, cuda_graph_runner
+from worker.loading import load_model
 
 
 def run_all(

@@ -3,7 +3,7 @@
     python -m bench.observability [--json] [--model PATH_OR_HUB_ID] [--rounds N]
 
 - engine_tok_s: `bench.engine`'s closed loop with 16 requests in flight (steady state), run with
-  the engine's metrics as shipped (`worker.metrics.observe_step` at the end of every step) and
+  the engine's metrics as shipped (`worker.metrics.observe_step` for every step's stats) and
   with that call replaced by a no-op, alternated over `--rounds` rounds so that the machine's
   drift falls on both alike; the overhead is the relative difference of the means;
 - observe_step_us: the cost of one `observe_step` call alone, against the mean step time of
@@ -31,7 +31,7 @@ from common.contract import WorkItem, WorkRequest
 from common.schemas import Job, JobResult, JobStatus, Usage
 from common.settings import Settings
 from worker import metrics, spans
-from worker.engine import Generation
+from worker.engine import Generation, StepStats
 from worker.loading import load_model
 
 CONCURRENCY = 16
@@ -42,12 +42,13 @@ class _Drop(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-def _skip(model: str, step: metrics.StepStats) -> None:
+def _skip(step: StepStats) -> None:
     """`observe_step` turned off."""
 
 
 def observe_step_us(n: int = 20_000) -> float:
-    stats = metrics.StepStats(
+    stats = StepStats(
+        model="bench@1",
         seconds=0.05,
         rows=16,
         tokens=16,
@@ -58,10 +59,11 @@ def observe_step_us(n: int = 20_000) -> float:
         kv_budget=65536,
         prefix_queries=0,
         prefix_hits=0,
+        prefix_cache_bytes=0,
     )
     started = time.perf_counter()
     for _ in range(n):
-        metrics.observe_step("bench@1", stats)
+        metrics.observe_step(stats)
     return (time.perf_counter() - started) / n * 1e6
 
 

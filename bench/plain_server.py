@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from common.settings import Settings
-from worker.loading import LoadedModel, load_model
+from worker.engine.model import LoadedModel
+from worker.loading import load_model
 
 
 class Message(BaseModel):

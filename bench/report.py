@@ -54,8 +54,9 @@ from common.schemas import ChatMessage, GenerationRequest
 from common.settings import Settings
 from genq.redis_server import RedisServer, free_port
 from tests.procs import Proc, genq_env, start_gateway, start_worker
+from worker.engine.model import LoadedModel
 from worker.engine.sampling import SamplingParams
-from worker.loading import LoadedModel, load_model
+from worker.loading import load_model
 from worker.models import decode_config, engine_limits
 
 NEW_TOKENS = 64

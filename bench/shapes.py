@@ -48,8 +48,9 @@ from bench.engine_workload import (
 )
 from common.settings import Settings
 from worker.engine import DecodeConfig, EngineLimits
-from worker.engine.modes import describe
-from worker.loading import LoadedModel, converted_checkpoint, resolve_device, resolve_dtype
+from worker.engine.config import describe
+from worker.engine.model import LoadedModel
+from worker.loading import converted_checkpoint, resolve_device, resolve_dtype
 from worker.model_fetch import ensure_default_model
 
 # KV-cache tokens per row of the engines: a slot of the static path holds the longest request

@@ -11,7 +11,8 @@ from common.settings import Settings
 from genq.redis_server import RedisServer, free_port
 from tests.procs import Proc, genq_env, start_gateway, start_worker
 from tests.tiny_model import build_tiny_model
-from worker.loading import LoadedModel, load_model
+from worker.engine.model import LoadedModel
+from worker.loading import load_model
 
 TINY_NAME = "tiny"
 TINY_KEY = f"{TINY_NAME}@1"  # the built-in registry serves GENQ_MODEL as version 1

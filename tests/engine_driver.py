@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 import torch
 
 from common.schemas import ChatMessage, GenerationRequest
+from worker import metrics
 from worker.engine import Engine, EngineLimits, EngineRequest, RowOutput
+from worker.engine.config import DecodeConfig, DecodeMode
 from worker.engine.generation import Generation, GenerationError, build_prompt_ids
-from worker.engine.modes import DecodeConfig, DecodeMode
+from worker.engine.model import LoadedModel
 from worker.engine.sampling import SamplingParams
-from worker.loading import LoadedModel
 
 PROMPTS = [
     "Hi",
@@ -60,7 +61,7 @@ def run(
     decode: DecodeConfig | None = None,
 ) -> Collector:
     out = Collector()
-    engine = Engine(lm, limits or EngineLimits(), out, decode)
+    engine = Engine(lm, limits or EngineLimits(), out, decode, on_stats=metrics.EngineMetrics())
     try:
         drive(engine, out, jobs, cancel, before_step)
     finally:

@@ -11,10 +11,10 @@ import torch
 
 from tests.engine_driver import PROMPTS, SHARED_START, Collector, Job, greedy, reference, run
 from worker.engine import EngineLimits
-from worker.engine.graphs import DecodeFn, EagerRunner, Runner, RunnerFactory
-from worker.engine.modes import DecodeConfig, DecodeMode
+from worker.engine.config import DecodeConfig, DecodeMode
+from worker.engine.model import LoadedModel
 from worker.engine.sampling import SamplingParams
-from worker.loading import LoadedModel
+from worker.engine.static.graphs import DecodeFn, EagerRunner, Runner, RunnerFactory
 
 # 8 slots of 384 tokens: rows buckets 1, 2, 4, 8 and length buckets 128, 256, 384.
 LIMITS = EngineLimits(max_batch_size=8, max_batch_tokens=8 * 384)

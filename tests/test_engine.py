@@ -21,12 +21,13 @@ from tests.engine_driver import (
 from tests.tiny_model import build_tiny_model
 from worker import metrics
 from worker.engine import Engine, EngineLimits, fused
-from worker.engine.batch import Batch
+from worker.engine.eager.batch import Batch
+from worker.engine.eager.kv_cache import SlotBuffer
 from worker.engine.generation import build_prompt_ids
-from worker.engine.kv_cache import SlotBuffer
+from worker.engine.model import LoadedModel
 from worker.engine.sampling import SamplingParams
 from worker.engine.textstream import TextStream
-from worker.loading import LoadedModel, load_model
+from worker.loading import load_model
 from worker.models import swappable
 
 

@@ -12,12 +12,12 @@ from common.schemas import GenerationRequest
 from tests.engine_driver import PROMPTS, SHARED_START, Job, greedy, reference, run
 from worker import metrics
 from worker.engine import EngineLimits
-from worker.engine import engine as engine_module
-from worker.engine.batch import Batch, forward_all
+from worker.engine.eager import path as eager_path
+from worker.engine.eager.batch import Batch, forward_all
+from worker.engine.eager.kv_cache import SlotLayer
 from worker.engine.generation import build_prompt_ids
-from worker.engine.kv_cache import SlotLayer
 from worker.engine.memory import padded_peak
-from worker.loading import LoadedModel
+from worker.engine.model import LoadedModel
 
 # Not periodic: a long prompt of one repeated word would make a random model repeat itself.
 LONG_PROMPT = " ".join(f"{word} {i}" for i, word in enumerate(PROMPTS[2].split() * 3))
@@ -62,7 +62,7 @@ def cache_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         sizes.append(size)
         return logits
 
-    monkeypatch.setattr(engine_module, "forward_all", measured)
+    monkeypatch.setattr(eager_path, "forward_all", measured)
     return sizes
 
 

@@ -20,10 +20,12 @@ from tests.engine_driver import PROMPTS, Collector, Job, greedy, reference, run
 from tests.sampling_harness import sample
 from tests.tiny_model import CHAT_TEMPLATE
 from worker.engine import Engine, EngineHealth, EngineLimits, EngineRequest, RowOutput, textstream
-from worker.engine.batch import FAILED, Batch, forward_all, new_row
+from worker.engine.eager.batch import Batch, forward_all
 from worker.engine.generation import build_prompt_ids
+from worker.engine.model import LoadedModel
+from worker.engine.rows import FAILED, new_row
 from worker.engine.sampling import SamplingParams
-from worker.loading import LoadedModel, load_model
+from worker.loading import load_model
 
 POISONED_PROMPT = "emoji 🎉 and 日本語"
 

@@ -11,11 +11,13 @@ from common.schemas import GenerationRequest
 from common.settings import Settings
 from tests.tiny_model import build_tiny_model
 from worker.engine import fused
-from worker.engine.batch import Batch, forward, forward_all, new_row
+from worker.engine.eager.batch import Batch, forward, forward_all
 from worker.engine.generation import build_prompt_ids
+from worker.engine.model import LoadedModel
 from worker.engine.prefix_cache import PrefixCache
+from worker.engine.rows import new_row
 from worker.engine.sampling import SamplingParams
-from worker.loading import LoadedModel, load_model
+from worker.loading import load_model
 
 RUNNING = ["Hi", "The capital of France is", "Once upon a time there was a small model that"]
 SHARED_START = "You are a careful assistant: answer briefly, precisely, and in plain words. "
@@ -50,7 +52,7 @@ def test_a_fused_step_equals_the_models_own_passes(tmp_path: Path, architecture:
     lm = tiny(tmp_path, architecture)
     assert fused.supports(lm.model)
     # One admitted prompt starts with a cached prefix: its mask reads [pad, prefix, pad, rest].
-    prefixes = PrefixCache(lm.name, 2**20)
+    prefixes = PrefixCache(2**20)
     seeded = batch_of(lm, [SHARED_START + "Paris"])
     forward(lm, seeded)
     prefixes.store(seeded.rows[0].prompt_ids, seeded.prompt_kv(0))

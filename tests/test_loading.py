@@ -15,8 +15,8 @@ import torch.utils.mkldnn
 from common.catalog import ModelSpec
 from common.settings import Settings
 from tests.procs import genq_env
+from worker.engine.model import LoadedModel
 from worker.loading import (
-    LoadedModel,
     ModelLoadError,
     converted_checkpoint,
     load_model,

@@ -26,7 +26,7 @@ SHARED = list(range(100, 100 + MIN_MATCH_TOKENS + 4))
 
 
 def test_lookup_gives_the_longest_cached_start_and_its_keys_and_values() -> None:
-    cache = PrefixCache("m", 2**20)
+    cache = PrefixCache(2**20)
     stored(cache, [*SHARED, 1, 2, 3])
     stored(cache, [*SHARED, 1, 2, 9, 9])
     hit = cache.lookup([*SHARED, 1, 2, 9, 5, 6])
@@ -40,7 +40,7 @@ def test_lookup_gives_the_longest_cached_start_and_its_keys_and_values() -> None
 
 
 def test_the_last_prompt_token_is_always_left_to_prefill() -> None:
-    cache = PrefixCache("m", 2**20)
+    cache = PrefixCache(2**20)
     stored(cache, [*SHARED, 1, 2, 3])
     hit = cache.lookup([*SHARED, 1, 2, 3])  # the same prompt again
     assert hit is not None
@@ -48,7 +48,7 @@ def test_the_last_prompt_token_is_always_left_to_prefill() -> None:
 
 
 def test_short_matches_are_not_worth_a_hit() -> None:
-    cache = PrefixCache("m", 2**20)
+    cache = PrefixCache(2**20)
     stored(cache, [*SHARED, 1])
     assert cache.lookup([*SHARED[: MIN_MATCH_TOKENS - 1], 7, 7]) is None
     assert cache.lookup([*SHARED[:MIN_MATCH_TOKENS], 7, 7]) is not None
@@ -56,7 +56,7 @@ def test_short_matches_are_not_worth_a_hit() -> None:
 
 
 def test_a_longer_prompt_replaces_the_entries_it_starts_with() -> None:
-    cache = PrefixCache("m", 2**20)
+    cache = PrefixCache(2**20)
     stored(cache, [*SHARED, 1])
     stored(cache, [*SHARED, 1, 2, 3])
     assert len(cache) == 1
@@ -66,7 +66,7 @@ def test_a_longer_prompt_replaces_the_entries_it_starts_with() -> None:
 
 def test_the_least_recently_used_entries_go_first_when_the_budget_is_full() -> None:
     prompts = [[i, *SHARED] for i in range(3)]
-    cache = PrefixCache("m", 2 * len(prompts[0]) * BYTES_PER_TOKEN)
+    cache = PrefixCache(2 * len(prompts[0]) * BYTES_PER_TOKEN)
     stored(cache, prompts[0])
     stored(cache, prompts[1])
     assert cache.lookup([*prompts[0], 9]) is not None  # prompt 0 is now the most recent
@@ -78,10 +78,10 @@ def test_the_least_recently_used_entries_go_first_when_the_budget_is_full() -> N
 
 
 def test_an_entry_larger_than_the_budget_is_not_kept_and_clear_empties_the_cache() -> None:
-    cache = PrefixCache("m", 10 * BYTES_PER_TOKEN)
+    cache = PrefixCache(10 * BYTES_PER_TOKEN)
     cache.store(SHARED, kv_of(SHARED))
     assert len(cache) == 0
-    roomy = PrefixCache("m", 2**20)
+    roomy = PrefixCache(2**20)
     stored(roomy, SHARED)
     roomy.clear()
     assert len(roomy) == 0
@@ -90,7 +90,7 @@ def test_an_entry_larger_than_the_budget_is_not_kept_and_clear_empties_the_cache
 
 
 def test_a_prompt_matches_only_prompts_of_its_own_scope() -> None:
-    cache = PrefixCache("m", 2**20)
+    cache = PrefixCache(2**20)
     cache.store([*SHARED, 1, 2, 3], kv_of([*SHARED, 1, 2, 3]), "alice")
     assert cache.lookup([*SHARED, 1, 2, 3, 4], "bob") is None
     assert not cache.covers([*SHARED, 1], "bob")

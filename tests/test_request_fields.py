@@ -10,9 +10,9 @@ import pytest
 
 from tests.conftest import TINY_NAME, Stack
 from tests.engine_driver import PROMPTS, Job, greedy, run
-from worker.engine.modes import DecodeConfig
+from worker.engine.config import DecodeConfig
+from worker.engine.model import LoadedModel
 from worker.engine.sampling import SamplingParams
-from worker.loading import LoadedModel
 
 # Both decode paths mask end-of-sequence tokens: the eager one and the static one GPUs take.
 PATHS = pytest.mark.parametrize(

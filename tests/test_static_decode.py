@@ -16,11 +16,13 @@ from common.settings import Settings
 from tests import static_checks
 from tests.engine_driver import PROMPTS, Job, greedy, reference, run
 from tests.tiny_model import build_tiny_model
-from worker.engine import EngineLimits, compiling, fused
+from worker.engine import EngineLimits, fused
+from worker.engine.config import DecodeConfig
+from worker.engine.eager import compiling
 from worker.engine.generation import build_prompt_ids
-from worker.engine.modes import DecodeConfig
-from worker.engine.static_cache import CacheTooSmall, geometry
-from worker.loading import LoadedModel, load_model
+from worker.engine.model import LoadedModel
+from worker.engine.static.cache import CacheTooSmall, geometry
+from worker.loading import load_model
 from worker.models import decode_config
 
 STATIC = DecodeConfig(static="on")

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.schemas import Job, JobError, JobStatus
 from worker import metrics
+from worker.engine import StepStats
 
 
 def memory(collector: metrics.MemoryCollector) -> dict[str, float]:
@@ -45,8 +46,9 @@ def test_without_a_setting_the_limit_is_the_container_s(tmp_path: Path) -> None:
     assert "genq_worker_memory_limit_exceeded" not in read
 
 
-def step(rows: int) -> metrics.StepStats:
-    return metrics.StepStats(
+def step(model: str, rows: int) -> StepStats:
+    return StepStats(
+        model=model,
         seconds=0.01,
         rows=rows,
         tokens=rows * 3,
@@ -57,20 +59,23 @@ def step(rows: int) -> metrics.StepStats:
         kv_budget=1000,
         prefix_queries=40,
         prefix_hits=16,
+        prefix_cache_bytes=4096,
     )
 
 
 def test_a_step_sets_the_engine_series_and_a_gone_model_drops_its_gauges() -> None:
     model = "unit@1"
     labels = dict(zip(("pool", "model"), metrics.labels(model), strict=True))
-    metrics.observe_step(model, step(rows=0))  # an idle step: gauges only
+    series = metrics.EngineMetrics()
+    series(step(model, rows=0))  # an idle step: gauges only
     assert sample("genq_engine_step_duration_seconds_count", labels) == 0
-    metrics.observe_step(model, step(rows=4))
+    series(step(model, rows=4))
     assert sample("genq_engine_step_duration_seconds_count", labels) == 1
     assert sample("genq_kv_cache_usage_ratio", labels) == 0.3
     assert sample("genq_engine_rows_waiting_for_memory", labels) == 1
     assert sample("genq_prefix_cache_hits_total", labels) == 32  # 16 per step that looked
-    metrics.forget_model(model)
+    assert sample("genq_worker_prefix_cache_bytes", labels) == 4096
+    series.close()
     assert sample("genq_requests_running", labels) is None
     assert sample("genq_kv_cache_usage_ratio", labels) is None
 

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from common.catalog import ModelSpec, builtin_catalog
 from common.settings import Settings
+from worker.engine.model import LoadedModel
 from worker.model_fetch import ensure_default_model
 
 logger = logging.getLogger(__name__)
@@ -38,28 +38,6 @@ class ModelLoadError(RuntimeError):
         super().__init__(f"cannot load model {source!r}: {reason}")
         self.source = source
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    name: str  # name@version
-    source: str
-    model: Any  # a transformers PreTrainedModel; typed loosely since transformers ships no stubs
-    tokenizer: PreTrainedTokenizerBase
-    device: torch.device
-    dtype: torch.dtype
-    eos_token_ids: frozenset[int]
-    max_context: int
-    load_s: float
-    max_prompt_tokens: int | None = None  # the registry's limit, below the context window
-    compile: bool = False  # torch.compile asked for: the engine compiles what it runs
-    # The smallest attention window of its sliding-window layers, when it bounds max_context.
-    sliding_window: int | None = None
-
-    @property
-    def weight_bytes(self) -> int:
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def resolve_device(setting: str) -> torch.device:

@@ -5,7 +5,8 @@ Names follow the serving metrics operators know from vLLM and TGI, under the `ge
 `configure` at start) and `model` (the served `name@version` from the registry); the other labels
 take values from fixed sets (finish reasons, `ErrorCode`), never from a request.
 
-Three kinds of observation: `observe_step` once per engine step (on the engine thread),
+Three kinds of observation: each engine's `StepStats`, once per step on its thread, through
+an `EngineMetrics` (the engine's `on_stats`),
 `observe_start` and `observe_finish` once per job, and the process's memory, read at scrape time
 by `MemoryCollector`.
 """
@@ -15,9 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import psutil
 import torch
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -25,9 +24,7 @@ from prometheus_client.registry import Collector
 
 from common.contract import ErrorCode
 from common.schemas import Job, JobStatus
-
-if TYPE_CHECKING:
-    from worker.engine import Generation
+from worker.engine import Generation, MemoryMonitor, StepStats
 
 MODEL = ("pool", "model")
 
@@ -155,22 +152,6 @@ PREFIX_CACHE_BYTES = Gauge(
 
 
 @dataclass(frozen=True, slots=True)
-class StepStats:
-    """What one engine step measured."""
-
-    seconds: float
-    rows: int  # in the forward pass; 0 for a step that ran none
-    tokens: int  # the forward pass fed
-    running: int  # rows in the batch after the step
-    waiting: int
-    waiting_for_memory: int
-    kv_tokens: int  # the batch's cache after the step, padding included
-    kv_budget: int
-    prefix_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_hits: int  # of those, tokens found there
-
-
-@dataclass(frozen=True, slots=True)
 class _StepSeries:
     """One model's step series, resolved once: a step must not pay for label lookups."""
 
@@ -180,6 +161,7 @@ class _StepSeries:
     kv_usage: Gauge
     prefix_queries: Counter
     prefix_hits: Counter
+    prefix_bytes: Gauge
     tokens: Histogram
     batch_size: Histogram
     duration: Histogram
@@ -212,6 +194,7 @@ def _series(model: str) -> _StepSeries:
             kv_usage=KV_CACHE_USAGE.labels(*key),
             prefix_queries=PREFIX_CACHE_QUERIES.labels(*key),
             prefix_hits=PREFIX_CACHE_HITS.labels(*key),
+            prefix_bytes=PREFIX_CACHE_BYTES.labels(*key),
             tokens=STEP_TOKENS.labels(*key),
             batch_size=STEP_BATCH_SIZE.labels(*key),
             duration=STEP_DURATION.labels(*key),
@@ -219,12 +202,33 @@ def _series(model: str) -> _StepSeries:
     return found
 
 
-def observe_step(model: str, step: StepStats) -> None:
-    s = _series(model)
+class EngineMetrics:
+    """One engine's step series, fed its `StepStats` (the engine's `on_stats`, on its thread).
+    It owns the gauges of the model the engine decodes: they go when a swap changes the model,
+    and at `close`, once the engine has stopped."""
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+
+    def __call__(self, stats: StepStats) -> None:
+        if stats.model != self.model:
+            self.close()
+            self.model = stats.model
+        observe_step(stats)
+
+    def close(self) -> None:
+        if self.model is not None:
+            _forget_model(self.model)
+            self.model = None
+
+
+def observe_step(step: StepStats) -> None:
+    s = _series(step.model)
     s.running.set(step.running)
     s.waiting.set(step.waiting)
     s.waiting_for_memory.set(step.waiting_for_memory)
     s.kv_usage.set(step.kv_tokens / step.kv_budget)
+    s.prefix_bytes.set(step.prefix_cache_bytes)
     if step.prefix_queries:
         s.prefix_queries.inc(step.prefix_queries)
         s.prefix_hits.inc(step.prefix_hits)
@@ -234,12 +238,13 @@ def observe_step(model: str, step: StepStats) -> None:
         s.duration.observe(step.seconds)
 
 
-def forget_model(model: str) -> None:
+def _forget_model(model: str) -> None:
     """Drop a model's engine gauges: its engine now decodes another model, or is gone."""
     if _step_series.pop(model, None) is None:
         return
     key = labels(model)
-    for gauge in (REQUESTS_RUNNING, REQUESTS_WAITING, WAITING_FOR_MEMORY, KV_CACHE_USAGE):
+    gauges = (REQUESTS_RUNNING, REQUESTS_WAITING, WAITING_FOR_MEMORY, KV_CACHE_USAGE)
+    for gauge in (*gauges, PREFIX_CACHE_BYTES):
         gauge.remove(*key)
 
 
@@ -312,18 +317,21 @@ class MemoryCollector(Collector):
         self.device = device
         self.limit_bytes = limit_bytes
         self.cgroup_files = tuple(cgroup_files)
-        self._process = psutil.Process()
+        # What the engine checks its memory limit against.
+        self._monitor = MemoryMonitor(device, limit_bytes)
 
     def describe(self) -> Iterable[Metric]:
         return [family for family, _ in self._families()]
 
     def collect(self) -> Iterable[Metric]:
-        rss = float(self._process.memory_info().rss)
-        allocated = reserved = None
-        if self.device.type == "cuda" and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        rss = float(self._monitor.rss_bytes())
+        allocated = reserved = usage = None
+        cuda = self.device.type == "cuda"
+        if cuda and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             allocated = float(torch.cuda.memory_allocated(self.device))
             reserved = float(torch.cuda.memory_reserved(self.device))
-        usage = allocated if self.device.type == "cuda" else rss
+        if allocated is not None or not cuda:
+            usage = float(self._monitor.usage_bytes())
         limit = self._limit()
         values: dict[str, float | None] = {
             "genq_worker_rss_bytes": rss,

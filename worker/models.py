@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 import torch
 
 from common.catalog import CatalogSource, EngineSpec, ModelSpec, UnknownModel
+from common.contract import ErrorCode
 from common.registry import HeldModel, ModelState
 from common.settings import Settings
 from worker import metrics
 from worker.engine import DecodeConfig, Engine, EngineLimits, GenerationError, StepCallback
-from worker.loading import LoadedModel, ModelLoadError, estimated_bytes, load_spec
+from worker.engine.model import LoadedModel
+from worker.loading import ModelLoadError, estimated_bytes, load_spec
 from worker.model_fetch import ModelFetchError
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ _LOAD_ERRORS = (ModelLoadError, ModelFetchError, GenerationError, OSError)
 
 
 class ModelUnavailable(GenerationError):
-    code = "model_unavailable"
+    code = ErrorCode.model_unavailable
 
 
 @dataclass(eq=False)
@@ -48,6 +50,7 @@ class Held:
     reason: str | None = None
     lm: LoadedModel | None = None
     engine: Engine | None = None
+    engine_metrics: metrics.EngineMetrics | None = None  # its engine's step series
     bytes: int = 0
     in_flight: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -279,10 +282,12 @@ class ModelManager:
 
     def _install(self, held: Held, lm: LoadedModel, *, start: bool) -> None:
         limits = engine_limits(self.settings, held.spec.engine)
-        engine = Engine(lm, limits, self.on_step, decode_config(self.settings))
+        series = metrics.EngineMetrics()
+        engine = Engine(lm, limits, self.on_step, decode_config(self.settings), on_stats=series)
         if start:
             engine.start()
         held.lm, held.engine, held.bytes = lm, engine, lm.weight_bytes
+        held.engine_metrics = series
         held.state, held.reason, held.loaded_at = "ready", None, time.time()
         held.settled.set()
         logger.info("model %s ready (%.0f MB)", held.spec.key, held.bytes / 2**20)
@@ -332,9 +337,10 @@ class ModelManager:
         metrics.MODEL_BYTES.labels(*metrics.labels(held.spec.key)).set(0)
         if held.engine is not None:
             await asyncio.to_thread(held.engine.stop)
-            metrics.forget_model(held.spec.key)  # once its last step is done
+        if held.engine_metrics is not None:
+            held.engine_metrics.close()  # once its engine's last step is done
         device = held.lm.device if held.lm is not None else None
-        held.engine, held.lm, held.bytes = None, None, 0
+        held.engine, held.engine_metrics, held.lm, held.bytes = None, None, None, 0
         self.on_change()
         gc.collect()
         if device is not None and device.type == "cuda":

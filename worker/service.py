@@ -37,8 +37,14 @@ from common.schemas import (
 from common.settings import Settings
 from common.webhooks import enqueue_delivery
 from worker import metrics, spans
-from worker.engine import Engine, EngineRequest, Generation, GenerationError, RowOutput
-from worker.engine.sampling import SamplingParams
+from worker.engine import (
+    Engine,
+    EngineRequest,
+    Generation,
+    GenerationError,
+    RowOutput,
+    SamplingParams,
+)
 from worker.models import Held, ModelManager
 
 logger = logging.getLogger(__name__)

@@ -1,12 +1,16 @@
-"""The batching engine: scheduling, batches and their KV cache, the fused forward pass, sampling,
-the prefix cache and the text side. The process side of the worker (`worker.main`,
-`worker.service`, `worker.models`, ...) drives it through what this package exports."""
+"""The batching engine: scheduling, the decode paths (eager and static) with their batches and KV
+caches, sampling, the prefix cache and the text side. The process side of the worker
+(`worker.main`, the job runner, the model manager, `worker.metrics`) drives it through what this
+package exports; nothing here imports the rest of the worker."""
 
+from worker.engine.config import DecodeConfig, DecodeMode, EngineLimits
 from worker.engine.detokenizer import StepCallback
 from worker.engine.engine import Engine, EngineHealth, EngineRequest
 from worker.engine.generation import Generation, GenerationError, RowOutput
-from worker.engine.modes import DecodeConfig, DecodeMode
-from worker.engine.scheduling import EngineLimits
+from worker.engine.memory import MemoryMonitor
+from worker.engine.model import LoadedModel
+from worker.engine.sampling import SamplingParams
+from worker.engine.stats import StatsCallback, StepStats
 
 __all__ = [
     "DecodeConfig",
@@ -17,6 +21,11 @@ __all__ = [
     "EngineRequest",
     "Generation",
     "GenerationError",
+    "LoadedModel",
+    "MemoryMonitor",
     "RowOutput",
+    "SamplingParams",
+    "StatsCallback",
     "StepCallback",
+    "StepStats",
 ]

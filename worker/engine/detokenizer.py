@@ -26,13 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.schemas import FinishReason
-from worker.engine.batch import EOS, FAILED, Row, Step
 from worker.engine.generation import (
     DetokenizationError,
     GenerationError,
     NumericalError,
     RowOutput,
 )
+from worker.engine.rows import EOS, FAILED, Ending, Row, Step
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +40,6 @@ StepCallback = Callable[[list[RowOutput]], None]
 
 _STEPS_AHEAD = 2
 _STOP = None  # the record that ends the thread
-
-
-@dataclass(frozen=True, slots=True)
-class Ending:
-    """A request that ended other than by its tokens: `row` is None for one that never became a
-    row (its prompt was refused); `reason` for a finish, `error` for a failure."""
-
-    request_id: str
-    row: Row | None
-    reason: FinishReason | None = None
-    error: GenerationError | None = None
 
 
 @dataclass(slots=True)

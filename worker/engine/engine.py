@@ -1,8 +1,9 @@
-"""The continuous-batching engine: one thread owns the model and, at every step, admits waiting
-requests into the running batch, runs one forward pass and one sampling pass over all its rows,
-and drops the rows that ended. Its text side, a thread of its own (`detokenizer.py`), turns each
-step's token ids into text and reports the step's outputs, for all rows at once, through
-`on_step`.
+"""The continuous-batching engine: one thread owns the model and, at every step, schedules
+(admits waiting requests into the running batch), executes (one forward pass and one sampling
+pass over all its rows, through its decode path) and updates (drops the rows that ended). Its
+text side, a thread of its own (`detokenizer.py`), turns each step's token ids into text and
+reports the step's outputs, for all rows at once, through `on_step`; each step's measurements go
+to `on_stats`.
 
 Callers (arq job coroutines) `submit` requests and `cancel` them from any thread. Every request
 the engine accepts gets a last output (finished or failed), whatever goes wrong: a fault of one
@@ -20,14 +21,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from common.schemas import FinishReason
-from worker import metrics
-from worker.engine.batch import Batch, Row, forward_all, new_row
-from worker.engine.compiling import compile_forward, uncompile
-from worker.engine.detokenizer import Detokenizer, Ending, Record, StepCallback
+from worker.engine.config import DecodeConfig, DecodeMode, EngineLimits
+from worker.engine.decode_path import NOTHING, Admission, DecodePath
+from worker.engine.detokenizer import Detokenizer, Record, StepCallback
+from worker.engine.eager.kv_cache import check_supported
 from worker.engine.generation import (
     EngineFault,
     GenerationError,
@@ -38,16 +40,13 @@ from worker.engine.generation import (
     check_context,
     is_device_error,
 )
-from worker.engine.kv_cache import check_supported
-from worker.engine.memory import MemoryMonitor, kv_bytes_per_token
-from worker.engine.modes import DecodeConfig, DecodeMode, describe
-from worker.engine.prefix_cache import PrefixCache, PrefixHit
+from worker.engine.memory import MemoryMonitor
+from worker.engine.model import LoadedModel
+from worker.engine.paths import choose_path
+from worker.engine.prefix_cache import PrefixCache
+from worker.engine.rows import Ending, Row, Step, new_row
 from worker.engine.sampling import SamplingParams
-from worker.engine.scheduling import EngineLimits, admit, admit_to_slots
-from worker.engine.static_batch import StaticBatch
-from worker.engine.static_cache import CacheTooSmall, geometry
-from worker.engine.static_path import StaticDecoder, unsupported
-from worker.loading import LoadedModel
+from worker.engine.stats import StatsCallback, StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +92,13 @@ class _Swap:
     lm: LoadedModel
 
 
+_InboxItem = EngineRequest | _Cancel | _Answered | _Swap
+
+
+def _ignore(stats: StepStats) -> None:
+    pass
+
+
 class Engine:
     def __init__(
         self,
@@ -100,18 +106,16 @@ class Engine:
         limits: EngineLimits,
         on_step: StepCallback,
         decode: DecodeConfig | None = None,
+        on_stats: StatsCallback = _ignore,
     ) -> None:
         self.lm = lm
         self.limits = limits
         self.decode_config = decode or DecodeConfig()
+        self.on_stats = on_stats
         check_supported(lm)
         self.memory = MemoryMonitor(lm.device, limits.memory_limit_bytes)
-        self._kv_bytes_per_token = kv_bytes_per_token(lm)
-        self._eos_ids = _eos_tensor(lm)
-        self.prefix_cache = PrefixCache(lm.name, limits.prefix_cache_bytes)
-        self._inbox: queue.SimpleQueue[EngineRequest | _Cancel | _Answered | _Swap] = (
-            queue.SimpleQueue()
-        )
+        self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
+        self._inbox: queue.SimpleQueue[_InboxItem] = queue.SimpleQueue()
         self._waiting: deque[Row] = deque()
         # Every request accepted and not yet answered, with its deadline (and the deadlines in
         # a heap): a request leaves it when its end goes into the step's record, so a failed
@@ -119,16 +123,9 @@ class Engine:
         self._open: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._rows: dict[str, Row] = {}
-        self._batch: Batch | StaticBatch | None = None
-        # Set up by `_prepare`, on the engine thread before its first step: the static path
-        # (None: the eager one), whether the model's own forward pass is compiled, and the mode.
-        self._prepared = False
-        self._static: StaticDecoder | None = None
-        self._forward_compiled = False
-        self._mode: DecodeMode | None = None
+        # Chosen and set up by the engine thread before its first step (`choose_path`).
+        self._path: DecodePath[Any] | None = None
         self._steps = 0
-        # This step left waiting rows out to prefill them later with more (the static path).
-        self._held_back = False
         self._record = Record()  # of the step in progress, for the text side
         # Set by an out-of-memory prefill; admitting again waits until a running row finishes.
         self._admission_paused = False
@@ -166,12 +163,12 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._batch) if self._batch else 0
+        return len(self._path.rows) if self._path is not None else 0
 
     @property
     def decode_mode(self) -> DecodeMode | None:
         """How it decodes (None until the engine thread has set up); any thread may read it."""
-        return self._mode
+        return self._path.mode if self._path is not None else None
 
     def health(self) -> EngineHealth:
         return EngineHealth(
@@ -183,7 +180,8 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            self._prepare()
+            if self._path is None:
+                self._prepare()
             while not self._stop.is_set() and self._fatal is None and self._text.died is None:
                 self.step()
         except BaseException as e:
@@ -193,25 +191,39 @@ class Engine:
             logger.critical("the engine thread died", exc_info=True)
 
     @torch.inference_mode()
+    def _prepare(self) -> DecodePath[Any]:
+        config = self.decode_config
+        self._path = choose_path(self.lm, self.limits, config, self.prefix_cache, self.memory)
+        logger.info("model %s decodes with %s", self.lm.name, self._path.mode.label)
+        return self._path
+
+    @property
+    def _ready(self) -> DecodePath[Any]:
+        """The decode path, on the engine thread during a step (which sets it up first)."""
+        assert self._path is not None, "a step sets the decode path up first"
+        return self._path
+
+    @torch.inference_mode()
     def step(self) -> None:
-        """One iteration: take new work, then one forward pass that decodes a token for every
-        running row and prefills the admitted rows' prompts. A fault of the step as a whole
-        fails the rows it held (`_on_fault`); what the step produced goes to the text side once,
-        at the end."""
-        if not self._prepared:
-            self._prepare()
-        idle = self._batch is None and not self._waiting
+        """One iteration: take new work, schedule, then one forward pass that decodes a token for
+        every running row and prefills the admitted rows' prompts, and drop the rows that ended.
+        A fault of the step as a whole fails the rows it held (`_on_fault`); what the step
+        produced goes to the text side once, at the end."""
+        path = self._path or self._prepare()
+        idle = not path.rows and not self._waiting
         first = self._next_item(block=idle)
         started = self._step_started = time.monotonic()
         try:
             if first is not None:
                 self._take_inbox(first)
             self._expire()
-            decoding = self.running
-            admitted, hits = self._admit()
-            if admitted or self._batch is not None:
-                self._generate(admitted, hits)
-            metrics.observe_step(self.lm.name, self._step_stats(started, decoding, admitted, hits))
+            decoding = len(path.rows)
+            admission = self._schedule(path)
+            if admission.rows or path.rows:
+                step = self._execute(path, admission)
+                if step is not None:
+                    self._update(path, step)
+            self.on_stats(self._stats(path, started, decoding, admission))
         except Exception as e:
             self._on_fault(e)
         finally:
@@ -221,84 +233,68 @@ class Engine:
         if record:
             self._text.put(record)
 
-    @torch.inference_mode()
-    def _prepare(self) -> None:
-        """Choose the decode path and set it up: the static path (its cache allocated, its
-        buckets compiled and captured as far as that works) where configured and supported,
-        else the eager one, its forward pass compiled if asked. Whatever does not work is said
-        once, in the log and in the mode; requests are served either way."""
-        self._prepared = True
-        config, lm = self.decode_config, self.lm
-        note = None
-        if config.static == "on" or (config.static == "auto" and lm.device.type == "cuda"):
-            note = unsupported(lm)
-            if note is None:
-                try:
-                    self._static = self._static_decoder()
-                except (CacheTooSmall, torch.OutOfMemoryError) as e:
-                    note = str(e)
-                    self.memory.release()
-            if note is not None:
-                note = f"the static decode path is off: {note}"
-                logger.warning("%s (model %s)", note, lm.name)
-        if self._static is not None:
-            self._mode = self._static.mode
-        else:
-            if lm.compile:
-                compile_note = compile_forward(lm.model, lm.device, config.compile_backend)
-                self._forward_compiled = compile_note is None
-                if compile_note is not None:
-                    logger.warning("%s (model %s)", compile_note, lm.name)
-                note = "; ".join(n for n in (note, compile_note) if n) or None
-            self._mode = DecodeMode("eager", compiled=self._forward_compiled, note=note)
-        logger.info("model %s decodes with %s", lm.name, self._mode.label)
+    def _schedule(self, path: DecodePath[Any]) -> Admission:
+        if self._admission_paused or not self._waiting:
+            return NOTHING
+        return path.admit(self._waiting, self._steps)
 
-    def _static_decoder(self) -> StaticDecoder:
-        config, limits = self.decode_config, self.limits
-        shape = geometry(
-            self.lm,
-            limits.max_batch_size,
-            limits.max_batch_tokens,
-            config.gpu_memory_fraction,
-            self._kv_bytes_per_token,
-        )
-        static = StaticDecoder(self.lm, shape, config)
-        static.prepare()
-        return static
+    def _execute(self, path: DecodePath[Any], admission: Admission) -> Step | None:
+        """The step's pass; None when it ran out of memory, which it has dealt with."""
+        try:
+            step = path.execute(admission)
+        except torch.OutOfMemoryError:
+            if admission.rows:
+                # The running rows decode again next step, without these.
+                self._on_prefill_oom(path, admission.rows)
+            else:
+                self._on_decode_oom(path)
+            return None
+        self._record.step = step  # from here on, the rows that ended are answered by the text side
+        return step
 
-    def _step_stats(
-        self, started: float, decoding: int, admitted: list[Row], hits: list[PrefixHit | None]
-    ) -> metrics.StepStats:
-        batch = self._batch
+    def _update(self, path: DecodePath[Any], step: Step) -> None:
+        ended = [i for i, code in enumerate(step.codes) if code]
+        for i in ended:
+            self._forget(step.rows[i].request_id)
+        path.drop(ended)
+        self._faults_in_row = 0
+        if ended:
+            self._admission_paused = False  # memory was freed
+
+    def _stats(
+        self, path: DecodePath[Any], started: float, decoding: int, admission: Admission
+    ) -> StepStats:
+        running = len(path.rows)
         waiting = len(self._waiting)
         # Rows stay waiting beside a free row only when the KV budget or the memory limit holds
         # them back (the prefill budget always lets the first through), or the static path
         # holds them for a later prefill.
-        blocked = not admitted and not self._held_back and self.running < self.limits.max_batch_size
-        cached = sum(hit.length for hit in hits if hit is not None)
-        prompts = sum(len(row.prompt_ids) for row in admitted)
-        return metrics.StepStats(
+        blocked = not admission.rows and not admission.held_back
+        blocked = blocked and running < self.limits.max_batch_size
+        cached = sum(hit.length for hit in admission.hits if hit is not None)
+        prompts = sum(len(row.prompt_ids) for row in admission.rows)
+        return StepStats(
+            model=self.lm.name,
             seconds=time.monotonic() - started,
-            rows=decoding + len(admitted),
+            rows=decoding + len(admission.rows),
             tokens=decoding + prompts - cached,
-            running=self.running,
+            running=running,
             waiting=waiting,
             waiting_for_memory=waiting if blocked else 0,
-            kv_tokens=len(batch) * batch.cached_tokens if batch else 0,
-            kv_budget=(
-                self._static.geometry.tokens if self._static else self.limits.max_batch_tokens
-            ),
+            kv_tokens=path.kv_tokens,
+            kv_budget=path.kv_budget,
             prefix_queries=prompts if self.prefix_cache.enabled else 0,
             prefix_hits=cached,
+            prefix_cache_bytes=self.prefix_cache.nbytes,
         )
 
-    def _next_item(self, *, block: bool) -> EngineRequest | _Cancel | _Answered | _Swap | None:
+    def _next_item(self, *, block: bool) -> _InboxItem | None:
         try:
             return self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return None
 
-    def _take_inbox(self, item: EngineRequest | _Cancel | _Answered | _Swap) -> None:
+    def _take_inbox(self, item: _InboxItem) -> None:
         while True:
             if isinstance(item, _Cancel):
                 self._cancel(item.id)
@@ -315,18 +311,9 @@ class Engine:
 
     def _swap(self, lm: LoadedModel) -> None:
         logger.info("now decoding with %s (%s)", lm.name, lm.source)
-        metrics.forget_model(self.lm.name)
         self.lm = lm
-        self._eos_ids = _eos_tensor(lm)
         self.prefix_cache.clear()  # keys and values of the old weights
-        if self._static is not None:
-            self._static.swap(lm)
-            self._mode = self._static.mode
-        elif self._forward_compiled and compile_forward(
-            lm.model, lm.device, self.decode_config.compile_backend
-        ):
-            self._forward_compiled = False
-            self._mode = DecodeMode("eager", note="torch.compile failed for the swapped-in model")
+        self._ready.swap(lm)
 
     def _intake(self, request: EngineRequest) -> None:
         # Open from here on: should anything below raise, the step's fault answers it.
@@ -339,16 +326,12 @@ class Engine:
             self._end(request.id, error=e)
             return
         row = new_row(self.lm, request.id, prompt_ids, request.params, request.cache_scope)
-        if self._static is not None:
-            limit, what = self._static.geometry.columns, "the tokens one slot of the KV cache holds"
-            source = self._static.geometry.source
-        else:
-            limit, what = self.limits.max_batch_tokens, "the engine's token budget"
-            source = "GENQ_MAX_BATCH_TOKENS"
-        if row.reserved_tokens > limit:
+        limit = self._ready.token_limit
+        if row.reserved_tokens > limit.tokens:
             error = GenerationError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
-                f"({request.params.max_new_tokens}) exceed {what} ({limit}, {source})"
+                f"({request.params.max_new_tokens}) exceed {limit.what} "
+                f"({limit.tokens}, {limit.setting})"
             )
             self._end(request.id, error=error)
             return
@@ -397,131 +380,16 @@ class Engine:
             return
         error = GenerationTimeout("generation ran past GENQ_JOB_TIMEOUT_S")
         self._waiting = deque(r for r in self._waiting if r.request_id not in late)
-        if self._batch is not None:
-            self._drop_rows([i for i, r in enumerate(self._batch.rows) if r.request_id in late])
+        path = self._ready
+        dropped = [i for i, r in enumerate(path.rows) if r.request_id in late]
+        if dropped:
+            path.drop(dropped)
         for request_id in late:
             self._end(request_id, error=error)
 
-    def _admit(self) -> tuple[list[Row], list[PrefixHit | None]]:
-        self._held_back = False
-        if self._admission_paused or not self._waiting:
-            return [], []
-        if self._static is not None:
-            static = self._static
-            # With graphs a decode step costs a fraction of one that also prefills: while rows
-            # decode, newcomers wait a few steps to share one prefill.
-            wait = self.decode_config.prefill_wait_steps if static.graphs else 0
-            if self._batch is not None and self._waiting[0].queued_step + wait > self._steps:
-                self._held_back = True
-                return [], []
-            return admit_to_slots(self._waiting, self.running, self.limits, self.prefix_cache)
-        assert not isinstance(self._batch, StaticBatch)
-        return admit(
-            self._waiting,
-            self._batch,
-            self.limits,
-            self.prefix_cache,
-            self._memory_for,
-            self._kv_bytes_per_token,
-        )
-
-    def _memory_for(self, kv_bytes: int) -> bool:
-        if self.memory.can_admit(kv_bytes):
-            return True
-        if not len(self.prefix_cache):
-            return False
-        # Cached prompts yield to live rows.
-        self.prefix_cache.clear()
+    def _on_prefill_oom(self, path: DecodePath[Any], rows: list[Row]) -> None:
         self.memory.release()
-        return self.memory.can_admit(kv_bytes)
-
-    def _generate(self, admitted: list[Row], hits: list[PrefixHit | None]) -> None:
-        """The step's forward pass, then one sampling pass over every row, running and just
-        admitted; the rows that ended leave the batch. A step that fails half way has handed
-        nothing of its rows on, and `_on_fault` answers each of them once."""
-        running = self._batch
-        prefill = self._prefill_batch(admitted, hits) if admitted else None
-        cached = running.cached_tokens if running else 0
-        try:
-            logits = self._forward(running, prefill)
-        except torch.OutOfMemoryError:
-            if running is not None:
-                running.restore_cache_length(cached)
-            if prefill is not None:
-                # The running rows decode again next step, without these.
-                self._on_prefill_oom(prefill.rows)
-            else:
-                self._on_decode_oom()
-            return
-        if prefill is not None and self.prefix_cache.enabled:
-            self._remember_prompts(prefill)
-        batch = _merged(running, prefill)
-        step = batch.advance(logits, self._eos_ids)
-        self._record.step = step  # from here on, the rows that ended are answered by the text side
-        ended = [i for i, code in enumerate(step.codes) if code]
-        for i in ended:
-            self._forget(step.rows[i].request_id)
-        self._batch = batch.filter(ended)
-        self._faults_in_row = 0
-        if ended:
-            self._admission_paused = False  # memory was freed
-        if self._batch is None:
-            self._drained()
-
-    def _prefill_batch(self, rows: list[Row], hits: list[PrefixHit | None]) -> Batch | StaticBatch:
-        for row in rows:
-            row.started = time.perf_counter()
-        if self._static is not None:
-            assert not isinstance(self._batch, Batch)
-            return self._static.prefill(rows, hits, self._batch)
-        return Batch.prefill(self.lm, rows, hits)
-
-    def _forward(
-        self, running: Batch | StaticBatch | None, prefill: Batch | StaticBatch | None
-    ) -> torch.Tensor:
-        """The step's pass: logits of the running rows, then the admitted ones."""
-        if self._static is not None:
-            assert not isinstance(running, Batch)
-            assert not isinstance(prefill, Batch)
-            logits = self._static.forward(running, prefill)
-            self._mode = self._static.mode  # a fallback may have changed it
-            return logits
-        assert not isinstance(running, StaticBatch)
-        assert not isinstance(prefill, StaticBatch)
-        batches = [b for b in (running, prefill) if b is not None]
-        if not self._forward_compiled:
-            return forward_all(self.lm, batches)
-        lengths = [b.cached_tokens for b in batches]
-        try:
-            return forward_all(self.lm, batches, compiled=True)
-        except Exception as e:
-            if is_device_error(e) or isinstance(e, torch.OutOfMemoryError):
-                raise
-            # A compile error at a new shape (inductor's, say): this step and every later one
-            # run eagerly, from the caches as they were before the pass.
-            note = f"torch.compile failed at run time, running eagerly: {describe(e)}"
-            logger.warning("%s (model %s)", note, self.lm.name, exc_info=e)
-            uncompile(self.lm.model)
-            self._forward_compiled = False
-            self._mode = DecodeMode("eager", note=note)
-            for batch, length in zip(batches, lengths, strict=True):
-                batch.restore_cache_length(length)
-            return forward_all(self.lm, batches)
-
-    def _remember_prompts(self, batch: Batch | StaticBatch) -> None:
-        try:
-            for i, row in enumerate(batch.rows):
-                if not self.prefix_cache.covers(row.prompt_ids, row.cache_scope):
-                    self.prefix_cache.store(row.prompt_ids, batch.prompt_kv(i), row.cache_scope)
-        except torch.OutOfMemoryError:
-            # The cache only saves work: it gives its memory up, the rows keep theirs.
-            logger.warning("out of memory caching prompts; prefix cache cleared")
-            self.prefix_cache.clear()
-            self.memory.release()
-
-    def _on_prefill_oom(self, rows: list[Row]) -> None:
-        self.memory.release()
-        if self._batch is not None:
+        if path.rows:
             # The running rows hold the memory; these wait until some of them finish.
             logger.warning("out of memory prefilling %d rows; they wait", len(rows))
             self._waiting.extendleft(reversed(rows))
@@ -531,12 +399,11 @@ class Engine:
         for row in rows:
             self._end(row.request_id, error=error)
 
-    def _on_decode_oom(self) -> None:
+    def _on_decode_oom(self, path: DecodePath[Any]) -> None:
         # Fail the newest row only; the others decode this step again next iteration.
-        batch = self._batch
-        assert batch is not None
-        victim = max(batch.rows, key=lambda row: row.started)
-        logger.warning("out of memory decoding %d rows; failing %s", len(batch), victim.request_id)
+        rows = path.rows
+        victim = max(rows, key=lambda row: row.started)
+        logger.warning("out of memory decoding %d rows; failing %s", len(rows), victim.request_id)
         self._drop(victim)
         self.memory.release()
         error = OutOfMemory("out of memory while generating; retry, or lower max_new_tokens")
@@ -565,46 +432,13 @@ class Engine:
         fault = EngineFault(f"the engine failed a step ({what})")
         for request_id in [rid for rid in self._open if rid not in keep]:
             self._end(request_id, error=fault)
-        self._batch = None
-        if self._static is not None:
-            self._static.reset()
+        self._ready.reset()
         self._admission_paused = False
         self.prefix_cache.clear()  # it may hold what the failed step computed
         if self._fatal is None:
             self.memory.release()
 
     def _drop(self, row: Row) -> None:
-        if self._batch is not None and row in self._batch.rows:
-            self._drop_rows([self._batch.rows.index(row)])
-
-    def _drop_rows(self, indexes: list[int]) -> None:
-        assert self._batch is not None
-        self._batch = self._batch.filter(indexes)
-        if self._batch is None:
-            self._drained()
-
-    def _drained(self) -> None:
-        # Hand cached GPU blocks back; on the static path the cache stays allocated anyway,
-        # and the next prefill would only allocate its activations again.
-        if self._static is None:
-            self.memory.release()
-
-
-def _merged(
-    running: Batch | StaticBatch | None, prefill: Batch | StaticBatch | None
-) -> Batch | StaticBatch:
-    """The running batch with the rows just prefilled taken in (both of one path)."""
-    if running is None:
-        assert prefill is not None
-        return prefill
-    if prefill is None:
-        return running
-    if isinstance(running, StaticBatch):
-        assert isinstance(prefill, StaticBatch)
-        return running.extend(prefill)
-    assert isinstance(prefill, Batch)
-    return running.extend(prefill)
-
-
-def _eos_tensor(lm: LoadedModel) -> torch.Tensor:
-    return torch.tensor(sorted(lm.eos_token_ids), dtype=torch.long, device=lm.device)
+        path = self._ready
+        if row in path.rows:
+            path.drop([path.rows.index(row)])

@@ -8,8 +8,9 @@ from typing import Protocol
 
 import torch
 
+from common.contract import ErrorCode
 from common.schemas import FinishReason
-from worker.loading import LoadedModel
+from worker.engine.model import LoadedModel
 
 
 class Message(Protocol):
@@ -34,43 +35,43 @@ class PromptSource(Protocol):
 class GenerationError(Exception):
     """A request the model cannot serve; the job fails with `code` and this message."""
 
-    code = "generation_failed"
+    code = ErrorCode.generation_failed
 
 
 class ContextLengthError(GenerationError):
-    code = "context_length_exceeded"
+    code = ErrorCode.context_length_exceeded
 
 
 class GenerationTimeout(GenerationError):
-    code = "job_timeout"
+    code = ErrorCode.job_timeout
 
 
 class OutOfMemory(GenerationError):
-    code = "out_of_memory"
+    code = ErrorCode.out_of_memory
 
 
 class InvalidPrompt(GenerationError):
     """The chat template or the tokenizer refused the request."""
 
-    code = "invalid_prompt"
+    code = ErrorCode.invalid_prompt
 
 
 class NumericalError(GenerationError):
     """The row's next-token scores cannot be sampled (NaN or infinite)."""
 
-    code = "numerical_error"
+    code = ErrorCode.numerical_error
 
 
 class DetokenizationError(GenerationError):
     """Turning the row's tokens into text, or matching its stop strings, raised."""
 
-    code = "detokenization_failed"
+    code = ErrorCode.detokenization_failed
 
 
 class EngineFault(GenerationError):
     """A step failed as a whole (the forward pass, say), or the engine gave up."""
 
-    code = "engine_error"
+    code = ErrorCode.engine_error
 
 
 # How CUDA (and ROCm) errors read where torch raises them as plain RuntimeErrors.

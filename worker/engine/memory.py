@@ -1,4 +1,5 @@
-"""Process and GPU memory, checked before rows are admitted (`worker.metrics` exports it)."""
+"""Process and GPU memory, checked before rows are admitted (`worker.metrics` exports the same
+reading), and what a batch's KV cache takes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Iterable
 import psutil
 import torch
 
-from worker.loading import LoadedModel
+from worker.engine.model import LoadedModel
 
 
 def kv_bytes_per_token(lm: LoadedModel) -> int:
@@ -48,8 +49,12 @@ class MemoryMonitor:
         self._process = psutil.Process()
 
     def usage_bytes(self) -> int:
+        """What the memory limit is checked against."""
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
+        return self.rss_bytes()
+
+    def rss_bytes(self) -> int:
         return int(self._process.memory_info().rss)
 
     def can_admit(self, extra_bytes: int) -> bool:

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from worker import metrics
-
 # Shorter matches (a BOS token, a role marker) save less prefill than the gather costs.
 MIN_MATCH_TOKENS = 16
 
@@ -47,8 +45,7 @@ class _Entry:
 
 
 class PrefixCache:
-    def __init__(self, model: str, budget_bytes: int) -> None:
-        self.model = model
+    def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[tuple[str, tuple[int, ...]], _Entry] = OrderedDict()
         self._bytes = 0
@@ -110,19 +107,14 @@ class PrefixCache:
         self._bytes += nbytes
         while self._bytes > self.budget_bytes:
             self._remove(next(iter(self._entries.values())))
-        self._publish()
 
     def clear(self) -> None:
         self._entries.clear()
         self._bytes = 0
-        self._publish()
 
     def _remove(self, entry: _Entry) -> None:
         del self._entries[entry.key]
         self._bytes -= entry.nbytes
-
-    def _publish(self) -> None:
-        metrics.PREFIX_CACHE_BYTES.labels(*metrics.labels(self.model)).set(self._bytes)
 
 
 def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:

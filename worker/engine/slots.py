@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.engine.kv_cache import Compaction
+from worker.engine.compaction import Compaction
 from worker.engine.sampling import SamplingParams, stream_key
 
 # Integer columns. GENERATED and POSITION are next to each other: one add ticks both.

@@ -1,5 +1,6 @@
-"""How an engine decodes: what it is asked for (`DecodeConfig`, from the settings) and what it
-does (`DecodeMode`, shown in `/v1/models`), which may be less, with the reason."""
+"""An engine's configuration: its limits (`EngineLimits`), how it is asked to decode
+(`DecodeConfig`, from the settings) and how it does (`DecodeMode`, shown in `/v1/models`), which
+may be less, with the reason."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from worker.engine.graphs import RunnerFactory
+from worker.engine.static.graphs import RunnerFactory
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    max_batch_size: int = 32
+    max_batch_tokens: int = 65_536  # KV-cache tokens the padded batch may hold at its peak
+    max_prefill_tokens: int = 4_096  # padded prompt tokens prefilled in one step
+    memory_limit_bytes: int = 0  # 0: off
+    prefix_cache_bytes: int = 256 * 2**20  # 0: off
+
 
 StaticSetting = Literal["auto", "on", "off"]
 

@@ -1,4 +1,4 @@
-"""The static decode path of one engine: its slots, its decode step per bucket (eager, compiled or
+"""The static path's decoder: its slots, its decode step per bucket (eager, compiled or
 replayed as a CUDA graph), and the fallbacks that keep requests served when compile or graphs
 fail.
 
@@ -22,10 +22,16 @@ from typing import Any
 
 import torch
 
-from worker.engine import fused, static_forward
-from worker.engine.batch import Row
+from worker.engine import fused
+from worker.engine.config import DecodeConfig, DecodeMode, describe
 from worker.engine.generation import is_device_error
-from worker.engine.graphs import (
+from worker.engine.model import LoadedModel
+from worker.engine.prefix_cache import PrefixHit
+from worker.engine.rows import Row
+from worker.engine.static import forward as static_forward
+from worker.engine.static.batch import SlotState, StaticBatch
+from worker.engine.static.cache import Geometry
+from worker.engine.static.graphs import (
     DecodeFn,
     EagerRunner,
     Runner,
@@ -34,11 +40,6 @@ from worker.engine.graphs import (
     cuda_graph_runner,
     length_buckets,
 )
-from worker.engine.modes import DecodeConfig, DecodeMode, describe
-from worker.engine.prefix_cache import PrefixHit
-from worker.engine.static_batch import SlotState, StaticBatch
-from worker.engine.static_cache import Geometry
-from worker.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from worker.engine.static_cache import StaticCache
+from worker.engine.static.cache import StaticCache
 
 
 class DecodePart(NamedTuple):

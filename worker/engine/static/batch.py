@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from worker.engine.batch import FAILED, Row, RowBook, Step, pick_tokens
-from worker.engine.kv_cache import compaction_plan
+from worker.engine.compaction import compaction_plan
+from worker.engine.model import LoadedModel
 from worker.engine.prefix_cache import KV, PrefixHit
+from worker.engine.rows import FAILED, Row, RowBook, Step, pick_tokens
 from worker.engine.slots import SlotTensors
-from worker.engine.static_cache import Geometry, StaticCache
-from worker.engine.static_forward import PrefillPart
-from worker.loading import LoadedModel
+from worker.engine.static.cache import Geometry, StaticCache
+from worker.engine.static.forward import PrefillPart
 
 # Prefill attention reads a multiple of this many columns (SDPA's kernels like aligned masks).
 _COLUMN_ALIGN = 16

@@ -15,173 +15,22 @@ batch's pass count.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import torch
 from transformers import DynamicCache
 
-from common.schemas import FinishReason
 from worker.engine import fused
-from worker.engine.generation import Generation
-from worker.engine.kv_cache import (
-    Compaction,
+from worker.engine.compaction import Compaction, compaction_plan
+from worker.engine.eager.kv_cache import (
     SlotBuffer,
-    compaction,
-    compaction_plan,
     layers,
     live,
     load_prefixes,
     new_cache,
 )
+from worker.engine.model import LoadedModel
 from worker.engine.prefix_cache import KV, PrefixHit
-from worker.engine.sampling import Plan, Planner, SamplingParams, next_tokens
+from worker.engine.rows import Row, RowBook, Step, pick_tokens
 from worker.engine.slots import SlotTensors
-from worker.engine.textstream import TextStream
-from worker.loading import LoadedModel
-
-# Why a row ended in a step (`Step.codes`), as flags; a failed row's token means nothing.
-LENGTH, EOS, FAILED = 1, 2, 4
-
-
-def pick_tokens(
-    logits: torch.Tensor, slots: SlotTensors, plan: Plan, eos_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every row's next token from `logits` (rows x vocab, fp32), and its end codes."""
-    if plan.holds_eos:
-        # Rows short of their `min_tokens` cannot pick an end-of-sequence token (vLLM).
-        early = (slots.generated < slots.min_tokens).unsqueeze(1)
-        logits[:, eos_ids] = logits[:, eos_ids].masked_fill(early, -torch.inf)
-    tokens, usable = next_tokens(
-        logits, slots.temperature, slots.top_k, slots.top_p, slots.keys, slots.generated, plan
-    )
-    codes = (
-        (slots.generated >= slots.last) * LENGTH
-        + torch.isin(tokens, eos_ids) * slots.eos_ends * EOS
-        + (~usable) * FAILED
-    )
-    return tokens, codes
-
-
-class RowBook:
-    """What both kinds of batch keep of their rows, in slot order: the rows, the forward passes
-    taken, the widest origin among them, and their sampling plan (worked out again when the rows
-    change)."""
-
-    def __init__(self, rows: list[Row], device: torch.device) -> None:
-        self.rows = rows
-        self.passes = 0  # forward passes this batch has taken
-        self._device = device
-        self._widest = max(row.origin for row in rows)
-        self.planner = Planner()
-        self.planner.add(row.params for row in rows)
-        self._plan: Plan | None = None  # of the rows as they are; None: to work out
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _take_rows(self, other: RowBook) -> None:
-        """Count in `other`'s rows, prefilled by the same pass, after these."""
-        shift = self.passes - other.passes
-        for row in other.rows:
-            row.first_pass += shift
-        self._widest = max(self._widest, max(row.origin for row in other.rows))  # shifted
-        self.planner.add(row.params for row in other.rows)
-        self._plan = None
-        self.rows += other.rows
-
-    def _drop_rows(self, dropped: list[int]) -> list[tuple[int, int]]:
-        """Drop the rows at indexes `dropped`: each hole below the new size takes a row from
-        the end. The moves (slot, from slot) the batch's tensors make too."""
-        rows = self.rows
-        gone = [rows[i] for i in dropped]
-        moves = compaction(len(rows), dropped)
-        for slot, source in moves:
-            rows[slot] = rows[source]
-        del rows[len(rows) - len(dropped) :]
-        self.planner.add((row.params for row in gone), -1)
-        self._plan = None
-        if max(row.origin for row in gone) >= self._widest:
-            self._widest = max(row.origin for row in rows)
-        return moves
-
-    def _sampling_plan(self) -> Plan:
-        if self._plan is None:
-            self._plan = self.planner.plan([row.params for row in self.rows], self._device)
-        return self._plan
-
-
-@dataclass(eq=False)
-class Row:
-    """One sequence. The engine thread owns its scheduling fields; the text side (the
-    detokenizer thread) owns the rest: its stream, its tokens and whether it was answered."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    stream: TextStream
-    started: float = field(default_factory=time.perf_counter)
-    cached_prompt_tokens: int = 0
-    cache_scope: str = ""  # the prefix-cache partition of its prompt (an API key)
-    queued_step: int = 0  # the engine step at which it began waiting
-    # The batch pass that prefilled it, and the cache columns it spanned after that pass.
-    first_pass: int = 0
-    first_span: int = 0
-    # The text side's.
-    token_ids: list[int] = field(default_factory=list)
-    first_token_s: float | None = None
-    answered: bool = False
-
-    @property
-    def reserved_tokens(self) -> int:
-        """KV-cache tokens this row may grow to, alone."""
-        return len(self.prompt_ids) + self.params.max_new_tokens
-
-    @property
-    def origin(self) -> int:
-        """Its cache span at batch pass count P is `origin + P`."""
-        return self.first_span - self.first_pass
-
-    def generation(self, reason: FinishReason) -> Generation:
-        generation_s = time.perf_counter() - self.started
-        first = self.first_token_s
-        return Generation(
-            text=self.stream.text,
-            finish_reason=reason,
-            prompt_tokens=len(self.prompt_ids),
-            cached_prompt_tokens=self.cached_prompt_tokens,
-            token_ids=self.token_ids,
-            time_to_first_token_s=first,
-            generation_s=generation_s,
-            prefill_s=first,
-            decode_s=None if first is None else generation_s - first,
-        )
-
-
-def new_row(
-    lm: LoadedModel,
-    request_id: str,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    cache_scope: str = "",
-) -> Row:
-    return Row(
-        request_id=request_id,
-        prompt_ids=prompt_ids,
-        params=params,
-        stream=TextStream(lm.tokenizer, prompt_ids, list(params.stop), params.min_tokens),
-        cache_scope=cache_scope,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """What one pass gave every row, in slot order: its token and why it ended (0: it runs on;
-    else LENGTH, EOS or FAILED flags)."""
-
-    rows: tuple[Row, ...]
-    tokens: list[int]
-    codes: list[int]
 
 
 class Batch(RowBook):

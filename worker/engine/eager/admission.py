@@ -1,23 +1,15 @@
-"""Which waiting rows join the running batch at a step: the engine's limits and its admission."""
+"""The eager path's admission: which waiting rows join the left-padded running batch at a step."""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from worker.engine.batch import Batch, Row
+from worker.engine.config import EngineLimits
+from worker.engine.eager.batch import Batch
 from worker.engine.memory import padded_peak
 from worker.engine.prefix_cache import PrefixCache, PrefixHit
-
-
-@dataclass(frozen=True, slots=True)
-class EngineLimits:
-    max_batch_size: int = 32
-    max_batch_tokens: int = 65_536  # KV-cache tokens the padded batch may hold at its peak
-    max_prefill_tokens: int = 4_096  # padded prompt tokens prefilled in one step
-    memory_limit_bytes: int = 0  # 0: off
-    prefix_cache_bytes: int = 256 * 2**20  # 0: off
+from worker.engine.rows import Row
 
 
 def admit(
@@ -55,28 +47,6 @@ def admit(
         # An empty engine always takes one row: waiting could never free anything.
         if (running or not first) and not memory_for((peak - in_use) * kv_bytes_per_token):
             break
-        waiting.popleft()
-        admitted.append(row)
-        hits.append(hit)
-        longest = longest_if
-    return admitted, hits
-
-
-def admit_to_slots(
-    waiting: deque[Row], running: int, limits: EngineLimits, prefix_cache: PrefixCache
-) -> tuple[list[Row], list[PrefixHit | None]]:
-    """The static path's admission: waiting rows, in arrival order, while a slot is free and
-    their right-padded prompts fit the prefill budget. Each slot holds a whole request (checked
-    at intake) and the cache is allocated already, so nothing else can run out."""
-    admitted: list[Row] = []
-    hits: list[PrefixHit | None] = []
-    longest = 0
-    while waiting and running + len(admitted) < limits.max_batch_size:
-        row = waiting[0]
-        longest_if = max(longest, len(row.prompt_ids))
-        if admitted and longest_if * (len(admitted) + 1) > limits.max_prefill_tokens:
-            break
-        hit = prefix_cache.lookup(row.prompt_ids, row.cache_scope) if prefix_cache.enabled else None
         waiting.popleft()
         admitted.append(row)
         hits.append(hit)

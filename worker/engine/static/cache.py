@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engine.model import LoadedModel
 from worker.engine.prefix_cache import KV, PrefixHit
-from worker.loading import LoadedModel
 
 # Activations, the logits buffer aside, of the largest step on top of the weights and the cache,
 # kept free when the cache is sized from a fraction of the GPU's memory.

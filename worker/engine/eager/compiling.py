@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from worker.engine.modes import describe
+from worker.engine.config import describe
 
 logger = logging.getLogger(__name__)
 
