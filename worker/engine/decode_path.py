@@ -27,7 +27,7 @@ from worker.engine.rows import Row, Step
 logger = logging.getLogger(__name__)
 
 
-class Batch(Protocol):
+class DecodeBatch(Protocol):
     """What both kinds of batch do (TGI's lifecycle): a prefill batch takes its forward pass,
     the running batch `extend`s with its rows, `advance` picks every row's token, `filter`
     drops the rows that ended."""
@@ -72,7 +72,7 @@ class Admission:
 
 NOTHING = Admission([], [])
 
-B = TypeVar("B", bound=Batch)
+B = TypeVar("B", bound=DecodeBatch)
 
 
 class DecodePath(ABC, Generic[B]):
