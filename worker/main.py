@@ -17,7 +17,7 @@ import redis
 from arq.worker import func
 from redis.exceptions import RedisError
 
-from common import keys, logs, registry, tracing
+from common import heartbeats, keys, logs, tracing
 from common.catalog import CatalogError, CatalogSource
 from common.contract import (
     DELIVER_WEBHOOK_FUNCTION,
@@ -96,13 +96,13 @@ class WorkerProcess:
         self.watchdog = Watchdog(
             self._engines, settings.worker_watchdog_timeout_s, self._release_leases
         )
-        self.lease_ms = int(settings.worker_heartbeat_s * registry.MISSED_BEATS * 1000)
+        self.lease_ms = int(settings.worker_heartbeat_s * heartbeats.MISSED_BEATS * 1000)
         self.worker: ResilientWorker | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
 
-    def info(self) -> registry.WorkerInfo:
-        return registry.WorkerInfo(
+    def info(self) -> heartbeats.WorkerInfo:
+        return heartbeats.WorkerInfo(
             id=self.id,
             pool=self.settings.pool,
             models=self.runner.models.holdings(),
@@ -145,7 +145,7 @@ class WorkerProcess:
                 await task
         with contextlib.suppress(OSError, RedisError, TimeoutError):
             async with asyncio.timeout(1):
-                await registry.remove_worker(self.redis, self.info())
+                await heartbeats.remove_worker(self.redis, self.info())
         await self.runner.stop()
         await self.webhooks.close()
 
@@ -173,7 +173,7 @@ class WorkerProcess:
             if not self.watchdog.healthy:
                 return
             try:
-                await registry.heartbeat(self.redis, self.info(), self.settings.worker_heartbeat_s)
+                await heartbeats.beat(self.redis, self.info(), self.settings.worker_heartbeat_s)
                 for job_id in await self.store.renew_leases(self._held(), self.lease_ms):
                     self.runner.lose(job_id)
                 await self.reaper.take_turn(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.catalog import CatalogSource, EngineSpec, ModelSpec, UnknownModel
-from common.registry import HeldModel, ModelState
+from common.heartbeats import HeldModel, ModelState
 from common.settings import Settings
 from worker import metrics
 from worker.engine import DecodeConfig, Engine, EngineLimits, GenerationError, StepCallback

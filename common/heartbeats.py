@@ -45,7 +45,7 @@ class WorkerInfo(BaseModel):
 MISSED_BEATS = 3
 
 
-async def heartbeat(redis: Redis, info: WorkerInfo, interval_s: float) -> None:
+async def beat(redis: Redis, info: WorkerInfo, interval_s: float) -> None:
     ttl_ms = int(interval_s * MISSED_BEATS * 1000)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.set(keys.worker(info.id), info.model_dump_json(), px=ttl_ms)
