@@ -42,13 +42,17 @@ class WorkerInfo(BaseModel):
 
 
 # A worker missing this many heartbeats in a row counts as dead.
-MISSED_BEATS = 3
+_MISSED_BEATS = 3
+
+
+def lapse_ms(interval_s: float) -> int:
+    """How long a heartbeat, and the job leases it renews, outlive the beat that wrote them."""
+    return int(interval_s * _MISSED_BEATS * 1000)
 
 
 async def beat(redis: Redis, info: WorkerInfo, interval_s: float) -> None:
-    ttl_ms = int(interval_s * MISSED_BEATS * 1000)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.worker(info.id), info.model_dump_json(), px=ttl_ms)
+        pipe.set(keys.worker(info.id), info.model_dump_json(), px=lapse_ms(interval_s))
         pipe.zadd(keys.workers(info.pool), {info.id: time.time()})
         await pipe.execute()
 

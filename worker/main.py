@@ -96,7 +96,7 @@ class WorkerProcess:
         self.watchdog = Watchdog(
             self._engines, settings.worker_watchdog_timeout_s, self._release_leases
         )
-        self.lease_ms = int(settings.worker_heartbeat_s * heartbeats.MISSED_BEATS * 1000)
+        self.lease_ms = heartbeats.lapse_ms(settings.worker_heartbeat_s)
         self.worker: ResilientWorker | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
