@@ -51,7 +51,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     max_context: int
     load_s: float
-    max_prompt_tokens: int | None = None  # the registry's limit, below the context window
+    max_prompt_tokens: int | None = None  # the catalog's limit, below the context window
     compile: bool = False  # torch.compile asked for: the engine compiles what it runs
     # The smallest attention window of its sliding-window layers, when it bounds max_context.
     sliding_window: int | None = None
@@ -181,7 +181,7 @@ def source_path(spec: ModelSpec, settings: Settings) -> str:
 
 
 def verify_checksums(spec: ModelSpec, source: str) -> None:
-    """Refuse weights whose SHA-256 differs from the registry's (a truncated copy, the wrong
+    """Refuse weights whose SHA-256 differs from the catalog's (a truncated copy, the wrong
     file, tampering). Paths are relative to the checkpoint directory, or to a GGUF file's."""
     if not spec.sha256:
         return

@@ -274,7 +274,7 @@ class WorkerProcess:
 
 def run_worker(settings: Settings) -> None:
     """Load the pool's preloaded models, then serve jobs until SIGINT/SIGTERM. Exits 2 if the
-    registry is invalid or none of the preloaded models loads."""
+    models file is invalid or none of the preloaded models loads."""
     setup_logging(settings)
     tracing.configure("genq-worker")
     try:

@@ -140,7 +140,7 @@ class ModelManager:
                 await asyncio.to_thread(held.engine.stop)
 
     def spec_for(self, key: str, requested: str | None) -> ModelSpec:
-        """The registry entry to run a job with. A job queued for a version that a reload has
+        """The catalog entry to run a job with. A job queued for a version that a reload has
         since removed runs on what its requested name serves now."""
         catalog = self.source.get()
         if key not in catalog.specs:  # a reload this worker has not heard of yet?
@@ -191,8 +191,8 @@ class ModelManager:
         self._released = asyncio.Event()
 
     async def reload(self, name: str) -> None:
-        """Load the registry's current weights for every version of `name` held here and swap
-        them in; a held version the registry dropped is replaced by what `name` now serves."""
+        """Load the catalog's current weights for every version of `name` held here and swap
+        them in; a held version the catalog dropped is replaced by what `name` now serves."""
         catalog = self.source.get(force=True)
         for held in [h for h in self._held.values() if h.spec.name == name]:
             if held.state == "failed":
