@@ -56,7 +56,7 @@ from genq.redis_server import RedisServer, free_port
 from tests.procs import Proc, genq_env, start_gateway, start_worker
 from worker.engine.sampling import SamplingParams
 from worker.loading import LoadedModel, load_model
-from worker.models import decode_config, engine_limits
+from worker.model_manager import decode_config, engine_limits
 
 NEW_TOKENS = 64
 TOPICS = [

@@ -27,7 +27,7 @@ from worker.engine.kv_cache import SlotBuffer
 from worker.engine.sampling import SamplingParams
 from worker.engine.textstream import TextStream
 from worker.loading import LoadedModel, load_model
-from worker.models import swappable
+from worker.model_manager import swappable
 
 
 def hit_tokens(lm: LoadedModel) -> float:

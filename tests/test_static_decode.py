@@ -21,7 +21,7 @@ from worker.engine.generation import build_prompt_ids
 from worker.engine.modes import DecodeConfig
 from worker.engine.static_cache import CacheTooSmall, geometry
 from worker.loading import LoadedModel, load_model
-from worker.models import decode_config
+from worker.model_manager import decode_config
 
 STATIC = DecodeConfig(static="on")
 

@@ -39,7 +39,7 @@ from common.webhooks import enqueue_delivery
 from worker import metrics, spans
 from worker.engine import Engine, EngineRequest, Generation, GenerationError, RowOutput
 from worker.engine.sampling import SamplingParams
-from worker.models import Held, ModelManager
+from worker.model_manager import Held, ModelManager
 
 logger = logging.getLogger(__name__)
 
