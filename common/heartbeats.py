@@ -10,11 +10,14 @@ from redis.asyncio import Redis
 
 from common import keys
 
+# The states of a model version a worker holds: `loading` until its first load ends, then
+# `ready`; `reloading` while new weights load (the old ones still serve); `failed` when its load
+# failed (`reason` says why).
 ModelState = Literal["loading", "ready", "reloading", "failed"]
 
 
-class HeldModel(BaseModel):
-    """A model version as one worker holds it."""
+class HeldModelInfo(BaseModel):
+    """What a heartbeat tells of a model version its worker holds (the worker's `HeldModel`)."""
 
     key: str = Field(description="name@version")
     state: ModelState
@@ -32,9 +35,11 @@ class HeldModel(BaseModel):
 
 
 class WorkerInfo(BaseModel):
+    """What a worker's heartbeat tells: the worker, the models it holds, the jobs it runs."""
+
     id: str
     pool: str
-    models: list[HeldModel]
+    models: list[HeldModelInfo]
     running: int
     started_at: float
     host: str

@@ -39,7 +39,7 @@ from common.webhooks import enqueue_delivery
 from worker import metrics, spans
 from worker.engine import Engine, EngineRequest, Generation, GenerationError, RowOutput
 from worker.engine.sampling import SamplingParams
-from worker.model_manager import Held, ModelManager
+from worker.model_manager import HeldModel, ModelManager
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,9 @@ class JobRunner:
             async with asyncio.timeout(_HAND_BACK_S):
                 await self._write(self._final(job, error=error))
 
-    async def _generate(self, job: Job, item: WorkItem, held: Held, deadline: float) -> Generation:
+    async def _generate(
+        self, job: Job, item: WorkItem, held: HeldModel, deadline: float
+    ) -> Generation:
         assert self._loop is not None, "start() first"
         assert held.engine is not None
         engine = held.engine
