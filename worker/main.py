@@ -33,9 +33,9 @@ from common.settings import Settings
 from worker import metrics
 from worker.arq_worker import ResilientWorker
 from worker.engine import Engine
+from worker.job_runner import JobRunner
 from worker.loading import ModelLoadError, resolve_device
 from worker.probes import serve_probes
-from worker.service import JobRunner
 from worker.watchdog import Watchdog
 from worker.webhooks import WebhookSender, deliver_webhook
 
