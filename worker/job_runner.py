@@ -192,7 +192,7 @@ class JobRunner:
                 held, load_s = await self.models.acquire(spec, deadline)
                 spans.model_loaded(spec.key, load_s)
                 try:
-                    outcome = await self._generate(job, item, held, deadline)
+                    outcome = await self._run_on_engine(job, item, held, deadline)
                 finally:
                     self.models.release(held)
             spans.generated(job, outcome)
@@ -236,9 +236,11 @@ class JobRunner:
             async with asyncio.timeout(_HAND_BACK_S):
                 await self._write(self._final(job, error=error))
 
-    async def _generate(
+    async def _run_on_engine(
         self, job: Job, item: WorkItem, held: HeldModel, deadline: float
     ) -> Generation:
+        """Hand the job's request to its model's engine and wait for what it generates; a wait
+        that ends otherwise frees the engine's row."""
         assert self._loop is not None, "start() first"
         assert held.engine is not None
         engine = held.engine

@@ -64,8 +64,9 @@ def read_payload(data: bytes) -> dict[str, Any]:
     return payload
 
 
-async def generate(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> str:
-    """The job function; its one argument is the work item (`common.contract.WorkItem`)."""
+async def run_generation_job(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> str:
+    """The job function registered as GENERATE_FUNCTION; its one argument is the work item
+    (`common.contract.WorkItem`)."""
     runner: JobRunner = ctx["runner"]
     payload = args[0] if len(args) == 1 and not kwargs else {"args": args, **kwargs}
     return await runner.run(ctx["job_id"], payload, attempt=ctx["job_try"])
@@ -247,7 +248,7 @@ class WorkerProcess:
         self.worker = ResilientWorker(
             # One try more than GENQ_MAX_TRIES so the job function itself records the failure.
             functions=[
-                func(generate, name=GENERATE_FUNCTION, max_tries=s.max_tries + 1),
+                func(run_generation_job, name=GENERATE_FUNCTION, max_tries=s.max_tries + 1),
                 func(deliver_webhook, name=DELIVER_WEBHOOK_FUNCTION, max_tries=s.webhook_max_tries),
             ],
             queue_name=keys.queue(s.pool),
