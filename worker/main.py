@@ -153,7 +153,7 @@ class WorkerProcess:
     def _engines(self) -> list[Engine]:
         return self.runner.models.engines()
 
-    def _held(self) -> dict[str, int | None]:
+    def _leased_jobs(self) -> dict[str, int | None]:
         """The jobs this worker holds a lease on, with the attempt it runs (None: not started)."""
         tasks = self.worker.tasks if self.worker is not None else {}
         return {
@@ -175,7 +175,7 @@ class WorkerProcess:
                 return
             try:
                 await heartbeats.beat(self.redis, self.info(), self.settings.worker_heartbeat_s)
-                for job_id in await self.store.renew_leases(self._held(), self.lease_ms):
+                for job_id in await self.store.renew_leases(self._leased_jobs(), self.lease_ms):
                     self.runner.lose(job_id)
                 await self.reaper.take_turn(
                     self.settings.pool, self.id, self.settings.worker_heartbeat_s
@@ -191,14 +191,14 @@ class WorkerProcess:
     def _release_leases(self) -> None:
         """Called by a tripped watchdog, off the event loop: let other workers take this one's
         jobs now rather than when their leases lapse."""
-        held = list(self._held())
-        if not held:
+        leased = list(self._leased_jobs())
+        if not leased:
             return
         client = redis.Redis.from_url(
             self.settings.redis_url.get_secret_value(), socket_timeout=1, socket_connect_timeout=1
         )
         with contextlib.suppress(RedisError, OSError):
-            client.delete(*(keys.arq_in_progress(job_id) for job_id in held))
+            client.delete(*(keys.arq_in_progress(job_id) for job_id in leased))
         client.close()
 
     async def _listen(self) -> None:
