@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.catalog import CatalogSource, EngineSpec, ModelSpec, UnknownModel
+from common.contract import ErrorCode
 from common.heartbeats import HeldModelInfo, ModelState
 from common.settings import Settings
 from worker import metrics
@@ -38,7 +39,7 @@ _LOAD_ERRORS = (ModelLoadError, ModelFetchError, GenerationError, OSError)
 
 
 class ModelUnavailable(GenerationError):
-    code = "model_unavailable"
+    code = ErrorCode.model_unavailable
 
 
 @dataclass(eq=False)
