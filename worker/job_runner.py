@@ -18,6 +18,7 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_delay,
+    stop_never,
     wait_random_exponential,
 )
 
@@ -314,11 +315,7 @@ class JobRunner:
                 tokens.setdefault(out.request_id, []).append(TokenEvent(index=index, text=out.text))
         if tokens:
             attempts = {job_id: self._pending[job_id].attempt for job_id in tokens}
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((RedisError, OSError)),
-                wait=wait_random_exponential(multiplier=0.1, max=2),
-                before_sleep=_log_retry,
-            ):
+            async for attempt in _while_redis_is_away():
                 with attempt:
                     lost = await self.store.append_step(tokens, attempts)
             for job_id in lost:
@@ -419,16 +416,22 @@ T = TypeVar("T")
 
 async def _persist(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
     """`fn`, retried for up to `_PERSIST_RETRY_S` while Redis is unreachable."""
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type((RedisError, OSError)),
-        wait=wait_random_exponential(multiplier=0.1, max=2),
-        stop=stop_after_delay(_PERSIST_RETRY_S),
-        before_sleep=_log_retry,
-        reraise=True,
-    ):
+    async for attempt in _while_redis_is_away(give_up_after_s=_PERSIST_RETRY_S):
         with attempt:
             return await fn(*args, **kwargs)
     raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+def _while_redis_is_away(give_up_after_s: float | None = None) -> AsyncRetrying:
+    """Retries while Redis is unreachable, with jittered backoff; past `give_up_after_s` (never,
+    unset) the last error is raised."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type((RedisError, OSError)),
+        wait=wait_random_exponential(multiplier=0.1, max=2),
+        stop=stop_never if give_up_after_s is None else stop_after_delay(give_up_after_s),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
 
 
 def _log_retry(state: RetryCallState) -> None:
