@@ -48,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from bench.keda import KedaController, ScalingPolicy
-from common import events, keys, registry
+from common import events, heartbeats, keys
 from common.jobstore import JobStore
 from common.schemas import JobStatus, TokenEvent
 from common.settings import Settings
@@ -243,7 +243,7 @@ async def control(
     while True:
         now = time.monotonic() - t0
         count = int(await redis.zcard(keys.queue(POOL)))
-        ready = {w.pid for w in await registry.live_workers(redis, POOL)}
+        ready = {w.pid for w in await heartbeats.live_workers(redis, POOL)}
         fleet.observe(now, ready, log)
         fleet.scale(now, keda.desired(now, count, len(fleet.running())), log)
         running = fleet.running()

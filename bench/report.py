@@ -57,7 +57,7 @@ from tests.procs import Proc, genq_env, start_gateway, start_worker
 from worker.engine.model import LoadedModel
 from worker.engine.sampling import SamplingParams
 from worker.loading import load_model
-from worker.models import decode_config, engine_limits
+from worker.model_manager import decode_config, engine_limits
 
 NEW_TOKENS = 64
 TOPICS = [

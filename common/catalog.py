@@ -1,9 +1,10 @@
-"""The model registry: which models exist, in which versions, served by which pool.
+"""The model catalog: which models exist, in which versions, served by which pool. The docs
+and the API call it the model registry, and its file the registry file.
 
-It comes from the YAML file named by GENQ_MODELS_FILE (read by the gateway and the workers
-alike, re-read on reloads), or, without one, from a built-in entry for GENQ_MODEL. Aliases
-and traffic splits changed at run time through the admin API live in Redis and override the
-file's (see `common.routing`).
+It comes from the YAML file named by GENQ_MODELS_FILE, the models file (read by the gateway and
+the workers alike, re-read on reloads), or, without one, from a built-in entry for GENQ_MODEL.
+Aliases and traffic splits changed at run time through the admin API live in Redis and override
+the file's (see `common.routing`).
 
 A model is addressed as `name@version`, as `name` (its traffic split, else its last listed
 version), or through an alias.
@@ -31,7 +32,7 @@ POOL_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
 
 class CatalogError(ValueError):
-    """The registry file or a routing change is invalid; the message says where and why."""
+    """The models file or a routing change is invalid; the message says where and why."""
 
 
 class UnknownModel(LookupError):
@@ -49,7 +50,7 @@ class EngineSpec(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    """One version of one model, as the registry file lists it."""
+    """One version of one model, as the models file lists it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -91,7 +92,7 @@ class ModelSpec(BaseModel):
         return self
 
 
-class RegistryFile(BaseModel):
+class ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelSpec] = Field(min_length=1)
@@ -189,14 +190,15 @@ def _matches_name(value: str) -> bool:
 
 
 def builtin_catalog(settings: Settings) -> Catalog:
-    """Without a registry file: GENQ_MODEL (or the default model), preloaded, alias `default`."""
+    """Without a models file: GENQ_MODEL (or the default model), preloaded, alias `default`."""
     spec = ModelSpec(
         name=settings.served_model_name, source=settings.model, pool=settings.pool, preload=True
     )
     return Catalog.build([spec], aliases={DEFAULT_ALIAS: spec.name})
 
 
-def parse_registry(path: Path) -> Catalog:
+def parse_catalog(path: Path) -> Catalog:
+    """The catalog a models file lists; CatalogError says where and why it is invalid."""
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as e:
@@ -204,7 +206,7 @@ def parse_registry(path: Path) -> Catalog:
     except yaml.YAMLError as e:
         raise CatalogError(f"GENQ_MODELS_FILE {path} is not valid YAML: {e}") from e
     try:
-        parsed = RegistryFile.model_validate(raw)
+        parsed = ModelsFile.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'file'}: {err['msg']}" for err in e.errors()
@@ -217,27 +219,25 @@ def parse_registry(path: Path) -> Catalog:
 
 
 class CatalogSource:
-    """The current registry. The file is read at start and re-read when the registry revision
-    in Redis moves on (each reload through the admin API bumps it), so an edit takes effect in
-    every gateway and worker at the same moment, when the operator says so.
+    """The current catalog. The models file is read at start and re-read when the catalog
+    revision in Redis moves on (each reload through the admin API bumps it), so an edit takes
+    effect in every gateway and worker at the same moment, when the operator says so.
 
-    A file that turns invalid is reported and the last good registry stays in force, so an
+    A file that turns invalid is reported and the last good catalog stays in force, so an
     editing mistake never takes serving down; an invalid file at start-up is an error.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.path = settings.models_file
         self._revision: int | None = None
-        self._catalog = (
-            builtin_catalog(settings) if self.path is None else parse_registry(self.path)
-        )
+        self._catalog = builtin_catalog(settings) if self.path is None else parse_catalog(self.path)
 
     def get(self, *, revision: int | None = None, force: bool = False) -> Catalog:
         if self.path is None:
             return self._catalog
         if force or (revision is not None and revision != self._revision):
             try:
-                fresh = parse_registry(self.path)
+                fresh = parse_catalog(self.path)
                 if fresh != self._catalog:
                     logger.info("model registry changed: %s", ", ".join(fresh.specs))
                 self._catalog = fresh

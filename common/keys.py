@@ -30,7 +30,8 @@ def queue(pool: str) -> str:
 
 def routing() -> str:
     """Hash: `alias:<alias>` -> target, `traffic:<name>` -> JSON weights by version, set through
-    the admin API and overriding the registry file's; `registry_revision`, bumped by reloads."""
+    the admin API and overriding the models file's; `registry_revision`, the catalog revision,
+    bumped by reloads."""
     return f"{PREFIX}:routing"
 
 

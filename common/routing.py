@@ -1,4 +1,4 @@
-"""Run-time routing overrides (aliases, traffic splits) in Redis, over the registry file's.
+"""Run-time routing overrides (aliases, traffic splits) in Redis, over the models file's.
 
 Each change is a single HSET or HDEL, so switching an alias or a split is atomic: every request
 resolved after it sees the new target, none sees half of it.
@@ -19,11 +19,13 @@ from common.catalog import Catalog, CatalogError, CatalogSource
 
 _ALIAS = "alias:"
 _TRAFFIC = "traffic:"
+# The field of the catalog revision; named before the catalog was, and kept: every gateway and
+# worker of a rolling upgrade reads it.
 _REVISION = "registry_revision"
 
 
 async def current(redis: Redis, source: CatalogSource) -> Catalog:
-    """The registry with the overrides applied; overrides the file no longer allows are skipped
+    """The catalog with the overrides applied; overrides the file no longer allows are skipped
     (a removed version, say) rather than breaking routing."""
     raw = await cast("Awaitable[dict[bytes, bytes]]", redis.hgetall(keys.routing()))
     base = source.get(revision=int(raw.get(_REVISION.encode(), 0)))
@@ -67,5 +69,5 @@ async def clear_traffic(redis: Redis, name: str) -> None:
 
 
 async def next_revision(redis: Redis) -> int:
-    """Move the registry revision on: every process re-reads the registry file."""
+    """Move the catalog revision on: every process re-reads the models file."""
     return int(await cast("Awaitable[int]", redis.hincrby(keys.routing(), _REVISION, 1)))

@@ -14,7 +14,7 @@ from common.catalog import (
     CatalogSource,
     ModelSpec,
     UnknownModel,
-    parse_registry,
+    parse_catalog,
 )
 from common.settings import DEFAULT_MODEL_NAME, Settings
 
@@ -38,7 +38,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_names_versions_aliases_and_pools_resolve(tmp_path: Path) -> None:
-    catalog = parse_registry(write(tmp_path, REGISTRY))
+    catalog = parse_catalog(write(tmp_path, REGISTRY))
     assert catalog.resolve("chat@2").key == "chat@2"
     assert catalog.resolve("stable").key == "chat@1"
     assert catalog.resolve("code").pool == "big"
@@ -48,14 +48,14 @@ def test_names_versions_aliases_and_pools_resolve(tmp_path: Path) -> None:
 
 
 def test_unknown_names_list_what_is_served(tmp_path: Path) -> None:
-    catalog = parse_registry(write(tmp_path, REGISTRY))
+    catalog = parse_catalog(write(tmp_path, REGISTRY))
     for name in ("gpt-17", "chat@3"):
         with pytest.raises(UnknownModel, match="served models: chat, code, chat@1, chat@2"):
             catalog.resolve(name)
 
 
 def test_traffic_split_is_honoured_over_many_requests(tmp_path: Path) -> None:
-    catalog = parse_registry(write(tmp_path, REGISTRY))
+    catalog = parse_catalog(write(tmp_path, REGISTRY))
     rng = random.Random(7)
     counts = Counter(catalog.resolve("chat", rng).version for _ in range(10_000))
     assert 0.08 < counts["2"] / 10_000 < 0.12
@@ -80,7 +80,7 @@ def test_traffic_split_is_honoured_over_many_requests(tmp_path: Path) -> None:
 )
 def test_invalid_registries_say_where_and_why(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(CatalogError, match="GENQ_MODELS_FILE") as info:
-        parse_registry(write(tmp_path, text))
+        parse_catalog(write(tmp_path, text))
     assert message in str(info.value)
 
 

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 import gateway.metrics  # noqa: F401  (registers the gateway's metrics)
 import worker.metrics  # noqa: F401  (registers the worker's metrics)
 from common import keys
-from common.catalog import parse_registry
+from common.catalog import parse_catalog
 from common.settings import Settings
 from tests.deploy_files import (
     K8S,
@@ -412,11 +412,11 @@ def test_every_pool_of_the_registry_has_workers_and_a_scaler(variant: str) -> No
     ]
     path = K8S / "base" / "models.yaml"
     assert yaml.safe_load(registry["data"]["models.yaml"]) == yaml.safe_load(path.read_text())
-    assert parse_registry(path).pools() <= set(worker_pools(objs))
+    assert parse_catalog(path).pools() <= set(worker_pools(objs))
 
 
 def test_registry_baked_into_the_worker_image_is_valid() -> None:
-    catalog = parse_registry(ROOT / "deploy" / "models.yaml")
+    catalog = parse_catalog(ROOT / "deploy" / "models.yaml")
     assert all(
         spec.source and spec.source.startswith("/models/") for spec in catalog.specs.values()
     )

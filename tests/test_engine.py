@@ -28,7 +28,7 @@ from worker.engine.model import LoadedModel
 from worker.engine.sampling import SamplingParams
 from worker.engine.textstream import TextStream
 from worker.loading import load_model
-from worker.models import swappable
+from worker.model_manager import swappable
 
 
 def hit_tokens(lm: LoadedModel) -> float:

@@ -23,7 +23,7 @@ from worker.engine.generation import build_prompt_ids
 from worker.engine.model import LoadedModel
 from worker.engine.static.cache import CacheTooSmall, geometry
 from worker.loading import load_model
-from worker.models import decode_config
+from worker.model_manager import decode_config
 
 STATIC = DecodeConfig(static="on")
 

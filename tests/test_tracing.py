@@ -28,7 +28,7 @@ from gateway.app import create_app
 from genq.redis_server import RedisServer
 from tests.conftest import TINY_NAME, WEBHOOK_SECRET
 from tests.otlp_sink import otlp_sink
-from worker.service import JobRunner
+from worker.job_runner import JobRunner
 from worker.webhooks import WebhookSender
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -159,7 +159,7 @@ def source_path(spec: ModelSpec, settings: Settings) -> str:
 
 
 def verify_checksums(spec: ModelSpec, source: str) -> None:
-    """Refuse weights whose SHA-256 differs from the registry's (a truncated copy, the wrong
+    """Refuse weights whose SHA-256 differs from the catalog's (a truncated copy, the wrong
     file, tampering). Paths are relative to the checkpoint directory, or to a GGUF file's."""
     if not spec.sha256:
         return

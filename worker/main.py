@@ -17,7 +17,7 @@ import redis
 from arq.worker import func
 from redis.exceptions import RedisError
 
-from common import keys, logs, registry, tracing
+from common import heartbeats, keys, logs, tracing
 from common.catalog import CatalogError, CatalogSource
 from common.contract import (
     DELIVER_WEBHOOK_FUNCTION,
@@ -33,9 +33,9 @@ from common.settings import Settings
 from worker import metrics
 from worker.arq_worker import ResilientWorker
 from worker.engine import Engine
+from worker.job_runner import JobRunner
 from worker.loading import ModelLoadError, resolve_device
 from worker.probes import serve_probes
-from worker.service import JobRunner
 from worker.watchdog import Watchdog
 from worker.webhooks import WebhookSender, deliver_webhook
 
@@ -64,8 +64,9 @@ def read_payload(data: bytes) -> dict[str, Any]:
     return payload
 
 
-async def generate(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> str:
-    """The job function; its one argument is the work item (`common.contract.WorkItem`)."""
+async def run_generation_job(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> str:
+    """The job function registered as GENERATE_FUNCTION; its one argument is the work item
+    (`common.contract.WorkItem`)."""
     runner: JobRunner = ctx["runner"]
     payload = args[0] if len(args) == 1 and not kwargs else {"args": args, **kwargs}
     return await runner.run(ctx["job_id"], payload, attempt=ctx["job_try"])
@@ -96,13 +97,13 @@ class WorkerProcess:
         self.watchdog = Watchdog(
             self._engines, settings.worker_watchdog_timeout_s, self._release_leases
         )
-        self.lease_ms = int(settings.worker_heartbeat_s * registry.MISSED_BEATS * 1000)
+        self.lease_ms = heartbeats.lapse_ms(settings.worker_heartbeat_s)
         self.worker: ResilientWorker | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
 
-    def info(self) -> registry.WorkerInfo:
-        return registry.WorkerInfo(
+    def info(self) -> heartbeats.WorkerInfo:
+        return heartbeats.WorkerInfo(
             id=self.id,
             pool=self.settings.pool,
             models=self.runner.models.holdings(),
@@ -145,14 +146,14 @@ class WorkerProcess:
                 await task
         with contextlib.suppress(OSError, RedisError, TimeoutError):
             async with asyncio.timeout(1):
-                await registry.remove_worker(self.redis, self.info())
+                await heartbeats.remove_worker(self.redis, self.info())
         await self.runner.stop()
         await self.webhooks.close()
 
     def _engines(self) -> list[Engine]:
         return self.runner.models.engines()
 
-    def _held(self) -> dict[str, int | None]:
+    def _leased_jobs(self) -> dict[str, int | None]:
         """The jobs this worker holds a lease on, with the attempt it runs (None: not started)."""
         tasks = self.worker.tasks if self.worker is not None else {}
         return {
@@ -173,8 +174,8 @@ class WorkerProcess:
             if not self.watchdog.healthy:
                 return
             try:
-                await registry.heartbeat(self.redis, self.info(), self.settings.worker_heartbeat_s)
-                for job_id in await self.store.renew_leases(self._held(), self.lease_ms):
+                await heartbeats.beat(self.redis, self.info(), self.settings.worker_heartbeat_s)
+                for job_id in await self.store.renew_leases(self._leased_jobs(), self.lease_ms):
                     self.runner.lose(job_id)
                 await self.reaper.take_turn(
                     self.settings.pool, self.id, self.settings.worker_heartbeat_s
@@ -190,14 +191,14 @@ class WorkerProcess:
     def _release_leases(self) -> None:
         """Called by a tripped watchdog, off the event loop: let other workers take this one's
         jobs now rather than when their leases lapse."""
-        held = list(self._held())
-        if not held:
+        leased = list(self._leased_jobs())
+        if not leased:
             return
         client = redis.Redis.from_url(
             self.settings.redis_url.get_secret_value(), socket_timeout=1, socket_connect_timeout=1
         )
         with contextlib.suppress(RedisError, OSError):
-            client.delete(*(keys.arq_in_progress(job_id) for job_id in held))
+            client.delete(*(keys.arq_in_progress(job_id) for job_id in leased))
         client.close()
 
     async def _listen(self) -> None:
@@ -247,7 +248,7 @@ class WorkerProcess:
         self.worker = ResilientWorker(
             # One try more than GENQ_MAX_TRIES so the job function itself records the failure.
             functions=[
-                func(generate, name=GENERATE_FUNCTION, max_tries=s.max_tries + 1),
+                func(run_generation_job, name=GENERATE_FUNCTION, max_tries=s.max_tries + 1),
                 func(deliver_webhook, name=DELIVER_WEBHOOK_FUNCTION, max_tries=s.webhook_max_tries),
             ],
             queue_name=keys.queue(s.pool),
@@ -274,7 +275,7 @@ class WorkerProcess:
 
 def run_worker(settings: Settings) -> None:
     """Load the pool's preloaded models, then serve jobs until SIGINT/SIGTERM. Exits 2 if the
-    registry is invalid or none of the preloaded models loads."""
+    models file is invalid or none of the preloaded models loads."""
     setup_logging(settings)
     tracing.configure("genq-worker")
     try:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from common import registry, routing
+from common import heartbeats, routing
 from common.catalog import Catalog, CatalogSource, ModelSpec, UnknownModel
 from common.schemas import ModelCard, ModelList, ModelVersion, WorkerHolding
 from gateway.errors import ModelNotFound
@@ -47,7 +47,7 @@ class ModelService:
         catalog = await self.catalog()
         holdings: dict[str, list[WorkerHolding]] = {}
         for pool in sorted(catalog.pools()):
-            for worker in await registry.live_workers(self.redis, pool):
+            for worker in await heartbeats.live_workers(self.redis, pool):
                 for held in worker.models:
                     holdings.setdefault(held.key, []).append(
                         WorkerHolding(

@@ -7,7 +7,7 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from common import keys, registry
+from common import heartbeats, keys
 from common.catalog import CatalogSource
 from common.jobstore import DRAIN_WINDOW_S, JobStore
 from common.schemas import PoolStats, QueueStats
@@ -73,7 +73,7 @@ class QueueService:
             pipe.zcount(queue, "-inf", int(now * 1000))
             pipe.zrange(queue, 0, 0)
             depth, ready, head = await pipe.execute()
-        workers = await registry.live_workers(self.redis, pool)
+        workers = await heartbeats.live_workers(self.redis, pool)
         oldest_age_s = None
         if head:
             job = await self.store.load(head[0].decode())

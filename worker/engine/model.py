@@ -21,7 +21,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     max_context: int
     load_s: float
-    max_prompt_tokens: int | None = None  # the registry's limit, below the context window
+    max_prompt_tokens: int | None = None  # the catalog's limit, below the context window
     compile: bool = False  # torch.compile asked for: the engine compiles what it runs
     # The smallest attention window of its sliding-window layers, when it bounds max_context.
     sliding_window: int | None = None

@@ -18,6 +18,7 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_delay,
+    stop_never,
     wait_random_exponential,
 )
 
@@ -45,7 +46,7 @@ from worker.engine import (
     RowOutput,
     SamplingParams,
 )
-from worker.models import Held, ModelManager
+from worker.model_manager import HeldModel, ModelManager
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class JobRunner:
                 held, load_s = await self.models.acquire(spec, deadline)
                 spans.model_loaded(spec.key, load_s)
                 try:
-                    outcome = await self._generate(job, item, held, deadline)
+                    outcome = await self._run_on_engine(job, item, held, deadline)
                 finally:
                     self.models.release(held)
             spans.generated(job, outcome)
@@ -242,7 +243,11 @@ class JobRunner:
             async with asyncio.timeout(_HAND_BACK_S):
                 await self._write(self._final(job, error=error))
 
-    async def _generate(self, job: Job, item: WorkItem, held: Held, deadline: float) -> Generation:
+    async def _run_on_engine(
+        self, job: Job, item: WorkItem, held: HeldModel, deadline: float
+    ) -> Generation:
+        """Hand the job's request to its model's engine and wait for what it generates; a wait
+        that ends otherwise frees the engine's row."""
         assert self._loop is not None, "start() first"
         assert held.engine is not None
         engine = held.engine
@@ -316,11 +321,7 @@ class JobRunner:
                 tokens.setdefault(out.request_id, []).append(TokenEvent(index=index, text=out.text))
         if tokens:
             attempts = {job_id: self._pending[job_id].attempt for job_id in tokens}
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((RedisError, OSError)),
-                wait=wait_random_exponential(multiplier=0.1, max=2),
-                before_sleep=_log_retry,
-            ):
+            async for attempt in _while_redis_is_away():
                 with attempt:
                     lost = await self.store.append_step(tokens, attempts)
             for job_id in lost:
@@ -421,16 +422,22 @@ T = TypeVar("T")
 
 async def _persist(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
     """`fn`, retried for up to `_PERSIST_RETRY_S` while Redis is unreachable."""
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type((RedisError, OSError)),
-        wait=wait_random_exponential(multiplier=0.1, max=2),
-        stop=stop_after_delay(_PERSIST_RETRY_S),
-        before_sleep=_log_retry,
-        reraise=True,
-    ):
+    async for attempt in _while_redis_is_away(give_up_after_s=_PERSIST_RETRY_S):
         with attempt:
             return await fn(*args, **kwargs)
     raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+def _while_redis_is_away(give_up_after_s: float | None = None) -> AsyncRetrying:
+    """Retries while Redis is unreachable, with jittered backoff; past `give_up_after_s` (never,
+    unset) the last error is raised."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type((RedisError, OSError)),
+        wait=wait_random_exponential(multiplier=0.1, max=2),
+        stop=stop_never if give_up_after_s is None else stop_after_delay(give_up_after_s),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
 
 
 def _log_retry(state: RetryCallState) -> None:

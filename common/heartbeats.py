@@ -10,11 +10,14 @@ from redis.asyncio import Redis
 
 from common import keys
 
+# The states of a model version a worker holds: `loading` until its first load ends, then
+# `ready`; `reloading` while new weights load (the old ones still serve); `failed` when its load
+# failed (`reason` says why).
 ModelState = Literal["loading", "ready", "reloading", "failed"]
 
 
-class HeldModel(BaseModel):
-    """A model version as one worker holds it."""
+class HeldModelInfo(BaseModel):
+    """What a heartbeat tells of a model version its worker holds (the worker's `HeldModel`)."""
 
     key: str = Field(description="name@version")
     state: ModelState
@@ -32,9 +35,11 @@ class HeldModel(BaseModel):
 
 
 class WorkerInfo(BaseModel):
+    """What a worker's heartbeat tells: the worker, the models it holds, the jobs it runs."""
+
     id: str
     pool: str
-    models: list[HeldModel]
+    models: list[HeldModelInfo]
     running: int
     started_at: float
     host: str
@@ -42,13 +47,17 @@ class WorkerInfo(BaseModel):
 
 
 # A worker missing this many heartbeats in a row counts as dead.
-MISSED_BEATS = 3
+_MISSED_BEATS = 3
 
 
-async def heartbeat(redis: Redis, info: WorkerInfo, interval_s: float) -> None:
-    ttl_ms = int(interval_s * MISSED_BEATS * 1000)
+def lapse_ms(interval_s: float) -> int:
+    """How long a heartbeat, and the job leases it renews, outlive the beat that wrote them."""
+    return int(interval_s * _MISSED_BEATS * 1000)
+
+
+async def beat(redis: Redis, info: WorkerInfo, interval_s: float) -> None:
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.worker(info.id), info.model_dump_json(), px=ttl_ms)
+        pipe.set(keys.worker(info.id), info.model_dump_json(), px=lapse_ms(interval_s))
         pipe.zadd(keys.workers(info.pool), {info.id: time.time()})
         await pipe.execute()
 

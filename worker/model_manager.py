@@ -15,7 +15,7 @@ import torch
 
 from common.catalog import CatalogSource, EngineSpec, ModelSpec, UnknownModel
 from common.contract import ErrorCode
-from common.registry import HeldModel, ModelState
+from common.heartbeats import HeldModelInfo, ModelState
 from common.settings import Settings
 from worker import metrics
 from worker.engine import DecodeConfig, Engine, EngineLimits, GenerationError, StepCallback
@@ -44,7 +44,10 @@ class ModelUnavailable(GenerationError):
 
 
 @dataclass(eq=False)
-class Held:
+class HeldModel:
+    """A model version this worker holds: its weights and engine once loaded, its state and its
+    use; `info()` is what the heartbeat tells of it."""
+
     spec: ModelSpec
     state: ModelState = "loading"
     reason: str | None = None
@@ -57,9 +60,9 @@ class Held:
     loaded_at: float | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # loaded, or failed to
 
-    def info(self) -> HeldModel:
+    def info(self) -> HeldModelInfo:
         mode = self.engine.decode_mode if self.engine is not None else None
-        return HeldModel(
+        return HeldModelInfo(
             key=self.spec.key,
             state=self.state,
             reason=self.reason,
@@ -96,15 +99,16 @@ class ModelManager:
         self.source = source
         self.on_step = on_step
         self.on_change = on_change  # a model's state changed: heartbeat now
-        self._held: dict[str, Held] = {}
-        self._retiring: list[Held] = []  # replaced, finishing their rows
+        self._held: dict[str, HeldModel] = {}
+        self._retiring: list[HeldModel] = []  # replaced, finishing their rows
         # Versions a reload is bringing in: their jobs wait for it rather than load them again.
         self._incoming: dict[str, asyncio.Event] = {}
         self._loading = asyncio.Lock()  # one load (and its evictions) at a time
         self._released = asyncio.Event()
         self._budget = int(settings.model_memory_budget_mb * 2**20)
 
-    def holdings(self) -> list[HeldModel]:
+    def holdings(self) -> list[HeldModelInfo]:
+        """What the heartbeat tells of each model version held here."""
         return [held.info() for held in self._held.values()]
 
     def engines(self) -> list[Engine]:
@@ -122,7 +126,7 @@ class ModelManager:
         ]
         failures = []
         for spec in specs:
-            held = Held(spec)
+            held = HeldModel(spec)
             self._held[spec.key] = held
             try:
                 self._install(held, load_spec(spec, self.settings), start=False)
@@ -143,7 +147,7 @@ class ModelManager:
                 await asyncio.to_thread(held.engine.stop)
 
     def spec_for(self, key: str, requested: str | None) -> ModelSpec:
-        """The registry entry to run a job with. A job queued for a version that a reload has
+        """The catalog entry to run a job with. A job queued for a version that a reload has
         since removed runs on what its requested name serves now."""
         catalog = self.source.get()
         if key not in catalog.specs:  # a reload this worker has not heard of yet?
@@ -161,7 +165,7 @@ class ModelManager:
             )
         return spec
 
-    async def acquire(self, spec: ModelSpec, deadline: float) -> tuple[Held, float]:
+    async def acquire(self, spec: ModelSpec, deadline: float) -> tuple[HeldModel, float]:
         """The held model for `spec`, loading it first if need be; also the seconds spent
         waiting for a load (0 when it was ready). `release` it when the job is done."""
         started = time.monotonic()
@@ -173,7 +177,7 @@ class ModelManager:
             async with self._loading:
                 held = self._held.get(spec.key)
                 if held is None or (held.state == "failed" and held.spec != spec):
-                    held = Held(spec)
+                    held = HeldModel(spec)
                     self._held[spec.key] = held
                     self.on_change()
                     await self._load_on_demand(held, deadline)
@@ -184,7 +188,7 @@ class ModelManager:
         held.last_used = time.monotonic()
         return held, (time.monotonic() - started) if cold else 0.0
 
-    def release(self, held: Held) -> None:
+    def release(self, held: HeldModel) -> None:
         held.in_flight -= 1
         held.last_used = time.monotonic()
         if held in self._retiring and held.in_flight == 0:
@@ -194,8 +198,8 @@ class ModelManager:
         self._released = asyncio.Event()
 
     async def reload(self, name: str) -> None:
-        """Load the registry's current weights for every version of `name` held here and swap
-        them in; a held version the registry dropped is replaced by what `name` now serves."""
+        """Load the catalog's current weights for every version of `name` held here and swap
+        them in; a held version the catalog dropped is replaced by what `name` now serves."""
         catalog = self.source.get(force=True)
         for held in [h for h in self._held.values() if h.spec.name == name]:
             if held.state == "failed":
@@ -210,7 +214,7 @@ class ModelManager:
                 continue  # no longer served here: left for eviction
             await self._reload(held, spec)
 
-    async def _reload(self, held: Held, spec: ModelSpec) -> None:
+    async def _reload(self, held: HeldModel, spec: ModelSpec) -> None:
         held.state = "reloading"
         self.on_change()
         incoming = None
@@ -223,7 +227,7 @@ class ModelManager:
                 del self._incoming[spec.key]
                 incoming.set()
 
-    async def _swap_in(self, held: Held, spec: ModelSpec) -> None:
+    async def _swap_in(self, held: HeldModel, spec: ModelSpec) -> None:
         try:
             lm = await asyncio.to_thread(load_spec, spec, self.settings)
         except _LOAD_ERRORS as e:
@@ -247,7 +251,7 @@ class ModelManager:
             del self._held[old_key]
             held.state = "ready"
             if spec.key not in self._held:
-                replacement = Held(spec)
+                replacement = HeldModel(spec)
                 self._held[spec.key] = replacement
                 self._install(replacement, lm, start=True)
             if held.in_flight == 0:
@@ -259,7 +263,7 @@ class ModelManager:
         _loaded(spec.key, lm, "reloaded")
         self.on_change()
 
-    async def _load_on_demand(self, held: Held, deadline: float) -> None:
+    async def _load_on_demand(self, held: HeldModel, deadline: float) -> None:
         spec = held.spec
         try:
             estimate = await asyncio.to_thread(estimated_bytes, spec, self.settings)
@@ -280,7 +284,7 @@ class ModelManager:
         self._install(held, lm, start=True)
         await self._make_room(0, 0.0, keep=held)  # the estimate may have been low
 
-    def _install(self, held: Held, lm: LoadedModel, *, start: bool) -> None:
+    def _install(self, held: HeldModel, lm: LoadedModel, *, start: bool) -> None:
         limits = engine_limits(self.settings, held.spec.engine)
         series = metrics.EngineMetrics()
         engine = Engine(lm, limits, self.on_step, decode_config(self.settings), on_stats=series)
@@ -294,14 +298,14 @@ class ModelManager:
         _loaded(held.spec.key, lm, "loaded")
         self.on_change()
 
-    def _fail(self, held: Held, reason: str) -> None:
+    def _fail(self, held: HeldModel, reason: str) -> None:
         held.state, held.reason = "failed", reason
         held.settled.set()
         logger.error("model %s failed to load: %s", held.spec.key, reason)
         metrics.observe_load(held.spec.key, "failed", None, 0)
         self.on_change()
 
-    async def _make_room(self, incoming: int, deadline: float, *, keep: Held) -> None:
+    async def _make_room(self, incoming: int, deadline: float, *, keep: HeldModel) -> None:
         """Unload idle models, least recently used first, until `incoming` more bytes fit the
         budget. Waits for busy models to go idle until `deadline` (0: no waiting). A model
         alone is always allowed, however large."""
@@ -333,7 +337,7 @@ class ModelManager:
             except TimeoutError:
                 continue
 
-    async def _unload(self, held: Held) -> None:
+    async def _unload(self, held: HeldModel) -> None:
         metrics.MODEL_BYTES.labels(*metrics.labels(held.spec.key)).set(0)
         if held.engine is not None:
             await asyncio.to_thread(held.engine.stop)
