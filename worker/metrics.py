@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from common.contract import ErrorCode
-from common.schemas import Job, JobStatus
+from common.jobs import Job, JobStatus
 
 if TYPE_CHECKING:
     from worker.engine import Generation

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.schemas import Strict
+from gateway.schemas import Strict
 
 FinishReason = Literal["stop", "length"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, status
 
-from common.schemas import AliasTarget, ErrorBody, ModelCard, ReloadAccepted, TrafficSplit
 from gateway.deps import AdminDep, require_admin
 from gateway.routes.jobs import AUTH_ERRORS
+from gateway.schemas import AliasTarget, ErrorBody, ModelCard, ReloadAccepted, TrafficSplit
 from gateway.security import StrictJSONRoute
 
 router = APIRouter(

@@ -6,10 +6,10 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from common.schemas import ErrorBody
 from gateway import metrics
 from gateway.deps import ServicesDep
 from gateway.errors import ShuttingDown, Unavailable
+from gateway.schemas import ErrorBody
 from gateway.security import StrictJSONRoute
 
 router = APIRouter(route_class=StrictJSONRoute, tags=["health"])

@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Response, status
 from sse_starlette import EventSourceResponse
 
-from common.schemas import BatchRequest, BatchResponse, ErrorBody, GenerationRequest, Job
+from common.jobs import Job
 from gateway.deps import CallerDep, GeneratorDep, JobsDep, ListenerDep, ServicesDep
+from gateway.schemas import BatchRequest, BatchResponse, ErrorBody, GenerationRequest
 from gateway.security import StrictJSONRoute
 from gateway.services.sse import job_event_stream, sse_response
 

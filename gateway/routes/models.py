@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from common.schemas import ModelList, QueueStats
 from gateway.auth import Scope
 from gateway.deps import ModelsDep, QueueDep, ReaderDep
 from gateway.routes.jobs import AUTH_ERRORS
+from gateway.schemas import ModelList, QueueStats
 from gateway.security import StrictJSONRoute
 
 router = APIRouter(

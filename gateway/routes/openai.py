@@ -7,7 +7,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette import EventSourceResponse
 
-from common.schemas import ErrorBody
 from gateway.deps import GeneratorDep, ListenerDep, Services
 from gateway.openai.protocol import (
     ChatCompletion,
@@ -16,6 +15,7 @@ from gateway.openai.protocol import (
     CompletionRequest,
 )
 from gateway.routes.jobs import ERRORS, IdempotencyKey
+from gateway.schemas import ErrorBody
 from gateway.security import StrictJSONRoute
 from gateway.services.openai import JobStream, OpenAIService
 from gateway.services.sse import sse_response

@@ -7,8 +7,8 @@ from redis.asyncio import Redis
 
 from common import keys, routing
 from common.catalog import CatalogError
-from common.schemas import ModelCard, ReloadAccepted
 from gateway.errors import InvalidRouting, ModelNotFound
+from gateway.schemas import ModelCard, ReloadAccepted
 from gateway.services.models import ModelService
 
 

@@ -21,9 +21,10 @@ from common.contract import (
     required_features,
     serialize_payload,
 )
+from common.jobs import Job
 from common.jobstore import JobStore
-from common.schemas import GenerationRequest, Job
 from common.settings import Settings
+from gateway.schemas import GenerationRequest
 from gateway.services.models import Route
 
 # Score offsets (in priority steps) on the arq queue, which runs the lowest score first. A job's

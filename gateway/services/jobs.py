@@ -18,17 +18,8 @@ from redis.exceptions import RedisError
 from common import events, keys, logs, tracing
 from common.catalog import DEFAULT_ALIAS
 from common.events import Event
+from common.jobs import Job, JobResult, JobStatus, Usage
 from common.jobstore import Fenced, JobStore
-from common.schemas import (
-    BatchItem,
-    BatchResponse,
-    ErrorDetail,
-    GenerationRequest,
-    Job,
-    JobResult,
-    JobStatus,
-    Usage,
-)
 from common.settings import Settings
 from common.webhooks import WebhookPolicy, enqueue_delivery
 from gateway import metrics
@@ -43,6 +34,7 @@ from gateway.errors import (
     ShuttingDown,
     describe_validation,
 )
+from gateway.schemas import BatchItem, BatchResponse, ErrorDetail, GenerationRequest
 from gateway.services.enqueue import fingerprint, is_deterministic, new_tokens, stage_enqueue
 from gateway.services.events import STREAM_ID, EventReader
 from gateway.services.limits import check_limits, check_model_limits

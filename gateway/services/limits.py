@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from common.catalog import ModelSpec
-from common.schemas import GenerationRequest
 from common.settings import Settings
 from common.webhooks import WebhookPolicy, WebhookRefused
 from gateway.errors import LimitExceeded
+from gateway.schemas import GenerationRequest
 
 
 def check_limits(request: GenerationRequest, settings: Settings, webhooks: WebhookPolicy) -> None:

@@ -9,8 +9,8 @@ from redis.asyncio import Redis
 
 from common import registry, routing
 from common.catalog import Catalog, CatalogSource, ModelSpec, UnknownModel
-from common.schemas import ModelCard, ModelList, ModelVersion, WorkerHolding
 from gateway.errors import ModelNotFound
+from gateway.schemas import ModelCard, ModelList, ModelVersion, WorkerHolding
 
 # What a version shows when live workers disagree: the most useful state wins.
 _STATE_ORDER = ("ready", "reloading", "loading", "failed")

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
 from common.events import EventType, decode_job
-from common.schemas import GenerationRequest, Job, JobResult, Timings, TokenEvent
+from common.jobs import Job, JobResult, Timings, TokenEvent
 from common.settings import Settings
 from gateway.auth import Caller
 from gateway.drain import Drain
@@ -44,6 +44,7 @@ from gateway.openai.protocol import (
     PromptTokensDetails,
     SamplingFields,
 )
+from gateway.schemas import GenerationRequest
 from gateway.services.jobs import JobService
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from common.schemas import FinishReason
+from common.jobs import FinishReason
 from worker.engine import fused
 from worker.engine.generation import Generation
 from worker.engine.kv_cache import (

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.schemas import FinishReason
+from common.jobs import FinishReason
 from worker import metrics
 from worker.engine.batch import Batch, Row, forward_all, new_row
 from worker.engine.compiling import compile_forward, uncompile

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from common.schemas import FinishReason
+from common.jobs import FinishReason
 from worker.loading import LoadedModel
 
 
