@@ -6,9 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, status
 
 from gateway.deps import AdminDep, require_admin
-from gateway.routes.jobs import AUTH_ERRORS
+from gateway.routes.common import AUTH_ERRORS, StrictJSONRoute
 from gateway.schemas import AliasTarget, ErrorBody, ModelCard, ReloadAccepted, TrafficSplit
-from gateway.security import StrictJSONRoute
 
 router = APIRouter(
     route_class=StrictJSONRoute,

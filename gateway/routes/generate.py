@@ -8,9 +8,8 @@ from sse_starlette import EventSourceResponse
 from common.jobs import Job
 from gateway.deps import GeneratorDep, ListenerDep, ServicesDep
 from gateway.errors import LimitExceeded
-from gateway.routes.jobs import ERRORS, IdempotencyKey
+from gateway.routes.common import ERRORS, IdempotencyKey, StrictJSONRoute
 from gateway.schemas import SyncGenerationRequest
-from gateway.security import StrictJSONRoute
 from gateway.services.sse import job_event_stream, sse_response
 from gateway.timing import server_timing
 

@@ -9,8 +9,8 @@ from redis.exceptions import RedisError
 from gateway import metrics
 from gateway.deps import ServicesDep
 from gateway.errors import ShuttingDown, Unavailable
+from gateway.routes.common import StrictJSONRoute
 from gateway.schemas import ErrorBody
-from gateway.security import StrictJSONRoute
 
 router = APIRouter(route_class=StrictJSONRoute, tags=["health"])
 

@@ -6,9 +6,8 @@ from fastapi import APIRouter
 
 from gateway.auth import Scope
 from gateway.deps import ModelsDep, QueueDep, ReaderDep
-from gateway.routes.jobs import AUTH_ERRORS
+from gateway.routes.common import AUTH_ERRORS, StrictJSONRoute
 from gateway.schemas import ModelList, QueueStats
-from gateway.security import StrictJSONRoute
 
 router = APIRouter(
     route_class=StrictJSONRoute, prefix="/v1", tags=["models"], responses=AUTH_ERRORS

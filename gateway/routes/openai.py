@@ -14,9 +14,8 @@ from gateway.openai.protocol import (
     Completion,
     CompletionRequest,
 )
-from gateway.routes.jobs import ERRORS, IdempotencyKey
+from gateway.routes.common import ERRORS, IdempotencyKey, StrictJSONRoute
 from gateway.schemas import ErrorBody
-from gateway.security import StrictJSONRoute
 from gateway.services.openai import JobStream, OpenAIService
 from gateway.services.sse import sse_response
 from gateway.timing import server_timing
