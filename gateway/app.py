@@ -51,7 +51,7 @@ def create_app(settings: Settings, drain: Drain | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services.build(settings, drain or Drain())
         app.state.services = services
-        pools = services.models.source.get
+        pools = services.router.source.get
         reaping = asyncio.create_task(
             services.reaper.sweep_forever(lambda: pools().pools(), settings.worker_heartbeat_s)
         )

@@ -25,7 +25,7 @@ from common.jobs import Job
 from common.jobstore import JobStore
 from common.settings import Settings
 from gateway.schemas import GenerationRequest
-from gateway.services.models import Route
+from gateway.services.routing import Route
 
 # Score offsets (in priority steps) on the arq queue, which runs the lowest score first. A job's
 # score is its enqueue time plus this, so waiting ages a job: after one step a `low` job ranks

@@ -38,9 +38,9 @@ from gateway.schemas import BatchItem, BatchResponse, ErrorDetail, GenerationReq
 from gateway.services.enqueue import fingerprint, is_deterministic, new_tokens, stage_enqueue
 from gateway.services.events import STREAM_ID, EventReader
 from gateway.services.limits import check_limits, check_model_limits
-from gateway.services.models import ModelService, Route
 from gateway.services.queue import QueueService
 from gateway.services.ratelimit import RateLimiter
+from gateway.services.routing import ModelRouter, Route
 
 # How long a request that lost an Idempotency-Key race waits for the winner's job record.
 _IDEMPOTENCY_WAIT_S = 2.0
@@ -53,7 +53,7 @@ class JobService:
         self,
         redis: ArqRedis,
         store: JobStore,
-        models: ModelService,
+        router: ModelRouter,
         queue: QueueService,
         settings: Settings,
         reader: EventReader,
@@ -61,7 +61,7 @@ class JobService:
     ) -> None:
         self.redis = redis
         self.store = store
-        self.models = models
+        self.router = router
         self.queue = queue
         self.settings = settings
         self.reader = reader
@@ -91,7 +91,7 @@ class JobService:
         self, request: GenerationRequest, caller: Caller, idempotency_key: str | None
     ) -> Job:
         check_limits(request, self.settings, self.webhooks)
-        route = await self.models.resolve(request.model)
+        route = await self.router.resolve(request.model)
         check_model_limits(request, route.spec, new_tokens(request, route.spec, self.settings))
         await self.limiter.count_requests(caller, 1)
         owner = caller.principal.id
@@ -169,7 +169,7 @@ class JobService:
             try:
                 request = GenerationRequest.model_validate(raw)
                 check_limits(request, self.settings, self.webhooks)
-                route = await self.models.resolve(request.model)
+                route = await self.router.resolve(request.model)
                 check_model_limits(
                     request, route.spec, new_tokens(request, route.spec, self.settings)
                 )
