@@ -17,7 +17,8 @@ from gateway.drain import Drain
 from gateway.errors import install_error_handlers
 from gateway.metrics import MetricsMiddleware
 from gateway.middleware import AccessLogMiddleware
-from gateway.routes import admin, generate, health, jobs, models, openai
+from gateway.openai import router as openai
+from gateway.routes import admin, generate, health, jobs, models
 from gateway.security import (
     DeclaredBodyLimitMiddleware,
     HostCheckMiddleware,

@@ -18,12 +18,12 @@ from common.settings import Settings
 from gateway.auth import Caller, KeyRing, NotAuthenticated, Scope, presented_key
 from gateway.drain import Drain
 from gateway.errors import Forbidden, Unauthorized
+from gateway.openai.serving import OpenAIServing
 from gateway.redisclient import Listeners, create_gateway_redis
 from gateway.services.admin import AdminService
 from gateway.services.events import EventReader
 from gateway.services.jobs import JobService
 from gateway.services.listing import ModelListing
-from gateway.services.openai import OpenAIService
 from gateway.services.queue import QueueService
 from gateway.services.ratelimit import RateLimiter
 from gateway.services.routing import ModelRouter
@@ -39,7 +39,7 @@ class Services:
     router: ModelRouter
     listing: ModelListing
     queue: QueueService
-    openai: OpenAIService
+    openai: OpenAIServing
     admin: AdminService
     reaper: Reaper
     keyring: KeyRing
@@ -66,7 +66,7 @@ class Services:
             router=router,
             listing=listing,
             queue=queue,
-            openai=OpenAIService(jobs, drain),
+            openai=OpenAIServing(jobs, drain),
             admin=AdminService(redis, router, listing),
             reaper=Reaper(redis, store, settings.max_tries),
             keyring=keyring,
