@@ -72,6 +72,10 @@ class WebhookDelivery(BaseModel):
     status_code: int | None = None
 
 
+# The job as clients see it: in the API's answers, its closing event and webhook bodies (no
+# docstring: it would show in the OpenAPI schema). `position`, `estimated_start_at` and `cached`
+# are the gateway's to fill in when it answers: the record (`common.jobstore`) never stores
+# them, and the worker writes them at their defaults.
 class Job(BaseModel):
     id: str
     status: JobStatus
