@@ -49,8 +49,8 @@ from redis.asyncio import Redis
 
 from bench.keda import KedaController, ScalingPolicy
 from common import events, heartbeats, keys
+from common.jobs import JobStatus, TokenEvent
 from common.jobstore import JobStore
-from common.schemas import JobStatus, TokenEvent
 from common.settings import Settings
 from genq.redis_server import RedisServer, free_port
 from tests.procs import Proc, genq_env, start_gateway

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from common.schemas import GenerationRequest
 from common.settings import Settings
+from gateway.schemas import GenerationRequest
 from tests.tiny_model import build_tiny_model
 from worker import metrics
 from worker.engine import Engine, EngineLimits, EngineRequest, RowOutput

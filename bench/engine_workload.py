@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import GenerationConfig
 
-from common.schemas import ChatMessage, GenerationRequest
+from gateway.schemas import ChatMessage, GenerationRequest
 from worker import metrics
 from worker.engine import DecodeConfig, Engine, EngineLimits, EngineRequest, RowOutput
 from worker.engine.generation import build_prompt_ids

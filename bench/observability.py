@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from bench.engine_workload import engine_closed_loop, workload
 from common import tracing
 from common.contract import WorkItem, WorkRequest
-from common.schemas import Job, JobResult, JobStatus, Usage
+from common.jobs import Job, JobResult, JobStatus, Usage
 from common.settings import Settings
 from worker import metrics, spans
 from worker.engine import Generation, StepStats

@@ -50,8 +50,8 @@ import torch
 from httpx_sse import EventSource
 
 from bench.engine_workload import EngineDriver
-from common.schemas import ChatMessage, GenerationRequest
 from common.settings import Settings
+from gateway.schemas import ChatMessage, GenerationRequest
 from genq.redis_server import RedisServer, free_port
 from tests.procs import Proc, genq_env, start_gateway, start_worker
 from worker.engine.model import LoadedModel

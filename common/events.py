@@ -7,7 +7,7 @@ from enum import StrEnum
 
 import orjson
 
-from common.schemas import Job
+from common.jobs import Job
 
 
 class EventType(StrEnum):

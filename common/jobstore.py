@@ -16,15 +16,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from common import events, keys, lua
-from common.schemas import (
-    Job,
-    JobError,
-    JobResult,
-    JobStatus,
-    Timings,
-    TokenEvent,
-    WebhookDelivery,
-)
+from common.jobs import Job, JobError, JobResult, JobStatus, Timings, TokenEvent, WebhookDelivery
 
 # How far back job starts count towards a pool's drain rate.
 DRAIN_WINDOW_S = 300

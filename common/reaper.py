@@ -24,8 +24,8 @@ from redis.exceptions import RedisError
 
 from common import keys
 from common.contract import ErrorCode
+from common.jobs import Job, JobError, JobStatus, Timings
 from common.jobstore import Fenced, JobStore, Reaped
-from common.schemas import Job, JobError, JobStatus, Timings
 from common.webhooks import enqueue_delivery
 
 logger = logging.getLogger(__name__)

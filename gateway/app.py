@@ -17,7 +17,8 @@ from gateway.drain import Drain
 from gateway.errors import install_error_handlers
 from gateway.metrics import MetricsMiddleware
 from gateway.middleware import AccessLogMiddleware
-from gateway.routes import admin, generate, health, jobs, models, openai
+from gateway.openai import router as openai
+from gateway.routes import admin, generate, health, jobs, models
 from gateway.security import (
     DeclaredBodyLimitMiddleware,
     HostCheckMiddleware,
@@ -51,7 +52,7 @@ def create_app(settings: Settings, drain: Drain | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services.build(settings, drain or Drain())
         app.state.services = services
-        pools = services.models.source.get
+        pools = services.router.source.get
         reaping = asyncio.create_task(
             services.reaper.sweep_forever(lambda: pools().pools(), settings.worker_heartbeat_s)
         )

@@ -18,14 +18,15 @@ from common.settings import Settings
 from gateway.auth import Caller, KeyRing, NotAuthenticated, Scope, presented_key
 from gateway.drain import Drain
 from gateway.errors import Forbidden, Unauthorized
+from gateway.openai.serving import OpenAIServing
 from gateway.redisclient import Listeners, create_gateway_redis
 from gateway.services.admin import AdminService
 from gateway.services.events import EventReader
 from gateway.services.jobs import JobService
-from gateway.services.models import ModelService
-from gateway.services.openai import OpenAIService
+from gateway.services.listing import ModelListing
 from gateway.services.queue import QueueService
 from gateway.services.ratelimit import RateLimiter
+from gateway.services.routing import ModelRouter
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,10 @@ class Services:
     listeners: Listeners
     drain: Drain
     jobs: JobService
-    models: ModelService
+    router: ModelRouter
+    listing: ModelListing
     queue: QueueService
-    openai: OpenAIService
+    openai: OpenAIServing
     admin: AdminService
     reaper: Reaper
     keyring: KeyRing
@@ -49,21 +51,23 @@ class Services:
         redis, listeners = create_gateway_redis(settings)
         store = JobStore(redis, ttl_s=settings.result_ttl_s, events_maxlen=settings.events_maxlen)
         source = CatalogSource(settings)
-        models = ModelService(redis, source)
+        router = ModelRouter(redis, source)
+        listing = ModelListing(redis, router)
         queue = QueueService(redis, store, settings, source)
         reader = EventReader(store, listeners, drain)
         limiter = RateLimiter(redis, store, settings)
-        jobs = JobService(redis, store, models, queue, settings, reader, limiter)
+        jobs = JobService(redis, store, router, queue, settings, reader, limiter)
         return cls(
             settings=settings,
             redis=redis,
             listeners=listeners,
             drain=drain,
             jobs=jobs,
-            models=models,
+            router=router,
+            listing=listing,
             queue=queue,
-            openai=OpenAIService(jobs, drain),
-            admin=AdminService(redis, models),
+            openai=OpenAIServing(jobs, drain),
+            admin=AdminService(redis, router, listing),
             reaper=Reaper(redis, store, settings.max_tries),
             keyring=keyring,
         )
@@ -82,8 +86,8 @@ def _jobs(request: Request) -> JobService:
     return _services(request).jobs
 
 
-def _models(request: Request) -> ModelService:
-    return _services(request).models
+def _listing(request: Request) -> ModelListing:
+    return _services(request).listing
 
 
 def _queue(request: Request) -> QueueService:
@@ -145,7 +149,7 @@ CallerDep = Annotated[Caller, Depends(_caller)]
 GeneratorDep = Annotated[Caller, Depends(_scoped(Scope.generate))]
 ReaderDep = Annotated[Caller, Depends(_scoped(Scope.read))]
 JobsDep = Annotated[JobService, Depends(_jobs)]
-ModelsDep = Annotated[ModelService, Depends(_models)]
+ListingDep = Annotated[ModelListing, Depends(_listing)]
 QueueDep = Annotated[QueueService, Depends(_queue)]
 AdminDep = Annotated[AdminService, Depends(_admin)]
 ListenerDep = Annotated[Redis, Depends(_listener)]

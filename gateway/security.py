@@ -1,5 +1,4 @@
-"""HTTP hardening around the routes: the Host check, security headers, rate-limit headers, and
-strict JSON bodies.
+"""HTTP hardening around the routes: the Host check, security headers and rate-limit headers.
 
 The body size limit is FastAPI's own (`max_body_size`), counted as the bytes arrive, chunked
 bodies included; `DeclaredBodyLimitMiddleware` answers a body declared too large in the error
@@ -8,12 +7,6 @@ envelope before Starlette would (in plain text). CORS is Starlette's `CORSMiddle
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Any
-
-import orjson
-from fastapi import Request, Response
-from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import Settings
@@ -135,23 +128,3 @@ class ResponseHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
-
-
-class StrictJSONRequest(Request):
-    """Bodies parsed as strict JSON (orjson): NaN, Infinity, numbers out of a double's range,
-    lone surrogates and nesting past 1024 levels are a 422 naming the problem, not a 500 later."""
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = orjson.loads(await self.body())
-        return self._json
-
-
-class StrictJSONRoute(APIRoute):
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def strict(request: Request) -> Response:
-            return await handler(StrictJSONRequest(request.scope, request.receive))
-
-        return strict

@@ -3,7 +3,7 @@ browser tools (durations in milliseconds)."""
 
 from __future__ import annotations
 
-from common.schemas import Timings
+from common.jobs import Timings
 
 # Header name of each part, with its description.
 _PARTS = (

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.schemas import ChatMessage, GenerationRequest
+from gateway.schemas import ChatMessage, GenerationRequest
 from worker import metrics
 from worker.engine import Engine, EngineLimits, EngineRequest, RowOutput
 from worker.engine.config import DecodeConfig, DecodeMode

@@ -10,8 +10,8 @@ import httpx
 from arq.connections import ArqRedis
 
 from common.contract import ErrorCode, WorkItem, WorkRequest
+from common.jobs import Job, JobStatus
 from common.jobstore import JobStore
-from common.schemas import Job, JobStatus
 from gateway.services.enqueue import stage_item
 from genq.redis_server import RedisServer
 from tests.conftest import TINY_KEY, Stack

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.schemas import ChatMessage, GenerationRequest
 from common.settings import Settings
+from gateway.schemas import ChatMessage, GenerationRequest
 from tests.engine_driver import (
     PROMPTS,
     SHARED_START,

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from common.schemas import GenerationRequest
+from gateway.schemas import GenerationRequest
 from tests.engine_driver import PROMPTS, SHARED_START, Job, greedy, reference, run
 from worker import metrics
 from worker.engine import EngineLimits

@@ -14,8 +14,8 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from common.schemas import GenerationRequest
 from common.settings import Settings
+from gateway.schemas import GenerationRequest
 from tests.engine_driver import PROMPTS, Collector, Job, greedy, reference, run
 from tests.sampling_harness import sample
 from tests.tiny_model import CHAT_TEMPLATE

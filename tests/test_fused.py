@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.schemas import GenerationRequest
 from common.settings import Settings
+from gateway.schemas import GenerationRequest
 from tests.tiny_model import build_tiny_model
 from worker.engine import fused
 from worker.engine.eager.batch import Batch, forward, forward_all

@@ -7,8 +7,8 @@ from redis.asyncio import Redis
 
 from common import keys
 from common.events import EventType, decode, decode_job
+from common.jobs import Job, JobResult, JobStatus, TokenEvent, Usage
 from common.jobstore import Fenced, JobStore
-from common.schemas import Job, JobResult, JobStatus, TokenEvent, Usage
 
 POOL = "p"
 OWNER = "key-a"

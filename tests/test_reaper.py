@@ -14,9 +14,9 @@ from redis.asyncio import Redis
 from common import keys
 from common.contract import ErrorCode
 from common.events import EventType, decode, decode_job
+from common.jobs import Job, JobStatus
 from common.jobstore import JobStore, Reaped
 from common.reaper import Reaper
-from common.schemas import Job, JobStatus
 
 POOL = "p"
 MAX_TRIES = 3

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from common.schemas import GenerationRequest
 from common.settings import Settings
+from gateway.schemas import GenerationRequest
 from tests import static_checks
 from tests.engine_driver import PROMPTS, Job, greedy, reference, run
 from tests.tiny_model import build_tiny_model

@@ -10,7 +10,7 @@ import torch
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.schemas import Job, JobError, JobStatus
+from common.jobs import Job, JobError, JobStatus
 from worker import metrics
 from worker.engine import StepStats
 

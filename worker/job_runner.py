@@ -25,16 +25,8 @@ from tenacity import (
 from common import logs
 from common.catalog import CatalogSource, ModelSpec
 from common.contract import ErrorCode, InvalidWorkItem, WorkItem, decode_item
+from common.jobs import Job, JobError, JobResult, JobStatus, Timings, TokenEvent, Usage
 from common.jobstore import Fenced, JobStore
-from common.schemas import (
-    Job,
-    JobError,
-    JobResult,
-    JobStatus,
-    Timings,
-    TokenEvent,
-    Usage,
-)
 from common.settings import Settings
 from common.webhooks import enqueue_delivery
 from worker import metrics, spans

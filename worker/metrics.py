@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from common.contract import ErrorCode
-from common.schemas import Job, JobStatus
+from common.jobs import Job, JobStatus
 from worker.engine import Generation, MemoryMonitor, StepStats
 
 MODEL = ("pool", "model")

@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common import tracing
 from common.contract import WorkItem
-from common.schemas import Job, JobStatus
+from common.jobs import Job, JobStatus
 from worker.engine import Generation
 
 

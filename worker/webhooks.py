@@ -21,8 +21,8 @@ from arq.worker import Retry
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common import logs, tracing
+from common.jobs import WebhookDelivery
 from common.jobstore import JobStore
-from common.schemas import WebhookDelivery
 from common.settings import Settings
 from common.webhooks import (
     SIGNATURE_HEADER,

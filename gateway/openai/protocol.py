@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.schemas import Strict
+from gateway.schemas import Strict
 
 FinishReason = Literal["stop", "length"]
 
@@ -53,9 +53,14 @@ class SamplingFields(Strict):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def vllm_fields(self) -> dict[str, object]:
-        """vLLM's extensions, as the native request names them."""
+    def sampling(self) -> dict[str, object]:
+        """The native request's fields these set, vLLM's extensions included."""
         return {
+            "model": self.model,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": self.stop_list(),
+            "seed": self.seed,
             "top_k": max(self.top_k, 0),
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos,
@@ -77,8 +82,10 @@ class CompletionRequest(SamplingFields):
             raise ValueError("send one prompt per request (a string, or a list of one string)")
         return prompt
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def generation(self) -> dict[str, object]:
+        """The native request this asks for, as fields to validate."""
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return {"prompt": prompt, "max_new_tokens": self.max_tokens, **self.sampling()}
 
 
 class TextPart(Strict):
@@ -101,8 +108,14 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
-    def new_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    def generation(self) -> dict[str, object]:
+        """The native request this asks for, as fields to validate."""
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+        max_new_tokens = self.max_completion_tokens or self.max_tokens
+        return {"messages": messages, "max_new_tokens": max_new_tokens, **self.sampling()}
 
 
 class PromptTokensDetails(BaseModel):
@@ -170,3 +183,6 @@ class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatChunkChoice]
     usage: OpenAIUsage | None = None
+
+
+OpenAIRequest = CompletionRequest | ChatCompletionRequest

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, status
 
-from common.schemas import AliasTarget, ErrorBody, ModelCard, ReloadAccepted, TrafficSplit
 from gateway.deps import AdminDep, require_admin
-from gateway.routes.jobs import AUTH_ERRORS
-from gateway.security import StrictJSONRoute
+from gateway.routes.common import AUTH_ERRORS, StrictJSONRoute
+from gateway.schemas import AliasTarget, ErrorBody, ModelCard, ReloadAccepted, TrafficSplit
 
 router = APIRouter(
     route_class=StrictJSONRoute,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from sse_starlette import EventSourceResponse
 
-from common.schemas import Job, SyncGenerationRequest
+from common.jobs import Job
 from gateway.deps import GeneratorDep, ListenerDep, ServicesDep
 from gateway.errors import LimitExceeded
-from gateway.routes.jobs import ERRORS, IdempotencyKey
-from gateway.security import StrictJSONRoute
+from gateway.routes.common import ERRORS, IdempotencyKey, StrictJSONRoute
+from gateway.schemas import SyncGenerationRequest
 from gateway.services.sse import job_event_stream, sse_response
 from gateway.timing import server_timing
 

@@ -6,11 +6,11 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from common.schemas import ErrorBody
 from gateway import metrics
 from gateway.deps import ServicesDep
 from gateway.errors import ShuttingDown, Unavailable
-from gateway.security import StrictJSONRoute
+from gateway.routes.common import StrictJSONRoute
+from gateway.schemas import ErrorBody
 
 router = APIRouter(route_class=StrictJSONRoute, tags=["health"])
 

@@ -7,32 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Response, status
 from sse_starlette import EventSourceResponse
 
-from common.schemas import BatchRequest, BatchResponse, ErrorBody, GenerationRequest, Job
+from common.jobs import Job
 from gateway.deps import CallerDep, GeneratorDep, JobsDep, ListenerDep, ServicesDep
-from gateway.security import StrictJSONRoute
+from gateway.routes.common import ERRORS, IdempotencyKey, StrictJSONRoute
+from gateway.schemas import BatchRequest, BatchResponse, GenerationRequest
 from gateway.services.sse import job_event_stream, sse_response
 
 router = APIRouter(route_class=StrictJSONRoute, prefix="/v1/jobs", tags=["jobs"])
-
-# What any authenticated route may answer besides its own: no or a bad key, the wrong scope, a
-# body too large or malformed, Redis away (or this gateway's pools full, or it shutting down).
-AUTH_ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 413, 422, 503)
-}
-ERRORS: dict[int | str, dict[str, object]] = {
-    **AUTH_ERRORS,
-    **{code: {"model": ErrorBody} for code in (404, 409, 429)},
-}
-
-
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        max_length=255,
-        description="Retries with the same key and body get the same job for 24 h; "
-        "the same key with another body is a 409.",
-    ),
-]
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, responses=ERRORS)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from common.schemas import ModelList, QueueStats
 from gateway.auth import Scope
-from gateway.deps import ModelsDep, QueueDep, ReaderDep
-from gateway.routes.jobs import AUTH_ERRORS
-from gateway.security import StrictJSONRoute
+from gateway.deps import ListingDep, QueueDep, ReaderDep
+from gateway.routes.common import AUTH_ERRORS, StrictJSONRoute
+from gateway.schemas import ModelList, QueueStats
 
 router = APIRouter(
     route_class=StrictJSONRoute, prefix="/v1", tags=["models"], responses=AUTH_ERRORS
@@ -16,10 +15,10 @@ router = APIRouter(
 
 
 @router.get("/models")
-async def list_models(models: ModelsDep, caller: ReaderDep) -> ModelList:
+async def list_models(listing: ListingDep, caller: ReaderDep) -> ModelList:
     """OpenAI-style list of the models workers have registered, with live worker counts; their
     sources, workers and load failures only for API keys with the `admin` scope."""
-    return await models.listing(details=caller.principal.can(Scope.admin))
+    return await listing.models(details=caller.principal.can(Scope.admin))
 
 
 @router.get("/queue")

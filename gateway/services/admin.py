@@ -7,15 +7,17 @@ from redis.asyncio import Redis
 
 from common import keys, routing
 from common.catalog import CatalogError
-from common.schemas import ModelCard, ReloadAccepted
 from gateway.errors import InvalidRouting, ModelNotFound
-from gateway.services.models import ModelService
+from gateway.schemas import ModelCard, ReloadAccepted
+from gateway.services.listing import ModelListing
+from gateway.services.routing import ModelRouter
 
 
 class AdminService:
-    def __init__(self, redis: Redis, models: ModelService) -> None:
+    def __init__(self, redis: Redis, router: ModelRouter, listing: ModelListing) -> None:
         self.redis = redis
-        self.models = models
+        self.router = router
+        self.listing = listing
 
     async def reload(self, name: str) -> ReloadAccepted:
         """Have every process re-read the registry, and every worker holding `name` reload it.
@@ -24,7 +26,7 @@ class AdminService:
         steps; `GET /v1/models` shows `reloading` on each until it is done.
         """
         await routing.next_revision(self.redis)
-        catalog = await self.models.catalog()  # re-reads the file: the revision moved on
+        catalog = await self.router.catalog()  # re-reads the file: the revision moved on
         if not catalog.versions(name):
             raise ModelNotFound(f"model {name!r} is not served; served models: {catalog.served()}")
         command = orjson.dumps({"action": "reload", "name": name})
@@ -38,7 +40,7 @@ class AdminService:
 
     async def set_traffic(self, name: str, weights: dict[str, int]) -> ModelCard:
         try:
-            await routing.set_traffic(self.redis, await self.models.catalog(), name, weights)
+            await routing.set_traffic(self.redis, await self.router.catalog(), name, weights)
         except CatalogError as e:
             raise InvalidRouting(str(e)) from e
         return await self.card(name)
@@ -49,13 +51,13 @@ class AdminService:
 
     async def set_alias(self, alias: str, target: str) -> None:
         try:
-            await routing.set_alias(self.redis, await self.models.catalog(), alias, target)
+            await routing.set_alias(self.redis, await self.router.catalog(), alias, target)
         except CatalogError as e:
             raise InvalidRouting(str(e)) from e
 
     async def card(self, name: str) -> ModelCard:
-        for card in (await self.models.listing()).data:
+        for card in (await self.listing.models()).data:
             if card.id == name:
                 return card
-        catalog = await self.models.catalog()
+        catalog = await self.router.catalog()
         raise ModelNotFound(f"model {name!r} is not served; served models: {catalog.served()}")

@@ -1,19 +1,21 @@
-"""Putting jobs on a pool's queue in arq's own format, several per Redis round trip."""
+"""The one way onto the queues, for a batch or a job alone: room in the pools, the caller's
+limits, then the jobs in arq's own format, all in one Redis round trip."""
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
+from collections import Counter
+from contextlib import AbstractContextManager
 from typing import Any
 
-import orjson
 from arq.constants import expires_extra_ms
 from arq.jobs import serialize_job as arq_payload
+from opentelemetry.trace import Span, SpanKind
+from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from common import keys, logs, tracing
-from common.catalog import ModelSpec
 from common.contract import (
     GENERATE_FUNCTION,
     WorkItem,
@@ -21,10 +23,16 @@ from common.contract import (
     required_features,
     serialize_payload,
 )
+from common.jobs import Job
 from common.jobstore import JobStore
-from common.schemas import GenerationRequest, Job
 from common.settings import Settings
-from gateway.services.models import Route
+from gateway import metrics
+from gateway.auth import Caller
+from gateway.errors import QueueFull
+from gateway.services.dedup import sharing_scope
+from gateway.services.queue import QueueService
+from gateway.services.ratelimit import RateLimiter
+from gateway.services.validation import Validated
 
 # Score offsets (in priority steps) on the arq queue, which runs the lowest score first. A job's
 # score is its enqueue time plus this, so waiting ages a job: after one step a `low` job ranks
@@ -32,33 +40,89 @@ from gateway.services.models import Route
 _PRIORITY_STEPS = {"high": -2, "normal": -1, "low": 0}
 
 
-def fingerprint(
-    model: str,
-    request: GenerationRequest,
-    *,
-    exclude: set[str] | None = None,
-    scope: str | None = None,
-) -> str:
-    """Digest of the canonical request as the named model would serve it; with `scope` (an API
-    key's principal), only requests of that key have the same one."""
-    body = request.model_dump(mode="json", exclude=exclude)
-    body["model"] = model
-    if scope is not None:
-        body["scope"] = scope
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+class Enqueuer:
+    def __init__(
+        self,
+        redis: Redis,
+        store: JobStore,
+        queue: QueueService,
+        settings: Settings,
+        limiter: RateLimiter,
+    ) -> None:
+        self.redis = redis
+        self.store = store
+        self.queue = queue
+        self.settings = settings
+        self.limiter = limiter
+
+    async def enqueue(self, batch: list[tuple[Job, Validated]], caller: Caller) -> list[int | None]:
+        """Queue validated jobs of `caller`: each pool must have room for its share, and the
+        caller's concurrency and token limits must admit them all; then every job goes in one
+        transaction. Returns the jobs' places in their queues."""
+        pools = Counter(validated.route.pool for _, validated in batch)
+        for pool, adding in pools.items():
+            await self._check_depth(pool, adding)
+        owner = caller.principal.id
+        scope = sharing_scope(self.settings, owner)
+        ids = [job.id for job, _ in batch]
+        tokens = sum(validated.max_new_tokens for _, validated in batch)
+        counted = await self.limiter.admit_jobs(caller, ids, tokens)
+        try:
+            with _enqueue_span(",".join(sorted(pools)), [job for job, _ in batch]):
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    for job, validated in batch:
+                        _stage_job(
+                            pipe,
+                            self.store,
+                            self.settings,
+                            job,
+                            validated,
+                            owner=owner,
+                            in_flight=counted,
+                            cache_scope=scope,
+                        )
+                    for job, validated in batch:
+                        pipe.zrank(keys.queue(validated.route.pool), job.id)
+                    replies = await pipe.execute()
+        except BaseException:
+            if counted:
+                await self.limiter.release(caller, ids)
+            raise
+        for _, validated in batch:
+            metrics.SUBMITTED.labels(validated.route.pool, validated.route.model).inc()
+        return replies[-len(batch) :]
+
+    async def _check_depth(self, pool: str, adding: int) -> None:
+        if await self.queue.depth(pool) + adding > self.settings.max_queue_depth:
+            raise QueueFull(
+                f"the queue of pool {pool!r} is full "
+                f"({self.settings.max_queue_depth} jobs, GENQ_MAX_QUEUE_DEPTH); retry later",
+                retry_after_s=self.settings.queue_full_retry_after_s,
+            )
 
 
-def is_deterministic(request: GenerationRequest) -> bool:
-    return request.temperature == 0.0 or request.seed is not None
+def _enqueue_span(pool: str, jobs: list[Job]) -> AbstractContextManager[Span]:
+    """The producer span the queued jobs' work items name as their parent."""
+    return tracing.tracer().start_as_current_span(
+        "genq.enqueue",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "redis",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": pool,
+            "messaging.batch.message_count": len(jobs),
+            "genq.job.id": jobs[0].id,
+            "gen_ai.request.model": jobs[0].model,
+        },
+    )
 
 
-def stage_enqueue(
+def _stage_job(
     pipe: Pipeline,
     store: JobStore,
     settings: Settings,
     job: Job,
-    request: GenerationRequest,
-    route: Route,
+    validated: Validated,
     *,
     owner: str,
     in_flight: bool,
@@ -69,13 +133,14 @@ def stage_enqueue(
     matches the prompt only against cached prompts of `cache_scope` (None: of every key). The
     item carries the request id and the trace context of the request being handled, for the
     worker's logs and spans."""
+    request, route = validated.request, validated.route
     work = WorkRequest.model_validate(request.model_dump(mode="json"))
     item = WorkItem(
         job_id=job.id,
         request=work,
         # Drawn here, not by the worker, so that a re-run reproduces the tokens already streamed.
         seed=request.seed if request.seed is not None else secrets.randbits(63),
-        max_new_tokens=new_tokens(request, route.spec, settings),
+        max_new_tokens=validated.max_new_tokens,
         model=route.model,
         cache_scope=cache_scope,
         # A worker that ignored these would do something else than asked: it must refuse.
@@ -115,15 +180,3 @@ def stage_item(pipe: Pipeline, item: dict[str, Any], *, pool: str, head_start_ms
     pipe.zadd(keys.queue(pool), {item["job_id"]: score})
     # In the same round trip: an idle worker takes the job now, not at its next poll.
     pipe.publish(keys.wake(pool), b"")
-
-
-def new_tokens(request: GenerationRequest, spec: ModelSpec, settings: Settings) -> int:
-    """The request's `max_new_tokens`, or the default of the version serving it."""
-    return request.max_new_tokens or default_max_new_tokens(spec, settings)
-
-
-def default_max_new_tokens(spec: ModelSpec, settings: Settings) -> int:
-    if spec.default_max_new_tokens is not None:
-        return spec.default_max_new_tokens
-    limit = spec.max_new_tokens or settings.max_new_tokens_limit
-    return min(settings.default_max_new_tokens, limit)

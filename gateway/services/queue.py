@@ -10,8 +10,8 @@ from redis.exceptions import WatchError
 from common import heartbeats, keys
 from common.catalog import CatalogSource
 from common.jobstore import DRAIN_WINDOW_S, JobStore
-from common.schemas import PoolStats, QueueStats
 from common.settings import Settings
+from gateway.schemas import PoolStats, QueueStats
 
 
 class QueueService:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.schemas import FinishReason
+from common.jobs import FinishReason
 from worker.engine.generation import (
     DetokenizationError,
     GenerationError,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from common.schemas import FinishReason
+from common.jobs import FinishReason
 from worker.engine.config import DecodeConfig, DecodeMode, EngineLimits
 from worker.engine.decode_path import NOTHING, Admission, DecodePath
 from worker.engine.detokenizer import Detokenizer, Record, StepCallback

@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 
 from common.contract import ErrorCode
-from common.schemas import FinishReason
+from common.jobs import FinishReason
 from worker.engine.model import LoadedModel
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.schemas import FinishReason
+from common.jobs import FinishReason
 from worker.engine.compaction import compaction
 from worker.engine.generation import Generation, GenerationError
 from worker.engine.model import LoadedModel

@@ -1,15 +1,53 @@
-"""Configurable request limits, checked before anything is written; each message names its limit."""
+"""A request checked against every limit and routed to a version: what the enqueue path takes.
+Nothing is written before it passes; each refusal names its limit."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from common.catalog import ModelSpec
-from common.schemas import GenerationRequest
 from common.settings import Settings
 from common.webhooks import WebhookPolicy, WebhookRefused
 from gateway.errors import LimitExceeded
+from gateway.schemas import GenerationRequest
+from gateway.services.routing import ModelRouter, Route
 
 
-def check_limits(request: GenerationRequest, settings: Settings, webhooks: WebhookPolicy) -> None:
+@dataclass(frozen=True, slots=True)
+class Validated:
+    request: GenerationRequest
+    route: Route
+    max_new_tokens: int  # the request's, or the default of the version serving it
+
+
+class RequestValidator:
+    def __init__(self, settings: Settings, router: ModelRouter) -> None:
+        self.settings = settings
+        self.router = router
+        self.webhooks = WebhookPolicy.from_settings(settings)
+
+    async def validate(self, request: GenerationRequest) -> Validated:
+        """The server's limits come first: they need no Redis round trip, so a request over one
+        is refused as such, whether its model exists or Redis answers. Then the model name is
+        resolved, and the limits of the version serving it are checked."""
+        _check_limits(request, self.settings, self.webhooks)
+        route = await self.router.resolve(request.model)
+        max_new_tokens = _max_new_tokens(request, route.spec, self.settings)
+        _check_model_limits(request, route.spec, max_new_tokens)
+        return Validated(request, route, max_new_tokens)
+
+
+def _max_new_tokens(request: GenerationRequest, spec: ModelSpec, settings: Settings) -> int:
+    """The request's `max_new_tokens`, or the default of the version serving it."""
+    if request.max_new_tokens is not None:
+        return request.max_new_tokens
+    if spec.default_max_new_tokens is not None:
+        return spec.default_max_new_tokens
+    limit = spec.max_new_tokens or settings.max_new_tokens_limit
+    return min(settings.default_max_new_tokens, limit)
+
+
+def _check_limits(request: GenerationRequest, settings: Settings, webhooks: WebhookPolicy) -> None:
     s = settings
     if request.prompt is not None and len(request.prompt) > s.max_prompt_chars:
         raise LimitExceeded(
@@ -54,7 +92,7 @@ def check_limits(request: GenerationRequest, settings: Settings, webhooks: Webho
             raise LimitExceeded(str(e)) from e
 
 
-def check_model_limits(request: GenerationRequest, spec: ModelSpec, max_new_tokens: int) -> None:
+def _check_model_limits(request: GenerationRequest, spec: ModelSpec, max_new_tokens: int) -> None:
     """The registry's limits of the version that will serve the request; `max_new_tokens`:
     what the job will run with (the request's, or that version's default)."""
     if request.min_tokens > max_new_tokens:

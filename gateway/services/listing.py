@@ -1,50 +1,30 @@
-"""Model routing (registry + run-time overrides) and the model list with per-worker states."""
+"""The model list: every served model and version, with the states of the workers holding them."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from common import heartbeats, routing
-from common.catalog import Catalog, CatalogSource, ModelSpec, UnknownModel
-from common.schemas import ModelCard, ModelList, ModelVersion, WorkerHolding
-from gateway.errors import ModelNotFound
+from common import heartbeats
+from common.catalog import Catalog, ModelSpec
+from gateway.schemas import ModelCard, ModelList, ModelVersion, WorkerHolding
+from gateway.services.routing import ModelRouter
 
 # What a version shows when live workers disagree: the most useful state wins.
 _STATE_ORDER = ("ready", "reloading", "loading", "failed")
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    pool: str
-    model: str  # name@version, recorded on the job
-    spec: ModelSpec
-
-
-class ModelService:
-    def __init__(self, redis: Redis, source: CatalogSource) -> None:
+class ModelListing:
+    def __init__(self, redis: Redis, router: ModelRouter) -> None:
         self.redis = redis
-        self.source = source
+        self.router = router
         self._started = int(time.time())
 
-    async def catalog(self) -> Catalog:
-        return await routing.current(self.redis, self.source)
-
-    async def resolve(self, requested: str | None) -> Route:
-        """The version serving `requested` and its pool. Known models are accepted before any
-        worker is up, so that jobs queue while workers start (or are scaled to zero)."""
-        try:
-            spec = (await self.catalog()).resolve(requested)
-        except UnknownModel as e:
-            raise ModelNotFound(str(e)) from e
-        return Route(pool=spec.pool, model=spec.key, spec=spec)
-
-    async def listing(self, *, details: bool = True) -> ModelList:
+    async def models(self, *, details: bool = True) -> ModelList:
         """Every served model; with `details`, each version's source, the workers holding it
         (host names and pids) and why it failed to load, for operators."""
-        catalog = await self.catalog()
+        catalog = await self.router.catalog()
         holdings: dict[str, list[WorkerHolding]] = {}
         for pool in sorted(catalog.pools()):
             for worker in await heartbeats.live_workers(self.redis, pool):

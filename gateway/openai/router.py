@@ -5,19 +5,22 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from redis.asyncio import Redis
 from sse_starlette import EventSourceResponse
 
-from common.schemas import ErrorBody
+from gateway.auth import Caller
 from gateway.deps import GeneratorDep, ListenerDep, Services
 from gateway.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    OpenAIRequest,
 )
-from gateway.routes.jobs import ERRORS, IdempotencyKey
-from gateway.security import StrictJSONRoute
-from gateway.services.openai import JobStream, OpenAIService
+from gateway.openai.responses import CHAT, COMPLETION, Answer, Shape
+from gateway.openai.serving import OpenAIServing
+from gateway.routes.common import ERRORS, IdempotencyKey, StrictJSONRoute
+from gateway.schemas import ErrorBody
 from gateway.services.sse import sse_response
 from gateway.timing import server_timing
 
@@ -29,17 +32,12 @@ STREAMED = {"content": {"text/event-stream": {}}, "description": "With `stream: 
 FAILED: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 502, 504)}
 
 
-def _openai(request: Request) -> OpenAIService:
+def _openai(request: Request) -> OpenAIServing:
     services: Services = request.app.state.services
     return services.openai
 
 
-OpenAIDep = Annotated[OpenAIService, Depends(_openai)]
-
-
-def _sse(stream: JobStream, openai: OpenAIService) -> EventSourceResponse:
-    # The header names the genq job before the first chunk, which may be a while coming.
-    return sse_response(stream.events, openai.settings, {"X-Genq-Job-Id": stream.job.id})
+OpenAIDep = Annotated[OpenAIServing, Depends(_openai)]
 
 
 @router.post(
@@ -56,12 +54,7 @@ async def completions(
     idempotency_key: IdempotencyKey = None,
 ) -> Completion | EventSourceResponse:
     """OpenAI text completion; with `stream: true`, chunks ending with `data: [DONE]`."""
-    if body.stream:
-        stream = await openai.completion_stream(body, caller, idempotency_key, listener)
-        return _sse(stream, openai)
-    completion, timings = await openai.completion(body, caller, idempotency_key, listener)
-    response.headers["Server-Timing"] = server_timing(timings)
-    return completion
+    return await _serve(body, COMPLETION, openai, caller, listener, response, idempotency_key)
 
 
 @router.post(
@@ -78,8 +71,24 @@ async def chat_completions(
     idempotency_key: IdempotencyKey = None,
 ) -> ChatCompletion | EventSourceResponse:
     """OpenAI chat completion; the model's chat template is applied by the worker."""
+    return await _serve(body, CHAT, openai, caller, listener, response, idempotency_key)
+
+
+async def _serve(
+    body: OpenAIRequest,
+    shape: Shape[Answer],
+    openai: OpenAIServing,
+    caller: Caller,
+    listener: Redis,
+    response: Response,
+    idempotency_key: str | None,
+) -> Answer | EventSourceResponse:
+    """The answer with its `Server-Timing`, or its chunks as an event stream."""
     if body.stream:
-        return _sse(await openai.chat_stream(body, caller, idempotency_key, listener), openai)
-    chat, timings = await openai.chat(body, caller, idempotency_key, listener)
+        stream = await openai.stream(body, shape, caller, idempotency_key, listener)
+        # The header names the genq job before the first chunk, which may be a while coming.
+        headers = {"X-Genq-Job-Id": stream.job.id}
+        return sse_response(stream.events, openai.settings, headers)
+    answer, timings = await openai.answer(body, shape, caller, idempotency_key, listener)
     response.headers["Server-Timing"] = server_timing(timings)
-    return chat
+    return answer
