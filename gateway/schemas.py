@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
+from common.heartbeats import ModelState
 from common.jobs import Job
 
 
@@ -22,7 +23,8 @@ class ChatMessage(Strict):
 
 
 class GenerationRequest(Strict):
-    """What a client asks for. Static bounds live here; configurable limits in `RequestLimits`."""
+    """What a client asks for. Static bounds live here; the configurable limits in
+    `services/validation.py`."""
 
     prompt: str | None = Field(None, description="Raw prompt text; give this or `messages`.")
     messages: list[ChatMessage] | None = Field(
@@ -85,9 +87,10 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+# A version as one live worker holds it: its heartbeat's `HeldModelInfo`, as clients see it.
 class WorkerHolding(BaseModel):
     worker: str
-    state: Literal["loading", "ready", "reloading", "failed"]
+    state: ModelState
     reason: str | None = None
     decode: str | None = Field(
         None,

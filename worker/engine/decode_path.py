@@ -133,8 +133,9 @@ class DecodePath(ABC, Generic[B]):
 
     @property
     def rows(self) -> list[Row]:
-        """The running rows, in slot order."""
-        return self.batch.rows if self.batch is not None else []
+        """The running rows, in slot order (any thread may read it: `batch` is read once)."""
+        batch = self.batch
+        return batch.rows if batch is not None else []
 
     @property
     def kv_tokens(self) -> int:
