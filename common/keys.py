@@ -103,9 +103,12 @@ def deliveries(job_id: str) -> str:
     return f"{PREFIX}:deliveries:{job_id}"
 
 
-def idempotency(owner: str, key: str) -> str:
-    """String: `{job id} {request fingerprint}` for an Idempotency-Key of one API key."""
-    return f"{PREFIX}:idem:{owner}:{key}"
+def idempotency(owner: str, key: str, choice: int = 0) -> str:
+    """String: `{job id} {request fingerprint}` for an Idempotency-Key of one API key. A request
+    of n choices (OpenAI's `n`) holds one per choice; choice 0's is the key of a request of one."""
+    if choice == 0:
+        return f"{PREFIX}:idem:{owner}:{key}"
+    return f"{PREFIX}:idem-choice:{owner}:{choice}:{key}"
 
 
 def result_cache(fingerprint: str) -> str:

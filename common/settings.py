@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     sse_ping_s: float = Field(15.0, gt=0, description="Keep-alive comment interval on SSE streams.")
     queue_full_retry_after_s: int = Field(5, ge=1)
     max_batch_requests: int = Field(100, ge=1, description="Items in one POST /v1/jobs/batch.")
+    max_choices: int = Field(
+        16, ge=1, description="Largest `n` of the OpenAI routes: jobs one request may start."
+    )
     idempotency_ttl_s: int = Field(86_400, gt=0, description="How long an Idempotency-Key holds.")
     cache_enabled: bool = Field(
         True, description="Serve identical deterministic requests from one job (cache + dedup)."

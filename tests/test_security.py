@@ -245,6 +245,33 @@ def test_tokens_per_minute_count_max_new_tokens_across_gateways(gateways: list[s
     assert "tokens_per_minute" in too_many.json()["error"]["message"]
 
 
+def test_every_choice_of_an_openai_request_counts_as_a_job(gateways: list[str]) -> None:
+    def complete(key: str, **fields: Any) -> httpx.Response:
+        body = {"model": "default", "prompt": "Once upon a time", "max_tokens": 1, **fields}
+        return httpx.post(
+            f"{gateways[0]}/v1/completions", json=body, headers=bearer(key), timeout=10
+        )
+
+    # Two choices of 20 tokens are more than the key's minute of 30: refused as a whole.
+    too_many = complete(keys.FEW_TOKENS, n=2, max_tokens=20)
+    assert too_many.status_code == 422
+    assert "tokens_per_minute" in too_many.json()["error"]["message"]
+    refused = complete(keys.FEW_JOBS, n=keys.CONCURRENT + 1)
+    assert refused.status_code == 429
+    assert "GENQ_RATE_LIMIT_CONCURRENT" in refused.json()["error"]["message"]
+    # As many choices as the limit are let in; leaving the stream lets go of every job.
+    headers = bearer(keys.FEW_JOBS)
+    body = {"model": "default", "prompt": "x", "n": keys.CONCURRENT, "stream": True}
+    with httpx.stream(
+        "POST", f"{gateways[0]}/v1/completions", json=body, headers=headers, timeout=10
+    ) as resp:
+        assert resp.status_code == 200
+        job_ids = resp.headers["x-genq-job-id"].split(", ")
+    assert [finished(gateways[0], keys.FEW_JOBS, j)["status"] for j in job_ids] == [
+        "cancelled"
+    ] * keys.CONCURRENT
+
+
 def test_concurrent_jobs_hold_across_gateways_until_one_ends(gateways: list[str]) -> None:
     first, second = (submit(base, keys.FEW_JOBS).json()["id"] for base in gateways)
     refused = submit(gateways[0], keys.FEW_JOBS)

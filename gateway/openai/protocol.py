@@ -20,7 +20,12 @@ class SamplingFields(Strict):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, description="Only 1 is supported.")
+    n: int = Field(
+        1,
+        ge=1,
+        description="Choices to generate, each a job of its own, seeded `seed + i` as vLLM seeds "
+        "them; at most GENQ_MAX_CHOICES.",
+    )
     stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
@@ -33,13 +38,6 @@ class SamplingFields(Strict):
     # Accepted at their neutral values only, so clients that always send them keep working.
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported; send several requests for several choices")
-        return n
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod

@@ -32,19 +32,21 @@ class Shape(Generic[Answer]):
     prefix: str
     answer: type[Answer]
     chunk: type[Completion | ChatCompletionChunk]
-    # A choice holding the whole text, and one holding a chunk's (no finish reason until the end).
-    choice: Callable[[str, FinishReason], BaseModel]
-    delta: Callable[[str, FinishReason | None], BaseModel]
-    # The choice of a stream's first chunk, before any text: chat names the speaker there.
-    opening: BaseModel | None = None
+    # Choice `index` holding the whole text, and one holding a chunk's (no finish reason until
+    # the end).
+    choice: Callable[[int, str, FinishReason], BaseModel]
+    delta: Callable[[int, str, FinishReason | None], BaseModel]
+    # The choice of a stream's first chunk per index, before any text: chat names the speaker.
+    opening: Callable[[int], BaseModel] | None = None
 
-    def build(self, job: Job, result: JobResult) -> Answer:
+    def build(self, job: Job, results: list[JobResult]) -> Answer:
+        """The answer of choices `results`, in order, named after `job` (choice 0's)."""
+        choices = [
+            self.choice(index, result.text, finish_reason(result))
+            for index, result in enumerate(results)
+        ]
         return self.answer.model_validate(
-            {
-                **_head(self, job),
-                "choices": [self.choice(result.text, finish_reason(result))],
-                "usage": usage(result),
-            }
+            {**_head(self, job), "choices": choices, "usage": usage(results)}
         )
 
     def build_chunk(
@@ -59,13 +61,13 @@ def _head(shape: Shape[Answer], job: Job) -> dict[str, object]:
     return {"id": f"{shape.prefix}-{job.id}", "created": int(job.created_at), "model": job.model}
 
 
-def _completion_choice(text: str, finish: FinishReason | None) -> CompletionChoice:
-    return CompletionChoice(text=text, finish_reason=finish)
+def _completion_choice(index: int, text: str, finish: FinishReason | None) -> CompletionChoice:
+    return CompletionChoice(index=index, text=text, finish_reason=finish)
 
 
-def _chat_delta(text: str, finish: FinishReason | None) -> ChatChunkChoice:
+def _chat_delta(index: int, text: str, finish: FinishReason | None) -> ChatChunkChoice:
     return ChatChunkChoice(
-        delta=ChatDelta(content=text) if text else ChatDelta(), finish_reason=finish
+        index=index, delta=ChatDelta(content=text) if text else ChatDelta(), finish_reason=finish
     )
 
 
@@ -80,21 +82,26 @@ CHAT = Shape(
     prefix="chatcmpl",
     answer=ChatCompletion,
     chunk=ChatCompletionChunk,
-    choice=lambda text, finish: ChatChoice(
-        message=ChatMessageOut(content=text), finish_reason=finish
+    choice=lambda index, text, finish: ChatChoice(
+        index=index, message=ChatMessageOut(content=text), finish_reason=finish
     ),
     delta=_chat_delta,
-    opening=ChatChunkChoice(delta=ChatDelta(role="assistant", content="")),
+    opening=lambda index: ChatChunkChoice(
+        index=index, delta=ChatDelta(role="assistant", content="")
+    ),
 )
 
 
-def usage(result: JobResult) -> OpenAIUsage:
-    u = result.usage
+def usage(results: list[JobResult]) -> OpenAIUsage:
+    """The usage of a request's choices, as vLLM counts it: their one prompt once (choice 0's
+    count, its cached tokens included), the tokens they generated summed."""
+    prompt = results[0].usage
+    completion_tokens = sum(result.usage.completion_tokens for result in results)
     return OpenAIUsage(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
-        total_tokens=u.prompt_tokens + u.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_prompt_tokens),
+        prompt_tokens=prompt.prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt.prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=prompt.cached_prompt_tokens),
     )
 
 

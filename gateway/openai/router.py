@@ -86,8 +86,9 @@ async def _serve(
     """The answer with its `Server-Timing`, or its chunks as an event stream."""
     if body.stream:
         stream = await openai.stream(body, shape, caller, idempotency_key, listener)
-        # The header names the genq job before the first chunk, which may be a while coming.
-        headers = {"X-Genq-Job-Id": stream.job.id}
+        # The header names the genq jobs (one per choice, in order) before the first chunk,
+        # which may be a while coming.
+        headers = {"X-Genq-Job-Id": ", ".join(job.id for job in stream.jobs)}
         return sse_response(stream.events, openai.settings, headers)
     answer, timings = await openai.answer(body, shape, caller, idempotency_key, listener)
     response.headers["Server-Timing"] = server_timing(timings)

@@ -27,7 +27,7 @@ from gateway.errors import (
     error_body,
     map_exception,
 )
-from gateway.openai.protocol import OpenAIRequest
+from gateway.openai.protocol import OpenAIRequest, OpenAIUsage
 from gateway.openai.responses import Answer, Shape, finish_reason, usage
 from gateway.schemas import GenerationRequest
 from gateway.services.jobs import JobService
@@ -55,7 +55,7 @@ def _generation(body: OpenAIRequest) -> GenerationRequest:
 
 @dataclass(frozen=True)
 class JobStream:
-    job: Job
+    jobs: list[Job]  # choice i's job at index i
     events: AsyncIterator[ServerSentEvent]
 
 
@@ -65,7 +65,7 @@ class OpenAIServing:
         self.drain = drain
         self.settings: Settings = jobs.settings
         # Cancellations of abandoned streams run detached; kept here so they are not collected.
-        self._cancelling: set[asyncio.Task[Job]] = set()
+        self._cancelling: set[asyncio.Task[None]] = set()
 
     async def answer(
         self,
@@ -75,9 +75,9 @@ class OpenAIServing:
         idempotency_key: str | None,
         listener: Redis,
     ) -> tuple[Answer, Timings]:
-        """The answer, and the job's timings for `Server-Timing`."""
-        job, result = await self._run(_generation(body), caller, idempotency_key, listener)
-        return shape.build(job, result), job.timings
+        """The answer, and the timings of choice 0's job for `Server-Timing`."""
+        jobs, results = await self._run(body, caller, idempotency_key, listener)
+        return shape.build(jobs[0], results), jobs[0].timings
 
     async def stream(
         self,
@@ -87,69 +87,92 @@ class OpenAIServing:
         idempotency_key: str | None,
         listener: Redis,
     ) -> JobStream:
-        """The answer as chunks, ending with `data: [DONE]`; usage in a chunk of its own before
-        that, when the client asked for it."""
-        request = _generation(body)
-        job = await self.jobs.submit(request, caller, idempotency_key=idempotency_key)
+        """The answer as chunks, each of one choice (its `index`) as its job goes on, then
+        `data: [DONE]` once every choice has ended; usage in a chunk of its own before that, when
+        the client asked for it. A failed choice ends the stream with an error chunk."""
+        jobs = await self.jobs.submit_choices(
+            _generation(body), caller, body.n, idempotency_key=idempotency_key
+        )
         owner = caller.principal.id
-        events = await self.jobs.events(job.id, None, listener, owner)
+        events = self.jobs.choice_events(jobs, listener)
+        # A job serves several choices where identical requests share it (greedy, cached).
+        indexes: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            indexes.setdefault(job.id, []).append(index)
+        head = jobs[0]
+
+        def chunk(choice: BaseModel | None, usage: OpenAIUsage | None = None) -> ServerSentEvent:
+            return _data(shape.build_chunk(head, choice, usage))
 
         async def relay() -> AsyncIterator[ServerSentEvent]:
-            finished = False
+            results: dict[int, JobResult] = {}
+            ended: set[str] = set()
             try:
                 if shape.opening is not None:
-                    yield _data(shape.build_chunk(job, shape.opening))
-                async for event in events:
+                    for index in range(len(jobs)):
+                        yield chunk(shape.opening(index))
+                async for job_id, event in events:
                     if event.type is EventType.token:
                         text = TokenEvent.model_validate_json(event.data).text
-                        yield _data(shape.build_chunk(job, shape.delta(text, None)))
+                        for index in indexes[job_id]:
+                            yield chunk(shape.delta(index, text, None))
                         continue
-                    finished = True
+                    ended.add(job_id)
                     final = decode_job(event)
                     if final.error is not None or final.result is None:
                         code = final.error.code if final.error else "failed"
                         message = final.error.message if final.error else "the job failed"
                         yield _error(code, message)
-                    else:
-                        ending = shape.delta("", finish_reason(final.result))
-                        yield _data(shape.build_chunk(job, ending))
-                        if body.include_usage:
-                            yield _data(shape.build_chunk(job, None, usage(final.result)))
+                        yield ServerSentEvent(data=DONE)
+                        return
+                    for index in indexes[job_id]:
+                        results[index] = final.result
+                        yield chunk(shape.delta(index, "", finish_reason(final.result)))
+                if len(results) == len(jobs):
+                    if body.include_usage:
+                        ordered = [results[index] for index in range(len(jobs))]
+                        yield chunk(None, usage(ordered))
                     yield ServerSentEvent(data=DONE)
             except (RedisError, ApiError) as e:
                 err = map_exception(e)
                 yield _error(err.code, err.message)
             finally:
-                if not finished:
-                    # The client went away (or the stream broke): let go of the job, which stops
-                    # once no identical request shares it, so no GPU time goes to unread text.
-                    task = asyncio.create_task(self.jobs.cancel(job.id, owner))
+                # The client went away, a choice failed, or the stream broke: let go of the jobs
+                # still going, which stop once no identical request shares them, so no GPU time
+                # goes to unread text.
+                if going := [job.id for job in jobs if job.id not in ended]:
+                    task = asyncio.create_task(self.jobs.let_go(going, owner))
                     self._cancelling.add(task)
                     task.add_done_callback(self._cancelling.discard)
 
-        return JobStream(job, relay())
+        return JobStream(jobs, relay())
 
     async def _run(
         self,
-        request: GenerationRequest,
+        body: OpenAIRequest,
         caller: Caller,
         idempotency_key: str | None,
         listener: Redis,
-    ) -> tuple[Job, JobResult]:
-        job = await self.jobs.submit(request, caller, idempotency_key=idempotency_key)
-        job = await self.jobs.wait(job.id, self.settings.max_sync_timeout_s, listener=listener)
-        if not job.status.finished:
+    ) -> tuple[list[Job], list[JobResult]]:
+        jobs = await self.jobs.submit_choices(
+            _generation(body), caller, body.n, idempotency_key=idempotency_key
+        )
+        timeout_s = self.settings.max_sync_timeout_s
+        jobs = await self.jobs.wait_all([job.id for job in jobs], timeout_s, listener)
+        if going := [job.id for job in jobs if not job.status.finished]:
             # Nobody can collect an OpenAI answer later: stop spending the GPU on it.
-            await self.jobs.cancel(job.id, caller.principal.id)
+            await self.jobs.let_go(going, caller.principal.id)
+        if errors := [job.error for job in jobs if job.error is not None]:
+            raise GenerationFailed(errors[0].code, errors[0].message)
+        if going:
             if self.drain.started:
                 raise ShuttingDown(
                     "this gateway is shutting down; retry on another", retry_after_s=1
                 )
             raise GatewayTimeout(
-                f"the job did not finish within {self.jobs.settings.max_sync_timeout_s}s "
+                f"the job did not finish within {timeout_s}s "
                 "(GENQ_MAX_SYNC_TIMEOUT_S); use stream=true for long generations"
             )
-        if job.error is not None:
-            raise GenerationFailed(job.error.code, job.error.message)
-        assert job.result is not None
-        return job, job.result
+        results = [job.result for job in jobs if job.result is not None]
+        assert len(results) == len(jobs)
+        return jobs, results

@@ -59,10 +59,12 @@ def sharing_scope(settings: Settings, owner: str) -> str | None:
 @dataclass(frozen=True, slots=True)
 class Served:
     """The earlier job that answers a request; `cached`: it was made for another request
-    (a result-cache hit, now or when the Idempotency-Key was first used)."""
+    (a result-cache hit, now or when the Idempotency-Key was first used); `held`: the request
+    now holds it (a result-cache hit on a job still running)."""
 
     job: Job
     cached: bool
+    held: bool = False
 
 
 @dataclass(slots=True)
@@ -81,21 +83,31 @@ class Dedup:
         self.settings = settings
 
     async def reserve(
-        self, validated: Validated, owner: str, idempotency_key: str | None, job_id: str
+        self,
+        validated: Validated,
+        owner: str,
+        idempotency_key: str | None,
+        job_id: str,
+        *,
+        choice: int = 0,
     ) -> Reservation:
         """The job that already serves this request of API key `owner`, if any; else `job_id`
-        is registered under the request's Idempotency-Key and its result-cache entry."""
+        is registered under the request's Idempotency-Key and its result-cache entry. `choice`:
+        which of a request's n choices this is, each of which the Idempotency-Key names."""
         request = validated.request
         reservation = Reservation()
         # Idempotency is keyed by the name asked for: a canary split may route a retry to
         # another version.
         asked = request.model or DEFAULT_ALIAS
         if idempotency_key is not None:
-            earlier = await self._claim_idempotency(owner, idempotency_key, asked, request, job_id)
+            redis_key = keys.idempotency(owner, idempotency_key, choice)
+            earlier = await self._claim_idempotency(
+                redis_key, idempotency_key, owner, asked, request, job_id
+            )
             if earlier is not None:
                 reservation.served = earlier
                 return reservation
-            reservation.claims.append(keys.idempotency(owner, idempotency_key))
+            reservation.claims.append(redis_key)
         # A request with a webhook wants its own delivery, so it never shares a job.
         if self.settings.cache_enabled and is_deterministic(request) and not request.webhook:
             scope = sharing_scope(self.settings, owner)
@@ -107,9 +119,12 @@ class Dedup:
                 if idempotency_key is not None:
                     # A retry must get this same answer, not a conflict with a job never made.
                     await self._repoint_idempotency(
-                        owner, idempotency_key, asked, request, served.id
+                        keys.idempotency(owner, idempotency_key, choice),
+                        asked,
+                        request,
+                        served.job.id,
                     )
-                reservation.served = Served(served, cached=True)
+                reservation.served = served
                 return reservation
             reservation.claims.append(cache_key)
         return reservation
@@ -124,19 +139,24 @@ class Dedup:
                     await self.redis.delete(key)
 
     async def _claim_idempotency(
-        self, owner: str, key: str, model: str, request: GenerationRequest, job_id: str
+        self,
+        redis_key: str,
+        key: str,
+        owner: str,
+        model: str,
+        request: GenerationRequest,
+        job_id: str,
     ) -> Served | None:
-        """None if this request now owns `key` (of API key `owner`); else the job of the request
-        that owns it."""
+        """None if this request now owns Idempotency-Key `key` (of API key `owner`, stored at
+        `redis_key`); else the job of the request that owns it."""
         digest = fingerprint(model, request)
-        redis_key = keys.idempotency(owner, key)
         if await self.redis.set(
             redis_key, f"{job_id} {digest}", nx=True, ex=self.settings.idempotency_ttl_s
         ):
             return None
         holder = await self.redis.get(redis_key)
         if holder is None:  # expired just now: claim it again
-            return await self._claim_idempotency(owner, key, model, request, job_id)
+            return await self._claim_idempotency(redis_key, key, owner, model, request, job_id)
         holder_id, holder_digest, *served = holder.decode().split(" ")
         if holder_digest != digest:
             raise IdempotencyConflict(
@@ -152,13 +172,13 @@ class Dedup:
         return Served(job, cached=bool(served))
 
     async def _repoint_idempotency(
-        self, owner: str, key: str, model: str, request: GenerationRequest, job_id: str
+        self, redis_key: str, model: str, request: GenerationRequest, job_id: str
     ) -> None:
         value = f"{job_id} {fingerprint(model, request)} {_SERVED}"
         ttl = self.settings.idempotency_ttl_s
-        await self.redis.set(keys.idempotency(owner, key), value, ex=ttl)
+        await self.redis.set(redis_key, value, ex=ttl)
 
-    async def _from_cache(self, cache_key: str, job_id: str, owner: str) -> Job | None:
+    async def _from_cache(self, cache_key: str, job_id: str, owner: str) -> Served | None:
         """The job serving identical requests, unless it failed; else register `job_id`.
         `owner` may see the job from now on, and holds it while it runs."""
         ttl = self.settings.cache_ttl_s
@@ -174,4 +194,4 @@ class Dedup:
         ):
             await self.redis.set(cache_key, job_id, ex=ttl)
             return None
-        return job
+        return Served(job, cached=True, held=not job.status.finished)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 
 from arq.connections import ArqRedis
 from pydantic import ValidationError
@@ -28,13 +30,16 @@ from gateway.errors import (
     describe_validation,
 )
 from gateway.schemas import BatchItem, BatchResponse, ErrorDetail, GenerationRequest
-from gateway.services.dedup import Dedup
+from gateway.services.dedup import Dedup, Reservation
 from gateway.services.enqueue import Enqueuer
 from gateway.services.events import STREAM_ID, EventReader
 from gateway.services.queue import QueueService
 from gateway.services.ratelimit import RateLimiter
 from gateway.services.routing import ModelRouter
 from gateway.services.validation import RequestValidator, Validated
+
+# Seeds are 63-bit (GenerationRequest.seed, the worker's draws).
+_SEEDS = 2**63
 
 
 class JobService:
@@ -68,24 +73,65 @@ class JobService:
         """Queue a job, or answer with the job that already serves this request: the one an
         earlier request with the same Idempotency-Key created, or (for deterministic requests)
         an identical one of the same API key that is running or has finished (`cached: true`)."""
-        validated = await self.validator.validate(request)
-        await self.limiter.count_requests(caller, 1)
-        job = _new_job(validated.route.model)
-        reservation = await self.dedup.reserve(
-            validated, caller.principal.id, idempotency_key, job.id
-        )
-        if (served := reservation.served) is not None:
-            earlier = await self._with_position(served.job)
-            job = earlier.model_copy(update={"cached": served.cached})
-        else:
-            try:
-                (position,) = await self.enqueuer.enqueue([(job, validated)], caller)
-            except BaseException:
-                await self.dedup.release(reservation, job.id)
-                raise
-            job = job.model_copy(update={"position": position})
-        logs.current().job_id = job.id
+        (job,) = await self.submit_choices(request, caller, 1, idempotency_key=idempotency_key)
         return job
+
+    async def submit_choices(
+        self,
+        request: GenerationRequest,
+        caller: Caller,
+        n: int,
+        *,
+        idempotency_key: str | None = None,
+    ) -> list[Job]:
+        """`submit` for a request of `n` choices (OpenAI's `n`), one job each, as vLLM's child
+        requests: choice i is seeded `seed + i`, or draws a seed of its own. All are counted
+        against the caller's limits and queued together, or none is; each is served by an
+        earlier job as `submit`'s request is, the Idempotency-Key naming each choice."""
+        if n > self.settings.max_choices:
+            raise LimitExceeded(
+                f"n={n} choices; the limit is {self.settings.max_choices} (GENQ_MAX_CHOICES)"
+            )
+        validated = await self.validator.validate(request)
+        await self.limiter.count_requests(caller, n)
+        owner = caller.principal.id
+        jobs: list[Job] = []
+        new: list[tuple[Job, Validated]] = []
+        reserved: list[tuple[Reservation, str]] = []
+        try:
+            for choice, child in enumerate(_choices(validated, n)):
+                job = _new_job(child.route.model)
+                reservation = await self.dedup.reserve(
+                    child, owner, idempotency_key, job.id, choice=choice
+                )
+                reserved.append((reservation, job.id))
+                if (served := reservation.served) is not None:
+                    earlier = await self._with_position(served.job)
+                    jobs.append(earlier.model_copy(update={"cached": served.cached}))
+                else:
+                    jobs.append(job)
+                    new.append((job, child))
+            positions = await self.enqueuer.enqueue(new, caller) if new else []
+        except BaseException:
+            for reservation, job_id in reserved:
+                await self._unreserve(reservation, job_id, owner)
+            raise
+        placed = dict(zip((job.id for job, _ in new), positions, strict=True))
+        jobs = [
+            job.model_copy(update={"position": placed[job.id]}) if job.id in placed else job
+            for job in jobs
+        ]
+        logs.current().job_id = jobs[0].id
+        return jobs
+
+    async def _unreserve(self, reservation: Reservation, job_id: str, owner: str) -> None:
+        """Undo a reservation of choices not queued after all: free the keys naming `job_id`,
+        and let go of an earlier job it came to hold."""
+        await self.dedup.release(reservation, job_id)
+        served = reservation.served
+        if served is not None and served.held:
+            with contextlib.suppress(RedisError):
+                await self.store.release_holder(served.job.id, owner)
 
     async def submit_batch(self, items: list[dict[str, object]], caller: Caller) -> BatchResponse:
         """One job per valid item, all queued in one round trip; bad items are reported."""
@@ -139,6 +185,22 @@ class JobService:
         stopped by its worker within a decode step or two and ends `cancelled` with its partial
         text."""
         job = await self.get(job_id, owner)
+        if (ended := await self._let_go(job, owner)) is not None:
+            return ended
+        return await self.wait(job_id, self.settings.cancel_wait_s)
+
+    async def let_go(self, job_ids: list[str], owner: str) -> None:
+        """`cancel` for several jobs at once (a job listed twice is let go of twice), without
+        waiting for running ones to stop: for a client that wants none of their answers."""
+
+        async def one(job_id: str) -> None:
+            await self._let_go(await self.get(job_id, owner), owner)
+
+        await asyncio.gather(*(one(job_id) for job_id in job_ids))
+
+    async def _let_go(self, job: Job, owner: str) -> Job | None:
+        """`cancel`'s work: the job as it ends, or None where its worker was asked to stop it."""
+        job_id = job.id
         if job.status.finished or await self.store.release_holder(job_id, owner) > 0:
             return job
         pool = await self.store.pool(job_id)
@@ -164,7 +226,7 @@ class JobService:
         # started it yet, the message one that has.
         await self.store.request_cancel(job_id)
         await self.redis.publish(keys.cancellations(), job_id)
-        return await self.wait(job_id, self.settings.cancel_wait_s)
+        return None
 
     async def wait(
         self,
@@ -183,20 +245,43 @@ class JobService:
         deadline = time.monotonic() + timeout_s
         try:
             if listener is not None:
-                return await self._wait(listener, job_id, deadline)
+                (job,) = await self._wait(listener, [job_id], deadline)
+                return job
             async with self.reader.listeners.hold() as held:
-                return await self._wait(held, job_id, deadline)
+                (job,) = await self._wait(held, [job_id], deadline)
+                return job
         except RedisError:
             if known is None:
                 raise
             return known
 
-    async def _wait(self, listener: Redis, job_id: str, deadline: float) -> Job:
+    async def wait_all(self, job_ids: list[str], timeout_s: float, listener: Redis) -> list[Job]:
+        """The jobs, in order, once all have finished or one has failed, or as they stand when
+        `timeout_s` runs out or the gateway drains; waited on the one connection `listener`."""
+        return await self._wait(listener, job_ids, time.monotonic() + timeout_s)
+
+    async def _wait(self, listener: Redis, job_ids: list[str], deadline: float) -> list[Job]:
+        ended: dict[str, Job] = {}
+        after = dict.fromkeys(job_ids, "0")
         with contextlib.suppress(ShuttingDown):
-            async for event in self.reader.read(listener, job_id, after="0", deadline=deadline):
-                if event.type.terminal:
-                    return events.decode_job(event)
-        return await self.get(job_id, None)
+            async with contextlib.aclosing(
+                self.reader.read_jobs(listener, after, deadline)
+            ) as read:
+                async for job_id, event in read:
+                    if event.type.terminal:
+                        ended[job_id] = events.decode_job(event)
+                        if ended[job_id].error is not None:
+                            break  # the others' answers are of no use without this one's
+        return [
+            ended[job_id] if job_id in ended else await self.get(job_id, None) for job_id in job_ids
+        ]
+
+    def choice_events(
+        self, jobs: list[Job], listener: Redis
+    ) -> AsyncGenerator[tuple[str, Event], None]:
+        """The events of jobs just submitted, from their start, as (job id, event) in the order
+        they come, read on the one connection `listener`."""
+        return self.reader.read_jobs(listener, dict.fromkeys((job.id for job in jobs), "0"), None)
 
     async def events(
         self, job_id: str, last_event_id: str | None, listener: Redis, owner: str
@@ -210,6 +295,20 @@ class JobService:
             )
         await self.get(job_id, owner)
         return self.reader.read(listener, job_id, after=last_event_id or "0", deadline=None)
+
+
+def _choices(validated: Validated, n: int) -> list[Validated]:
+    """A request's n choices: seeded `seed + i` (within the seed's range) as vLLM seeds its child
+    requests, or unseeded each, to draw seeds of their own when queued."""
+    seed = validated.request.seed
+    if seed is None or n == 1:
+        return [validated] * n
+    return [
+        replace(
+            validated, request=validated.request.model_copy(update={"seed": (seed + i) % _SEEDS})
+        )
+        for i in range(n)
+    ]
 
 
 def _new_job(model: str) -> Job:
