@@ -2,6 +2,7 @@
 
     python -m bench.engine [--json] [--model PATH_OR_HUB_ID]
     python -m bench.engine --overhead [--json]   # the engine's own cost: bench/engine_overhead.py
+    python -m bench.engine --penalties [--json]  # rows with every penalty against plain rows
     python -m bench.engine --shape NAME [--layers N] [--concurrency 1,16,64,256] [--json]
         [--paths static,eager] [--eager-concurrency 1,16,64] [--sequential 4] [--hf-batch 64]
         [--requests-per-row 4] [--variants] [--no-static-batch] [--tokenizer DIR]
@@ -31,6 +32,11 @@ Measured in one run:
   share only the chat template and its system prompt);
 - short_request_ratio: completion time of a 4-token request submitted while 16 requests of 256
   tokens decode, as a fraction of that batch's time.
+
+`--penalties` runs the loop at 16 in flight three times back to back: sampled rows (temperature
+0.8), the same rows with every penalty and bias (presence, frequency and repetition penalties,
+ten logit biases, min-p), and the plain rows again; penalties_ratio is the penalised rows'
+tokens/s over the mean of the plain rows'.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -45,6 +52,7 @@ import torch
 
 from bench import engine_overhead, shapes
 from bench.engine_workload import (
+    PLAIN,
     engine_closed_loop,
     hf_generate_batch,
     sequential,
@@ -65,6 +73,9 @@ def main() -> None:
     parser.add_argument(
         "--overhead", action="store_true", help="the engine's per-step and per-row cost"
     )
+    parser.add_argument(
+        "--penalties", action="store_true", help="rows with every penalty against plain rows"
+    )
     parser.add_argument("--shape", choices=sorted(shapes.SHAPES), help="a real model's shape")
     parser.add_argument("--layers", type=int, default=None, help="--shape with fewer layers")
     parser.add_argument(
@@ -75,6 +86,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.overhead:
         _overhead(args.json)
+        return
+    if args.penalties:
+        _penalties(args.json, args.model)
         return
     if args.shape:
         lm = shapes.build(args.shape, Settings(), layers=args.layers, tokenizer_dir=args.tokenizer)
@@ -171,6 +185,30 @@ def shape_plan(args: argparse.Namespace, deadline: float = float("inf")) -> shap
         variants=args.variants,
         deadline=deadline,
     )
+
+
+def _penalties(as_json: bool, model: str | None) -> None:
+    lm = load_model(Settings(model=model))
+    items = workload(lm, 384)
+    sampled = replace(PLAIN, temperature=0.8, seed=7)
+    penalized = replace(
+        sampled,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.1,
+        logit_bias=tuple((token, -2.0) for token in range(100, 110)),
+        min_p=0.05,
+    )
+    runs = {}
+    for name, params in (("plain", sampled), ("penalized", penalized), ("plain_again", sampled)):
+        runs[name] = engine_closed_loop(lm, items, 16, total=128, params=params).steady_tok_s
+        if not as_json:
+            print(f"engine, 16 in flight, {name:12s} {runs[name]:8.1f} tok/s steady state")
+    ratio = runs["penalized"] / statistics.mean((runs["plain"], runs["plain_again"]))
+    if as_json:
+        print(orjson.dumps({"tok_s": runs, "penalties_ratio": ratio}).decode())
+    else:
+        print(f"penalties_ratio {ratio:.3f} (target >= 0.9)")
 
 
 def _overhead(as_json: bool) -> None:

@@ -96,13 +96,23 @@ def hf_generate_batch(lm: LoadedModel, items: list[Item]) -> float:
     return sum(len(o.generated_tokens) for o in outputs.values()) / elapsed
 
 
+# What the loops ask of every request but its length: greedy, every token counted.
+PLAIN = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+
+
 class EngineDriver:
     """Runs the engine thread and lets the benchmark wait for requests to finish; `reset`
-    between loops serves several loops with one engine (and one start-up)."""
+    between loops serves several loops with one engine (and one start-up). Requests sample
+    with `params`, at their item's length."""
 
     def __init__(
-        self, lm: LoadedModel, limits: EngineLimits, decode: DecodeConfig | None = None
+        self,
+        lm: LoadedModel,
+        limits: EngineLimits,
+        decode: DecodeConfig | None = None,
+        params: SamplingParams = PLAIN,
     ) -> None:
+        self.params = params
         self.first: dict[str, float] = {}  # when a request's first output came
         self.finished: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
@@ -134,9 +144,7 @@ class EngineDriver:
             self._cond.notify_all()
 
     def submit(self, request_id: str, item: Item, max_new_tokens: int | None = None) -> None:
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens or item.max_new_tokens, temperature=0.0, ignore_eos=True
-        )
+        params = replace(self.params, max_new_tokens=max_new_tokens or item.max_new_tokens)
         self.submit_request(request_id, item.request, params)
 
     def submit_request(
@@ -161,13 +169,19 @@ class LoopResult:
 
 
 def engine_closed_loop(
-    lm: LoadedModel, items: list[Item], concurrency: int, total: int, prefix_cache: bool = True
+    lm: LoadedModel,
+    items: list[Item],
+    concurrency: int,
+    total: int,
+    prefix_cache: bool = True,
+    params: SamplingParams = PLAIN,
 ) -> LoopResult:
-    """`closed_loop` on an engine of its own, of at least 32 rows."""
+    """`closed_loop` on an engine of its own, of at least 32 rows, its requests sampling with
+    `params`."""
     limits = EngineLimits(max_batch_size=max(32, concurrency))
     if not prefix_cache:
         limits = replace(limits, prefix_cache_bytes=0)
-    driver = EngineDriver(lm, limits)
+    driver = EngineDriver(lm, limits, params=params)
     try:
         return closed_loop(driver, items, concurrency, total)
     finally:

@@ -34,7 +34,16 @@ PREFIX_CACHE_SCOPE = "prefix_cache_scope"
 # that ignored them would end the generation early.
 MIN_TOKENS = "min_tokens"
 IGNORE_EOS = "ignore_eos"
-SUPPORTED_FEATURES: frozenset[str] = frozenset({PREFIX_CACHE_SCOPE, MIN_TOKENS, IGNORE_EOS})
+# `penalties` (presence, frequency, repetition), `min_p`, `logit_bias`, `stop_token_ids`: the
+# request's fields of those names (vLLM's meanings); a worker that ignored them would sample
+# other tokens, or end elsewhere.
+PENALTIES = "penalties"
+MIN_P = "min_p"
+LOGIT_BIAS = "logit_bias"
+STOP_TOKEN_IDS = "stop_token_ids"
+SUPPORTED_FEATURES: frozenset[str] = frozenset(
+    {PREFIX_CACHE_SCOPE, MIN_TOKENS, IGNORE_EOS, PENALTIES, MIN_P, LOGIT_BIAS, STOP_TOKEN_IDS}
+)
 
 
 def required_features(request: WorkRequest, cache_scope: str | None) -> list[str]:
@@ -43,6 +52,14 @@ def required_features(request: WorkRequest, cache_scope: str | None) -> list[str
         PREFIX_CACHE_SCOPE: cache_scope is not None,
         MIN_TOKENS: request.min_tokens > 0,
         IGNORE_EOS: request.ignore_eos,
+        PENALTIES: bool(
+            request.presence_penalty
+            or request.frequency_penalty
+            or request.repetition_penalty != 1.0
+        ),
+        MIN_P: request.min_p > 0.0,
+        LOGIT_BIAS: bool(request.logit_bias),
+        STOP_TOKEN_IDS: bool(request.stop_token_ids),
     }
     return [feature for feature, needed in wanted.items() if needed]
 
@@ -86,6 +103,13 @@ class WorkRequest(_Lenient):
     stop: list[str] = Field(default_factory=list)
     min_tokens: int = 0  # a non-zero value comes with the `min_tokens` feature in `requires`
     ignore_eos: bool = False  # True comes with the `ignore_eos` feature in `requires`
+    # Each set comes with its feature in `requires`.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    stop_token_ids: list[int] = Field(default_factory=list)
 
 
 class WorkItem(_Lenient):

@@ -9,6 +9,9 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 from common.heartbeats import ModelState
 from common.jobs import Job
 
+# No vocabulary comes near it; bounded so that an id always fits the queue's integers.
+TOKEN_ID_LIMIT = 2**31
+
 
 class Strict(BaseModel):
     """A client's body: unknown fields are refused, and so are values of another JSON type
@@ -49,6 +52,42 @@ class GenerationRequest(Strict):
     stop: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list, description="Generation ends before the first of these strings."
     )
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]] = Field(
+        default_factory=list,
+        description="Token ids that end the generation like end-of-sequence (vLLM's).",
+    )
+    presence_penalty: float = Field(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        description="Taken off the score of every token generated so far, once (OpenAI's).",
+    )
+    frequency_penalty: float = Field(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        description="Taken off the score of every token generated so far, per time it was "
+        "generated (OpenAI's).",
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0.0,
+        le=10.0,
+        description="Divides the positive scores of tokens of the prompt or generated so far and "
+        "multiplies the negative ones (vLLM's); 1 turns it off.",
+    )
+    min_p: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Tokens less likely than min_p times the likeliest are never sampled; 0 "
+        "turns it off.",
+    )
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
+        default_factory=dict,
+        description='Added to the scores of token ids before sampling, e.g. {"50256": -100} '
+        "(OpenAI's); -100 bans a token in effect, 100 makes it all but certain.",
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     priority: Literal["high", "normal", "low"] = "normal"
     webhook: AnyHttpUrl | None = Field(
@@ -63,6 +102,9 @@ class GenerationRequest(Strict):
             raise ValueError("`messages` must hold at least one message")
         if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
             raise ValueError("`min_tokens` must not exceed `max_new_tokens`")
+        for key in self.logit_bias:
+            if not (key.isascii() and key.isdigit() and int(key) < TOKEN_ID_LIMIT):
+                raise ValueError(f"`logit_bias` keys are token ids; {key[:20]!r} is not one")
         return self
 
 

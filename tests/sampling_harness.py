@@ -12,7 +12,7 @@ def sample(
     logits: torch.Tensor, params: list[SamplingParams], positions: list[int] | int = 0
 ) -> list[int]:
     """Each row's token from `logits` (rows x vocab), drawn at its position of its stream."""
-    slots = SlotTensors.of(params, [1] * len(params), logits.device)
+    slots = SlotTensors.of(params, [[0]] * len(params), logits.shape[1], logits.device)
     slots.generated.copy_(torch.tensor(positions))
     planner = Planner()
     planner.add(params)
@@ -24,5 +24,6 @@ def sample(
         slots.keys,
         slots.generated,
         planner.plan(params, logits.device),
+        slots.min_p,
     )
     return [int(t) for t in tokens.tolist()]

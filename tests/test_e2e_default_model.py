@@ -8,10 +8,12 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from common.settings import DEFAULT_MODEL_NAME
+from common.settings import DEFAULT_MODEL_NAME, Settings
 from tests.procs import running_stack
 from tests.sse import read_stream, token_text
+from worker.model_fetch import default_model_path
 
 CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
 
@@ -46,3 +48,26 @@ def test_streamed_text_equals_the_result(default_stack: str) -> None:
     assert events[-1].event == "done"
     assert token_text(events) == final["result"]["text"]
     assert final["result"]["text"]
+
+
+def test_a_bias_against_paris_keeps_it_out_of_the_answer(default_stack: str) -> None:
+    tokenizer = default_tokenizer()
+    banned = {tokenizer.encode(word, add_special_tokens=False)[0] for word in ("Paris", " Paris")}
+    body = {
+        **CAPITAL,
+        "temperature": 0,
+        "max_new_tokens": 32,
+        "logit_bias": {str(token): -100 for token in banned},
+    }
+    job = httpx.post(f"{default_stack}/v1/generate", json=body, timeout=120).json()
+    assert job["status"] == "succeeded"
+    assert "Paris" not in job["result"]["text"]
+    assert job["result"]["text"]
+
+
+def default_tokenizer() -> PreTrainedTokenizerBase:
+    path = default_model_path(Settings().model_cache_dir)
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+        path.parent, gguf_file=path.name
+    )
+    return tokenizer

@@ -63,6 +63,12 @@ def sampling_params(item: WorkItem) -> SamplingParams:
         stop=tuple(r.stop),
         ignore_eos=r.ignore_eos,
         min_tokens=r.min_tokens,
+        presence_penalty=r.presence_penalty,
+        frequency_penalty=r.frequency_penalty,
+        repetition_penalty=r.repetition_penalty,
+        min_p=r.min_p,
+        logit_bias=tuple(sorted(r.logit_bias.items())),
+        stop_token_ids=tuple(r.stop_token_ids),
     )
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.schemas import Strict
+from gateway.schemas import TOKEN_ID_LIMIT, Strict
 
 FinishReason = Literal["stop", "length"]
 
@@ -35,16 +35,12 @@ class SamplingFields(Strict):
     top_k: int = Field(0, ge=-1, le=1000, description="0 or -1 turns top-k off (vLLM).")
     min_tokens: int = Field(0, ge=0, description="Tokens before end-of-sequence may end it.")
     ignore_eos: bool = Field(False, description="Go on past end-of-sequence (benchmarks).")
-    # Accepted at their neutral values only, so clients that always send them keep working.
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0.0:
-            raise ValueError("penalties are not supported; leave them at 0")
-        return value
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1 turns it off (vLLM).")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="0 turns it off (vLLM).")
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -62,6 +58,12 @@ class SamplingFields(Strict):
             "top_k": max(self.top_k, 0),
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "min_p": self.min_p,
+            "logit_bias": self.logit_bias or {},
+            "stop_token_ids": self.stop_token_ids or [],
         }
 
     @property

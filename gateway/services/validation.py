@@ -76,6 +76,16 @@ def _check_limits(request: GenerationRequest, settings: Settings, webhooks: Webh
             f"{len(request.stop)} stop strings; the limit is {s.max_stop_sequences} "
             "(GENQ_MAX_STOP_SEQUENCES)"
         )
+    if len(request.stop_token_ids) > s.max_stop_sequences:
+        raise LimitExceeded(
+            f"{len(request.stop_token_ids)} stop token ids; the limit is {s.max_stop_sequences} "
+            "(GENQ_MAX_STOP_SEQUENCES)"
+        )
+    if len(request.logit_bias) > s.max_logit_bias:
+        raise LimitExceeded(
+            f"{len(request.logit_bias)} logit_bias entries; the limit is {s.max_logit_bias} "
+            "(GENQ_MAX_LOGIT_BIAS)"
+        )
     for stop in request.stop:
         if len(stop) > s.max_stop_chars:
             raise LimitExceeded(

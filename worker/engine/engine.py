@@ -38,6 +38,7 @@ from worker.engine.generation import (
     PromptSource,
     build_prompt_ids,
     check_context,
+    check_token_ids,
     is_device_error,
 )
 from worker.engine.memory import MemoryMonitor
@@ -322,6 +323,7 @@ class Engine:
         try:
             prompt_ids = build_prompt_ids(self.lm, request.request)
             check_context(self.lm, len(prompt_ids), request.params.max_new_tokens)
+            check_token_ids(self.lm, request.params)
         except GenerationError as e:
             self._end(request.id, error=e)
             return

@@ -10,7 +10,8 @@ import torch
 
 from common.contract import ErrorCode
 from common.jobs import FinishReason
-from worker.engine.model import LoadedModel
+from worker.engine.model import LoadedModel, vocab
+from worker.engine.sampling import SamplingParams
 
 
 class Message(Protocol):
@@ -169,3 +170,15 @@ def check_context(lm: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> N
             f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it "
             f"exceeds the context window of {lm.name} ({lm.max_context} tokens{why})"
         )
+
+
+def check_token_ids(lm: LoadedModel, params: SamplingParams) -> None:
+    """The token ids a request names (`logit_bias`, `stop_token_ids`) are the model's."""
+    size = vocab(lm)
+    named = [("logit_bias", token) for token, _ in params.logit_bias]
+    named += [("stop_token_ids", token) for token in params.stop_token_ids]
+    for field, token in named:
+        if not 0 <= token < size:
+            raise GenerationError(
+                f"{field} names token id {token}; {lm.name} has token ids 0 to {size - 1}"
+            )

@@ -30,3 +30,8 @@ class LoadedModel:
     def weight_bytes(self) -> int:
         tensors = [*self.model.parameters(), *self.model.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def vocab(lm: LoadedModel) -> int:
+    """The width of the model's logits: token ids a row may pick."""
+    return int(lm.model.config.vocab_size)

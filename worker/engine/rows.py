@@ -17,6 +17,7 @@ from common.jobs import FinishReason
 from worker.engine.compaction import compaction
 from worker.engine.generation import Generation, GenerationError
 from worker.engine.model import LoadedModel
+from worker.engine.processors import process, stopped
 from worker.engine.sampling import Plan, Planner, SamplingParams, next_tokens
 from worker.engine.slots import SlotTensors
 from worker.engine.textstream import TextStream
@@ -161,16 +162,18 @@ def pick_tokens(
     logits: torch.Tensor, slots: SlotTensors, plan: Plan, eos_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's next token from `logits` (rows x vocab, fp32), and its end codes."""
-    if plan.holds_eos:
-        # Rows short of their `min_tokens` cannot pick an end-of-sequence token (vLLM).
-        early = (slots.generated < slots.min_tokens).unsqueeze(1)
-        logits[:, eos_ids] = logits[:, eos_ids].masked_fill(early, -torch.inf)
+    process(logits, slots, plan, eos_ids)
     tokens, usable = next_tokens(
-        logits, slots.temperature, slots.top_k, slots.top_p, slots.keys, slots.generated, plan
+        logits,
+        slots.temperature,
+        slots.top_k,
+        slots.top_p,
+        slots.keys,
+        slots.generated,
+        plan,
+        slots.min_p,
     )
-    codes = (
-        (slots.generated >= slots.last) * LENGTH
-        + torch.isin(tokens, eos_ids) * slots.eos_ends * EOS
-        + (~usable) * FAILED
-    )
+    # A stop token id ends a row as end-of-sequence does, `ignore_eos` or not (vLLM).
+    ends = (torch.isin(tokens, eos_ids) * slots.eos_ends) | stopped(tokens, plan)
+    codes = (slots.generated >= slots.last) * LENGTH + ends * EOS + (~usable) * FAILED
     return tokens, codes

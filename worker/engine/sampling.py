@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -37,7 +38,16 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks), stop strings aside
-    min_tokens: int = 0  # tokens before end-of-sequence or a stop string may end it
+    min_tokens: int = 0  # tokens before end-of-sequence, a stop token or string may end it
+    # vLLM's meanings: presence and frequency penalties over the generated tokens, the
+    # multiplicative repetition penalty over the prompt's and the generated ones (1: off),
+    # min-p (0: off), biases added to token ids' logits, and token ids that end the row.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -57,6 +67,16 @@ class SamplingParams:
         """Top-p without top-k: the row's whole vocabulary is ranked."""
         return self.top_p_cut and not self.top_k_cut
 
+    @property
+    def penalized(self) -> bool:
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
+
+    @property
+    def min_p_cut(self) -> bool:
+        return not self.greedy and self.min_p > 0.0
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -73,6 +93,16 @@ class Plan:
     rank_all: torch.Tensor | None = None
     # Some row may not end yet (`min_tokens`): its end-of-sequence scores are masked.
     holds_eos: bool = False
+    min_p: bool = False  # some sampling row cuts by min-p
+    # The rows with penalties (all rows: None, when `penalized`).
+    penalized: bool = False
+    penalty_rows: torch.Tensor | None = None
+    # Every row's logit biases as (rows, token ids, biases), flat.
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # Every row's stop token ids (rows x the most any row has), padded with the row's own first
+    # id (or 0 without any), and which are real.
+    stop_ids: torch.Tensor | None = None
+    stop_real: torch.Tensor | None = None
 
 
 class Planner:
@@ -80,16 +110,21 @@ class Planner:
     change)), for the `Plan` of each pass."""
 
     def __init__(self) -> None:
-        self._sampled = self._top_p = self._rank_all = self._min_tokens = 0
+        self._sampled = self._top_p = self._rank_all = self._min_tokens = self._min_p = 0
+        self._penalized = self._biased = self._stop_ids = 0
         self._top_k: Counter[int] = Counter()
 
     def add(self, params: Iterable[SamplingParams], sign: int = 1) -> None:
         """Count rows in (`sign` 1) or out (-1)."""
         for p in params:
             self._min_tokens += sign * (p.min_tokens > 0)
+            self._penalized += sign * p.penalized
+            self._biased += sign * bool(p.logit_bias)
+            self._stop_ids += sign * bool(p.stop_token_ids)
             if p.greedy:
                 continue
             self._sampled += sign
+            self._min_p += sign * p.min_p_cut
             if p.top_k_cut:
                 self._top_k[p.top_k_cut] += sign
                 if not self._top_k[p.top_k_cut]:
@@ -100,9 +135,9 @@ class Planner:
 
     def plan(self, params: Sequence[SamplingParams], device: torch.device) -> Plan:
         """The plan of a pass over rows of `params` (in slot order, the rows counted in)."""
-        holds_eos = self._min_tokens > 0
+        plan = Plan(holds_eos=self._min_tokens > 0, **self._processors(params, device))
         if not self._sampled:
-            return Plan(holds_eos=holds_eos)
+            return plan
         rows = rank_all = None
         sampling = [i for i, p in enumerate(params) if not p.greedy]
         if len(sampling) < len(params):
@@ -110,14 +145,43 @@ class Planner:
         if self._rank_all:
             ranking = [j for j, i in enumerate(sampling) if params[i].ranks_all]
             rank_all = torch.tensor(ranking, device=device)
-        return Plan(
+        return replace(
+            plan,
             sampled=True,
             rows=rows,
             top_k=max(self._top_k, default=0),
             top_p=self._top_p > 0,
             rank_all=rank_all,
-            holds_eos=holds_eos,
+            min_p=self._min_p > 0,
         )
+
+    def _processors(self, params: Sequence[SamplingParams], device: torch.device) -> dict[str, Any]:
+        """The plan's fields for penalties, biases and stop token ids: tensors built once for
+        as long as the rows stay the same."""
+        fields: dict[str, Any] = {}
+        if self._penalized:
+            fields["penalized"] = True
+            if self._penalized < len(params):
+                penalized = [i for i, p in enumerate(params) if p.penalized]
+                fields["penalty_rows"] = torch.tensor(penalized, device=device)
+        if self._biased:
+            flat = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias]
+            rows, tokens, biases = zip(*flat, strict=True)
+            fields["bias"] = (
+                torch.tensor(rows, device=device),
+                torch.tensor(tokens, device=device),
+                torch.tensor(biases, dtype=torch.float32, device=device),
+            )
+        if self._stop_ids:
+            width = max(len(p.stop_token_ids) for p in params)
+            ids = [list(p.stop_token_ids) or [0] for p in params]
+            fields["stop_ids"] = torch.tensor(
+                [row + [row[0]] * (width - len(row)) for row in ids], device=device
+            )
+            fields["stop_real"] = torch.tensor(
+                [[j < len(p.stop_token_ids) for j in range(width)] for p in params], device=device
+            )
+        return fields
 
 
 def sanitize(logits: torch.Tensor) -> torch.Tensor:
@@ -169,12 +233,14 @@ def next_tokens(
     keys: torch.Tensor,
     positions: torch.Tensor,
     plan: Plan,
+    min_p: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's next token and whether its scores could be sampled at all (B, each).
 
     `logits` (B x vocab, fp32) is sanitised in place. Per row: `temperature` (float; below
     GREEDY_BELOW_TEMPERATURE the row is greedy), `top_k` (int; 0: off), `top_p` (float; 1: off),
-    `keys` (`stream_key` of its seed) and `positions` (the index of the token drawn).
+    `keys` (`stream_key` of its seed), `positions` (the index of the token drawn) and `min_p`
+    (float; 0: off).
     """
     logits = sanitize(logits)
     best = logits.argmax(dim=-1)
@@ -182,13 +248,14 @@ def next_tokens(
     usable = top.squeeze(1) > -torch.inf
     if not plan.sampled:
         return best, usable
+    cut = min_p if plan.min_p else None
     if plan.rows is None:
-        picked = _draw(logits, top, best, temperature, top_k, top_p, keys, positions, plan)
+        picked = _draw(logits, top, best, temperature, top_k, top_p, keys, positions, plan, cut)
         return picked, usable
     rows = plan.rows
     picked = _draw(
         logits[rows], top[rows], best[rows], temperature[rows], top_k[rows], top_p[rows],
-        keys[rows], positions[rows], plan,
+        keys[rows], positions[rows], plan, None if cut is None else cut[rows],
     )  # fmt: skip
     return best.index_put((rows,), picked), usable
 
@@ -203,6 +270,7 @@ def _draw(
     keys: torch.Tensor,
     positions: torch.Tensor,
     plan: Plan,
+    min_p: torch.Tensor | None,
 ) -> torch.Tensor:
     """The sampling rows' tokens (`logits`: theirs, sanitised, overwritten; `top` and `best`:
     their best scores and tokens)."""
@@ -212,6 +280,10 @@ def _draw(
     scale = temperature.clamp(min=GREEDY_BELOW_TEMPERATURE).unsqueeze(1)
     scores = logits.sub_(top.where(usable, 0.0)).div_(scale).masked_fill_(~usable, 0.0)
     probs = torch.softmax(scores, dim=-1)
+    if min_p is not None:
+        # Before top-k and top-p, as vLLM cuts: tokens less likely than min_p x the best.
+        floor = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        probs = torch.where(probs >= floor, probs, 0.0)
     if plan.top_k or plan.rank_all is not None:
         probs = torch.where(probs >= _threshold(probs, top_k, top_p, plan), probs, 0.0)
     cdf = probs.cumsum(dim=-1)

@@ -27,7 +27,7 @@ from worker.engine.eager.kv_cache import (
     load_prefixes,
     new_cache,
 )
-from worker.engine.model import LoadedModel
+from worker.engine.model import LoadedModel, vocab
 from worker.engine.prefix_cache import KV, PrefixHit
 from worker.engine.rows import Row, RowBook, Step, pick_tokens
 from worker.engine.slots import SlotTensors
@@ -95,7 +95,7 @@ class Batch(RowBook):
         buffer = SlotBuffer()
         buffer.write([mask[:, None, :, None]])
         slots = SlotTensors.of(
-            [row.params for row in rows], [len(row.prompt_ids) for row in rows], device
+            [row.params for row in rows], [row.prompt_ids for row in rows], vocab(lm), device
         )
         input_ids = torch.tensor(ids, device=device)
         return cls(rows, input_ids, buffer, cache, slots, fused.prefill_attention(mask, longest))
@@ -160,7 +160,7 @@ class Batch(RowBook):
         slots = self.slots
         tokens, codes = pick_tokens(logits, slots, self._sampling_plan(), eos_ids)
         host = torch.stack((tokens, codes)).tolist()
-        slots.tick()
+        slots.tick(tokens)
         self.input_ids = tokens.unsqueeze(1)
         self.mask.fill_columns(1, True)
         self._attention = None

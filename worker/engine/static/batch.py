@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from worker.engine.compaction import compaction_plan
-from worker.engine.model import LoadedModel
+from worker.engine.model import LoadedModel, vocab
 from worker.engine.prefix_cache import KV, PrefixHit
 from worker.engine.rows import FAILED, Row, RowBook, Step, pick_tokens
 from worker.engine.slots import SlotTensors
@@ -34,8 +34,7 @@ class SlotState:
         self.slots = SlotTensors.empty(geometry.slots, device)
         self.tokens = torch.zeros(geometry.slots, dtype=torch.long, device=device)
         self.live = torch.zeros((), dtype=torch.long, device=device)
-        vocab = int(lm.model.config.vocab_size)
-        self.logits = torch.zeros((geometry.slots, vocab), dtype=torch.float32, device=device)
+        self.logits = torch.zeros((geometry.slots, vocab(lm)), dtype=torch.float32, device=device)
 
     @property
     def geometry(self) -> Geometry:
@@ -117,7 +116,7 @@ class StaticBatch(RowBook):
             length=length,
         )
         new = SlotTensors.of(
-            [row.params for row in rows], [len(r.prompt_ids) for r in rows], device
+            [row.params for row in rows], [row.prompt_ids for row in rows], vocab(lm), device
         )
         state.slots.put(first, new)
         return cls(state, rows, first, part)
@@ -141,7 +140,7 @@ class StaticBatch(RowBook):
         slots.rows = n
         tokens, codes = pick_tokens(logits, slots, self._sampling_plan(), eos_ids)
         host = torch.stack((tokens, codes)).tolist()
-        slots.tick()
+        slots.tick(tokens)
         state.tokens[:n] = tokens
         self.part = None
         self.passes += 1
