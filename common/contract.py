@@ -34,15 +34,26 @@ PREFIX_CACHE_SCOPE = "prefix_cache_scope"
 # that ignored them would end the generation early.
 MIN_TOKENS = "min_tokens"
 IGNORE_EOS = "ignore_eos"
-# `penalties` (presence, frequency, repetition), `min_p`, `logit_bias`, `stop_token_ids`: the
+# `penalties` (presence, frequency, repetition), `min_p`, `logit_bias`, `stop_token_ids`,
+# `bad_words`: the
 # request's fields of those names (vLLM's meanings); a worker that ignored them would sample
 # other tokens, or end elsewhere.
 PENALTIES = "penalties"
 MIN_P = "min_p"
 LOGIT_BIAS = "logit_bias"
 STOP_TOKEN_IDS = "stop_token_ids"
+BAD_WORDS = "bad_words"
 SUPPORTED_FEATURES: frozenset[str] = frozenset(
-    {PREFIX_CACHE_SCOPE, MIN_TOKENS, IGNORE_EOS, PENALTIES, MIN_P, LOGIT_BIAS, STOP_TOKEN_IDS}
+    {
+        PREFIX_CACHE_SCOPE,
+        MIN_TOKENS,
+        IGNORE_EOS,
+        PENALTIES,
+        MIN_P,
+        LOGIT_BIAS,
+        STOP_TOKEN_IDS,
+        BAD_WORDS,
+    }
 )
 
 
@@ -60,6 +71,7 @@ def required_features(request: WorkRequest, cache_scope: str | None) -> list[str
         MIN_P: request.min_p > 0.0,
         LOGIT_BIAS: bool(request.logit_bias),
         STOP_TOKEN_IDS: bool(request.stop_token_ids),
+        BAD_WORDS: bool(request.bad_words),
     }
     return [feature for feature, needed in wanted.items() if needed]
 
@@ -110,6 +122,7 @@ class WorkRequest(_Lenient):
     min_p: float = 0.0
     logit_bias: dict[int, float] = Field(default_factory=dict)
     stop_token_ids: list[int] = Field(default_factory=list)
+    bad_words: list[str] = Field(default_factory=list)
 
 
 class WorkItem(_Lenient):

@@ -88,6 +88,10 @@ class GenerationRequest(Strict):
         description='Added to the scores of token ids before sampling, e.g. {"50256": -100} '
         "(OpenAI's); -100 bans a token in effect, 100 makes it all but certain.",
     )
+    bad_words: list[Annotated[str, Field(min_length=1, pattern=r"\S")]] = Field(
+        default_factory=list,
+        description="Words never generated, alone or inside the text (vLLM's).",
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     priority: Literal["high", "normal", "low"] = "normal"
     webhook: AnyHttpUrl | None = Field(

@@ -65,6 +65,14 @@ def test_a_bias_against_paris_keeps_it_out_of_the_answer(default_stack: str) -> 
     assert job["result"]["text"]
 
 
+def test_a_bad_word_is_kept_out_of_the_answer(default_stack: str) -> None:
+    body = {**CAPITAL, "temperature": 0, "max_new_tokens": 32, "bad_words": ["Paris"]}
+    job = httpx.post(f"{default_stack}/v1/generate", json=body, timeout=120).json()
+    assert job["status"] == "succeeded"
+    assert "Paris" not in job["result"]["text"]
+    assert job["result"]["text"]
+
+
 def default_tokenizer() -> PreTrainedTokenizerBase:
     path = default_model_path(Settings().model_cache_dir)
     tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(

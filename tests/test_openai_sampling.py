@@ -112,3 +112,14 @@ def test_the_native_api_takes_the_same_fields_and_caches_by_them(stack: Stack) -
     penalized = generate(frequency_penalty=2.0)
     assert penalized["cached"] is False
     assert penalized["result"] != plain["result"]
+
+
+def test_blank_and_too_many_bad_words_are_refused(stack: Stack) -> None:
+    for bad in ([" "], [""], ["w"] * 17):
+        answer = httpx.post(
+            f"{stack.base}/v1/completions",
+            json={"model": TINY_NAME, "prompt": "x", "bad_words": bad},
+            timeout=30,
+        )
+        assert answer.status_code == 422, answer.text
+        assert "bad_words" in answer.text or "GENQ_MAX_BAD_WORDS" in answer.text

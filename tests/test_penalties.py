@@ -3,6 +3,7 @@ ask for them, each row's tokens a function of its own request alone."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ import torch
 from tests.engine_driver import PROMPTS, Job, greedy, reference, run
 from tests.sampling_harness import sample
 from worker.engine.config import DecodeConfig
+from worker.engine.generation import with_bad_words
 from worker.engine.model import LoadedModel
 from worker.engine.processors import process
 from worker.engine.sampling import Planner, SamplingParams
@@ -156,3 +158,34 @@ def test_a_token_id_outside_the_vocabulary_fails_its_own_request(tiny_lm: Loaded
     assert "logit_bias names token id" in str(out.errors["bias"])
     assert "stop_token_ids names token id" in str(out.errors["stop"])
     assert out.done["fine"].token_ids == reference(tiny_lm, PROMPTS[1], 8)
+
+
+def test_bad_words_are_the_words_token_sequences_alone_and_after_a_space(
+    tiny_lm: LoadedModel,
+) -> None:
+    tokenizer = tiny_lm.tokenizer
+    params = with_bad_words(tiny_lm, replace(greedy(5), bad_words=("capital", " France")))
+    alone = tuple(tokenizer.encode("capital", add_special_tokens=False))
+    spaced = tuple(tokenizer.encode(" capital", add_special_tokens=False))
+    assert alone in params.bad_word_ids
+    assert (spaced in params.bad_word_ids) == (spaced[0] != alone[0] and len(spaced) == len(alone))
+    assert tuple(tokenizer.encode("France", add_special_tokens=False)) in params.bad_word_ids
+
+
+@pytest.mark.parametrize("static", ["off", "on"])
+def test_a_row_never_generates_its_bad_words(tiny_lm: LoadedModel, static: str) -> None:
+    decode = DecodeConfig(static=static)  # type: ignore[arg-type]
+    plain = reference(tiny_lm, PROMPTS[2], 30)
+    pair = (plain[5], plain[6])
+    single = plain[2]
+    jobs = [
+        Job("pair", PROMPTS[2], replace(greedy(30), bad_word_ids=(pair,))),
+        Job("single", PROMPTS[2], replace(greedy(30), bad_word_ids=((single,),))),
+        Job("plain", PROMPTS[2], greedy(30), at_step=2),
+    ]
+    out = run(tiny_lm, jobs, decode=decode)
+    paired = out.done["pair"].token_ids
+    assert paired[:6] == plain[:6]
+    assert pair not in itertools.pairwise(paired)
+    assert single not in out.done["single"].token_ids
+    assert out.done["plain"].token_ids == plain

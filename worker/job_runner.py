@@ -69,6 +69,7 @@ def sampling_params(item: WorkItem) -> SamplingParams:
         min_p=r.min_p,
         logit_bias=tuple(sorted(r.logit_bias.items())),
         stop_token_ids=tuple(r.stop_token_ids),
+        bad_words=tuple(r.bad_words),
     )
 
 

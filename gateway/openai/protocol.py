@@ -41,6 +41,7 @@ class SamplingFields(Strict):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1 turns it off (vLLM).")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="0 turns it off (vLLM).")
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]] | None = None
+    bad_words: list[Annotated[str, Field(min_length=1, pattern=r"\S")]] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -64,6 +65,7 @@ class SamplingFields(Strict):
             "min_p": self.min_p,
             "logit_bias": self.logit_bias or {},
             "stop_token_ids": self.stop_token_ids or [],
+            "bad_words": self.bad_words or [],
         }
 
     @property

@@ -86,6 +86,17 @@ def _check_limits(request: GenerationRequest, settings: Settings, webhooks: Webh
             f"{len(request.logit_bias)} logit_bias entries; the limit is {s.max_logit_bias} "
             "(GENQ_MAX_LOGIT_BIAS)"
         )
+    if len(request.bad_words) > s.max_bad_words:
+        raise LimitExceeded(
+            f"{len(request.bad_words)} bad words; the limit is {s.max_bad_words} "
+            "(GENQ_MAX_BAD_WORDS)"
+        )
+    for word in request.bad_words:
+        if len(word) > s.max_stop_chars:
+            raise LimitExceeded(
+                f"bad word of {len(word)} characters; the limit is {s.max_stop_chars} "
+                "(GENQ_MAX_STOP_CHARS)"
+            )
     for stop in request.stop:
         if len(stop) > s.max_stop_chars:
             raise LimitExceeded(

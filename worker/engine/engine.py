@@ -40,6 +40,7 @@ from worker.engine.generation import (
     check_context,
     check_token_ids,
     is_device_error,
+    with_bad_words,
 )
 from worker.engine.memory import MemoryMonitor
 from worker.engine.model import LoadedModel
@@ -324,10 +325,11 @@ class Engine:
             prompt_ids = build_prompt_ids(self.lm, request.request)
             check_context(self.lm, len(prompt_ids), request.params.max_new_tokens)
             check_token_ids(self.lm, request.params)
+            params = with_bad_words(self.lm, request.params)
         except GenerationError as e:
             self._end(request.id, error=e)
             return
-        row = new_row(self.lm, request.id, prompt_ids, request.params, request.cache_scope)
+        row = new_row(self.lm, request.id, prompt_ids, params, request.cache_scope)
         limit = self._ready.token_limit
         if row.reserved_tokens > limit.tokens:
             error = GenerationError(

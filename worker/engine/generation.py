@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -182,3 +182,20 @@ def check_token_ids(lm: LoadedModel, params: SamplingParams) -> None:
             raise GenerationError(
                 f"{field} names token id {token}; {lm.name} has token ids 0 to {size - 1}"
             )
+
+
+def with_bad_words(lm: LoadedModel, params: SamplingParams) -> SamplingParams:
+    """`params` with its bad words as token sequences, as vLLM makes them: each word alone, and
+    with a space before it where that tokenizes to another first token and as many tokens (a
+    word in the middle of text)."""
+    if not params.bad_words:
+        return params
+    sequences: list[tuple[int, ...]] = []
+    for word in params.bad_words:
+        alone = _encode(lm, word.lstrip(), add_special_tokens=False)
+        spaced = _encode(lm, " " + word.lstrip(), add_special_tokens=False)
+        if alone:
+            sequences.append(tuple(alone))
+        if spaced and (not alone or (spaced[0] != alone[0] and len(spaced) == len(alone))):
+            sequences.append(tuple(spaced))
+    return replace(params, bad_word_ids=tuple(dict.fromkeys(sequences)))

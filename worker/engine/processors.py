@@ -1,7 +1,8 @@
-"""What a row's scores go through before sampling, in vLLM's order: rows short of `min_tokens`
-cannot end (their end-of-sequence and stop token ids are masked), logit biases are added, then
-the repetition, frequency and presence penalties apply. All of it is tensor operations over the
-rows that ask for it (`Plan`): rows without these features pay nothing."""
+"""What a row's scores go through before sampling, in vLLM's order: bad words are banned, rows
+short of `min_tokens` cannot end (their end-of-sequence and stop token ids are masked), logit
+biases are added, then the repetition, frequency and presence penalties apply. All of it is
+tensor operations over the rows that ask for it (`Plan`): rows without these features pay
+nothing."""
 
 from __future__ import annotations
 
@@ -11,8 +12,18 @@ from worker.engine.sampling import Plan
 from worker.engine.slots import SlotTensors
 
 
-def process(logits: torch.Tensor, slots: SlotTensors, plan: Plan, eos_ids: torch.Tensor) -> None:
-    """`logits` (rows x vocab, fp32), in place."""
+def process(
+    logits: torch.Tensor,
+    slots: SlotTensors,
+    plan: Plan,
+    eos_ids: torch.Tensor,
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """`logits` (rows x vocab, fp32), in place; `banned`: (rows, tokens) out of the running this
+    step besides the rows' one-token bad words."""
+    for bans in (plan.banned, banned):
+        if bans is not None:
+            logits.index_put_(bans, torch.tensor(-torch.inf, device=logits.device))
     if plan.holds_eos:
         early = (slots.generated < slots.min_tokens).unsqueeze(1)
         logits[:, eos_ids] = logits[:, eos_ids].masked_fill(early, -torch.inf)

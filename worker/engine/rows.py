@@ -22,6 +22,9 @@ from worker.engine.sampling import Plan, Planner, SamplingParams, next_tokens
 from worker.engine.slots import SlotTensors
 from worker.engine.textstream import TextStream
 
+# The most tokens of a bad word a row remembers it generated (the word's others than its last).
+_LONGEST_WATCH = 16
+
 # Why a row ended in a step (`Step.codes`), as flags; a failed row's token means nothing.
 LENGTH, EOS, FAILED = 1, 2, 4
 
@@ -42,6 +45,8 @@ class Row:
     # The batch pass that prefilled it, and the cache columns it spanned after that pass.
     first_pass: int = 0
     first_span: int = 0
+    # Its last generated tokens, kept while it has bad words of several tokens to watch for.
+    recent: list[int] = field(default_factory=list)
     # The text side's.
     token_ids: list[int] = field(default_factory=list)
     first_token_s: float | None = None
@@ -157,12 +162,46 @@ class RowBook:
             self._plan = self.planner.plan([row.params for row in self.rows], self._device)
         return self._plan
 
+    def _pick(
+        self, logits: torch.Tensor, slots: SlotTensors, eos_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, list[list[int]]]:
+        """Every row's token, on the device, and its tokens and end codes on the host, in one
+        transfer."""
+        plan = self._sampling_plan()
+        banned = self._bad_word_ends() if plan.watches_sequences else None
+        tokens, codes = pick_tokens(logits, slots, plan, eos_ids, banned)
+        host: list[list[int]] = torch.stack((tokens, codes)).tolist()
+        if plan.watches_sequences:
+            for row, token in zip(self.rows, host[0], strict=True):
+                if row.params.watches_sequences:
+                    row.recent = [*row.recent[-_LONGEST_WATCH:], token]
+        return tokens, host
+
+    def _bad_word_ends(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, tokens) this step may not pick: the last token of each bad word whose other
+        tokens the row generated last."""
+        pairs = [
+            (i, ids[-1])
+            for i, row in enumerate(self.rows)
+            for ids in row.params.bad_word_ids
+            if len(ids) > 1 and tuple(row.recent[len(row.recent) - len(ids) + 1 :]) == ids[:-1]
+        ]
+        if not pairs:
+            return None
+        rows, tokens = zip(*pairs, strict=True)
+        return torch.tensor(rows, device=self._device), torch.tensor(tokens, device=self._device)
+
 
 def pick_tokens(
-    logits: torch.Tensor, slots: SlotTensors, plan: Plan, eos_ids: torch.Tensor
+    logits: torch.Tensor,
+    slots: SlotTensors,
+    plan: Plan,
+    eos_ids: torch.Tensor,
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every row's next token from `logits` (rows x vocab, fp32), and its end codes."""
-    process(logits, slots, plan, eos_ids)
+    """Every row's next token from `logits` (rows x vocab, fp32), and its end codes; `banned`:
+    (rows, tokens) also out of the running this step."""
+    process(logits, slots, plan, eos_ids, banned)
     tokens, usable = next_tokens(
         logits,
         slots.temperature,

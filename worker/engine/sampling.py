@@ -48,6 +48,10 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    # Words never generated (vLLM's `bad_words`), and the token sequences they are, which the
+    # engine works out with the model's tokenizer at intake (`generation.with_bad_words`).
+    bad_words: tuple[str, ...] = ()
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +81,16 @@ class SamplingParams:
     def min_p_cut(self) -> bool:
         return not self.greedy and self.min_p > 0.0
 
+    @property
+    def banned_tokens(self) -> list[int]:
+        """Its one-token bad words: never picked."""
+        return [ids[0] for ids in self.bad_word_ids if len(ids) == 1]
+
+    @property
+    def watches_sequences(self) -> bool:
+        """It has bad words of several tokens: each step checks what it generated last."""
+        return any(len(ids) > 1 for ids in self.bad_word_ids)
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -99,6 +113,10 @@ class Plan:
     penalty_rows: torch.Tensor | None = None
     # Every row's logit biases as (rows, token ids, biases), flat.
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # Every row's one-token bad words as (rows, token ids), flat; whether some row has longer
+    # ones, banned step by step.
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None
+    watches_sequences: bool = False
     # Every row's stop token ids (rows x the most any row has), padded with the row's own first
     # id (or 0 without any), and which are real.
     stop_ids: torch.Tensor | None = None
@@ -111,7 +129,7 @@ class Planner:
 
     def __init__(self) -> None:
         self._sampled = self._top_p = self._rank_all = self._min_tokens = self._min_p = 0
-        self._penalized = self._biased = self._stop_ids = 0
+        self._penalized = self._biased = self._stop_ids = self._banned = self._watching = 0
         self._top_k: Counter[int] = Counter()
 
     def add(self, params: Iterable[SamplingParams], sign: int = 1) -> None:
@@ -121,6 +139,8 @@ class Planner:
             self._penalized += sign * p.penalized
             self._biased += sign * bool(p.logit_bias)
             self._stop_ids += sign * bool(p.stop_token_ids)
+            self._banned += sign * bool(p.banned_tokens)
+            self._watching += sign * p.watches_sequences
             if p.greedy:
                 continue
             self._sampled += sign
@@ -172,6 +192,14 @@ class Planner:
                 torch.tensor(tokens, device=device),
                 torch.tensor(biases, dtype=torch.float32, device=device),
             )
+        if self._banned:
+            bans = [(i, t) for i, p in enumerate(params) for t in p.banned_tokens]
+            banned_rows, banned_tokens = zip(*bans, strict=True)
+            fields["banned"] = (
+                torch.tensor(banned_rows, device=device),
+                torch.tensor(banned_tokens, device=device),
+            )
+        fields["watches_sequences"] = self._watching > 0
         if self._stop_ids:
             width = max(len(p.stop_token_ids) for p in params)
             ids = [list(p.stop_token_ids) or [0] for p in params]

@@ -29,7 +29,7 @@ from worker.engine.eager.kv_cache import (
 )
 from worker.engine.model import LoadedModel, vocab
 from worker.engine.prefix_cache import KV, PrefixHit
-from worker.engine.rows import Row, RowBook, Step, pick_tokens
+from worker.engine.rows import Row, RowBook, Step
 from worker.engine.slots import SlotTensors
 
 
@@ -158,8 +158,7 @@ class Batch(RowBook):
         """Pick every row's token from `logits` (B x vocab, fp32) and make it the next input;
         what the host learns of the step comes over in one transfer."""
         slots = self.slots
-        tokens, codes = pick_tokens(logits, slots, self._sampling_plan(), eos_ids)
-        host = torch.stack((tokens, codes)).tolist()
+        tokens, host = self._pick(logits, slots, eos_ids)
         slots.tick(tokens)
         self.input_ids = tokens.unsqueeze(1)
         self.mask.fill_columns(1, True)

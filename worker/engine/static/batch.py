@@ -14,7 +14,7 @@ import torch
 from worker.engine.compaction import compaction_plan
 from worker.engine.model import LoadedModel, vocab
 from worker.engine.prefix_cache import KV, PrefixHit
-from worker.engine.rows import FAILED, Row, RowBook, Step, pick_tokens
+from worker.engine.rows import FAILED, Row, RowBook, Step
 from worker.engine.slots import SlotTensors
 from worker.engine.static.cache import Geometry, StaticCache
 from worker.engine.static.forward import PrefillPart
@@ -138,8 +138,7 @@ class StaticBatch(RowBook):
         state, n = self.state, len(self.rows)
         slots = state.slots
         slots.rows = n
-        tokens, codes = pick_tokens(logits, slots, self._sampling_plan(), eos_ids)
-        host = torch.stack((tokens, codes)).tolist()
+        tokens, host = self._pick(logits, slots, eos_ids)
         slots.tick(tokens)
         state.tokens[:n] = tokens
         self.part = None
