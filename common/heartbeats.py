@@ -32,6 +32,9 @@ class HeldModelInfo(BaseModel):
     decode_note: str | None = Field(
         None, description="Why it decodes otherwise than configured (a fallback)."
     )
+    max_context: int | None = Field(
+        None, description="Prompt and generated tokens it serves at most; unset until loaded."
+    )
 
 
 class WorkerInfo(BaseModel):

@@ -165,6 +165,11 @@ class ModelVersion(BaseModel):
         None, description="Its weight in the model's traffic split, when one is set."
     )
     default: bool = Field(description="What the bare name serves without a traffic split.")
+    max_model_len: int | None = Field(
+        None,
+        description="Prompt and generated tokens a request may hold at most (vLLM's "
+        "max_model_len), as the workers holding it serve it; null until one has loaded it.",
+    )
     workers: list[WorkerHolding] | None = Field(
         None, description="The live workers holding it; shown to API keys with `admin` only."
     )
@@ -178,6 +183,9 @@ class ModelCard(BaseModel):
     aliases: list[str] = Field(description="Aliases that point to this model or one version.")
     workers: int = Field(description="Live workers with a version of the model ready.")
     versions: list[ModelVersion]
+    max_model_len: int | None = Field(
+        None, description="The `max_model_len` of the version the bare name serves by default."
+    )
 
 
 class ReloadAccepted(BaseModel):

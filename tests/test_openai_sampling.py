@@ -1,5 +1,6 @@
-"""Penalties, logit biases, min-p and stop token ids through the API, as the `openai` client and
-the native routes send them, on the tiny model's running stack."""
+"""Sampling fields (penalties, logit biases, min-p, stop token ids, bad words) and the model
+list's max_model_len through the API, as the `openai` client and the native routes send them, on
+the tiny model's running stack."""
 
 from __future__ import annotations
 
@@ -123,3 +124,11 @@ def test_blank_and_too_many_bad_words_are_refused(stack: Stack) -> None:
         )
         assert answer.status_code == 422, answer.text
         assert "bad_words" in answer.text or "GENQ_MAX_BAD_WORDS" in answer.text
+
+
+def test_the_model_list_gives_max_model_len(stack: Stack, tiny_lm: LoadedModel) -> None:
+    (card,) = httpx.get(f"{stack.base}/v1/models", timeout=30).json()["data"]
+    (version,) = card["versions"]
+    assert version["state"] == "ready"
+    assert version["max_model_len"] == tiny_lm.max_context
+    assert card["max_model_len"] == tiny_lm.max_context

@@ -70,6 +70,7 @@ class HeldModel:
             bytes=self.bytes,
             decode=mode.label if mode is not None else None,
             decode_note=mode.note if mode is not None else None,
+            max_context=self.lm.max_context if self.lm is not None else None,
         )
 
     @property

@@ -26,9 +26,13 @@ class ModelListing:
         (host names and pids) and why it failed to load, for operators."""
         catalog = await self.router.catalog()
         holdings: dict[str, list[WorkerHolding]] = {}
+        contexts: dict[str, int] = {}  # each version's smallest context window among its workers
         for pool in sorted(catalog.pools()):
             for worker in await heartbeats.live_workers(self.redis, pool):
                 for held in worker.models:
+                    if held.max_context is not None:
+                        known = contexts.get(held.key, held.max_context)
+                        contexts[held.key] = min(known, held.max_context)
                     holdings.setdefault(held.key, []).append(
                         WorkerHolding(
                             worker=worker.id,
@@ -41,7 +45,8 @@ class ModelListing:
         cards = []
         for name in catalog.names():
             versions = [
-                self._version(catalog, spec, holdings, details) for spec in catalog.versions(name)
+                self._version(catalog, spec, holdings, contexts.get(spec.key), details)
+                for spec in catalog.versions(name)
             ]
             aliases = [
                 alias
@@ -61,6 +66,7 @@ class ModelListing:
                     aliases=aliases,
                     workers=len(ready_workers),
                     versions=versions,
+                    max_model_len=contexts.get(catalog.default_version(name).key),
                 )
             )
         return ModelList(data=cards)
@@ -70,6 +76,7 @@ class ModelListing:
         catalog: Catalog,
         spec: ModelSpec,
         holdings: dict[str, list[WorkerHolding]],
+        max_model_len: int | None,
         details: bool,
     ) -> ModelVersion:
         held = holdings.get(spec.key, [])
@@ -86,5 +93,6 @@ class ModelListing:
             reason=reasons[0] if reasons and details else None,
             traffic_weight=None if weights is None else weights.get(spec.version, 0),
             default=catalog.default_version(spec.name).key == spec.key,
+            max_model_len=max_model_len,
             workers=held if details else None,
         )
