@@ -49,7 +49,7 @@ def processed(
     planner = Planner()
     planner.add(params)
     out = logits.clone()
-    process(out, slots, planner.plan(params, logits.device), torch.tensor([VOCAB - 1]))
+    process(out, slots, planner.plan(params, logits.device), torch.tensor([VOCAB - 1]), None)
     return out
 
 

@@ -17,7 +17,7 @@ def process(
     slots: SlotTensors,
     plan: Plan,
     eos_ids: torch.Tensor,
-    banned: tuple[torch.Tensor, torch.Tensor] | None = None,
+    banned: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> None:
     """`logits` (rows x vocab, fp32), in place; `banned`: (rows, tokens) out of the running this
     step besides the rows' one-token bad words."""
@@ -65,7 +65,9 @@ def _penalize(logits: torch.Tensor, slots: SlotTensors, rows: torch.Tensor | Non
 
 
 def stopped(tokens: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """Per row, whether its token is one of its stop token ids (bool, rows)."""
-    if plan.stop_ids is None or plan.stop_real is None:
-        return torch.zeros_like(tokens, dtype=torch.bool)
-    return ((tokens.unsqueeze(1) == plan.stop_ids) & plan.stop_real).any(dim=1)
+    """Per row, whether its token is one of its stop token ids (bool, rows), where some row has
+    them (`plan.stop_ids`)."""
+    ids, real = plan.stop_ids, plan.stop_real
+    assert ids is not None, "some row has stop token ids"
+    assert real is not None, "stop token ids come with which are real"
+    return ((tokens.unsqueeze(1) == ids) & real).any(dim=1)

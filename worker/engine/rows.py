@@ -197,7 +197,7 @@ def pick_tokens(
     slots: SlotTensors,
     plan: Plan,
     eos_ids: torch.Tensor,
-    banned: tuple[torch.Tensor, torch.Tensor] | None = None,
+    banned: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's next token from `logits` (rows x vocab, fp32), and its end codes; `banned`:
     (rows, tokens) also out of the running this step."""
@@ -212,7 +212,9 @@ def pick_tokens(
         plan,
         slots.min_p,
     )
-    # A stop token id ends a row as end-of-sequence does, `ignore_eos` or not (vLLM).
-    ends = (torch.isin(tokens, eos_ids) * slots.eos_ends) | stopped(tokens, plan)
+    ends = torch.isin(tokens, eos_ids) * slots.eos_ends
+    if plan.stop_ids is not None:
+        # A stop token id ends a row as end-of-sequence does, `ignore_eos` or not (vLLM).
+        ends = ends | stopped(tokens, plan)
     codes = (slots.generated >= slots.last) * LENGTH + ends * EOS + (~usable) * FAILED
     return tokens, codes
