@@ -189,3 +189,12 @@ def test_a_row_never_generates_its_bad_words(tiny_lm: LoadedModel, static: str) 
     assert pair not in itertools.pairwise(paired)
     assert single not in out.done["single"].token_ids
     assert out.done["plain"].token_ids == plain
+
+
+def test_a_long_bad_word_is_watched_over_all_its_tokens(tiny_lm: LoadedModel) -> None:
+    plain = reference(tiny_lm, PROMPTS[1], 40)
+    word = tuple(plain[5:30])  # 25 tokens: the row must remember the 24 before the last
+    out = run(tiny_lm, [Job("long", PROMPTS[1], replace(greedy(40), bad_word_ids=(word,)))])
+    tokens = out.done["long"].token_ids
+    assert tokens[:29] == plain[:29]
+    assert tokens[29] != plain[29]

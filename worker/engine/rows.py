@@ -22,9 +22,6 @@ from worker.engine.sampling import Plan, Planner, SamplingParams, next_tokens
 from worker.engine.slots import SlotTensors
 from worker.engine.textstream import TextStream
 
-# The most tokens of a bad word a row remembers it generated (the word's others than its last).
-_LONGEST_WATCH = 16
-
 # Why a row ended in a step (`Step.codes`), as flags; a failed row's token means nothing.
 LENGTH, EOS, FAILED = 1, 2, 4
 
@@ -173,8 +170,8 @@ class RowBook:
         host: list[list[int]] = torch.stack((tokens, codes)).tolist()
         if plan.watches_sequences:
             for row, token in zip(self.rows, host[0], strict=True):
-                if row.params.watches_sequences:
-                    row.recent = [*row.recent[-_LONGEST_WATCH:], token]
+                if watched := row.params.watched_tokens:
+                    row.recent = [*row.recent, token][-watched:]
         return tokens, host
 
     def _bad_word_ends(self) -> tuple[torch.Tensor, torch.Tensor] | None:

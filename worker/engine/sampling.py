@@ -87,9 +87,14 @@ class SamplingParams:
         return [ids[0] for ids in self.bad_word_ids if len(ids) == 1]
 
     @property
+    def watched_tokens(self) -> int:
+        """How many of its last generated tokens a step checks against its bad words of several
+        tokens (all but their last); 0: it has none."""
+        return max((len(ids) - 1 for ids in self.bad_word_ids), default=0)
+
+    @property
     def watches_sequences(self) -> bool:
-        """It has bad words of several tokens: each step checks what it generated last."""
-        return any(len(ids) > 1 for ids in self.bad_word_ids)
+        return self.watched_tokens > 0
 
 
 @dataclass(frozen=True, slots=True)
