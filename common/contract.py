@@ -43,6 +43,17 @@ MIN_P = "min_p"
 LOGIT_BIAS = "logit_bias"
 STOP_TOKEN_IDS = "stop_token_ids"
 BAD_WORDS = "bad_words"
+# `logprobs`, `prompt_logprobs`: log-probabilities in the result and the token events;
+# `prompt_token_ids`: a prompt given as token ids; `echo`, `return_token_ids`: the prompt's text,
+# or its and the generated tokens' ids, in the result; `add_special_tokens` false: a text prompt
+# encoded without them; `prompt_only`: max_new_tokens 0, the prompt read (and scored) alone.
+# A worker that ignored them would answer without what was asked, or fail the job obscurely.
+LOGPROBS = "logprobs"
+PROMPT_TOKEN_IDS = "prompt_token_ids"
+ECHO = "echo"
+RETURN_TOKEN_IDS = "return_token_ids"
+ADD_SPECIAL_TOKENS = "add_special_tokens"
+PROMPT_ONLY = "prompt_only"
 SUPPORTED_FEATURES: frozenset[str] = frozenset(
     {
         PREFIX_CACHE_SCOPE,
@@ -53,11 +64,19 @@ SUPPORTED_FEATURES: frozenset[str] = frozenset(
         LOGIT_BIAS,
         STOP_TOKEN_IDS,
         BAD_WORDS,
+        LOGPROBS,
+        PROMPT_TOKEN_IDS,
+        ECHO,
+        RETURN_TOKEN_IDS,
+        ADD_SPECIAL_TOKENS,
+        PROMPT_ONLY,
     }
 )
 
 
-def required_features(request: WorkRequest, cache_scope: str | None) -> list[str]:
+def required_features(
+    request: WorkRequest, cache_scope: str | None, max_new_tokens: int
+) -> list[str]:
     """The features a worker must implement to run this request as asked."""
     wanted = {
         PREFIX_CACHE_SCOPE: cache_scope is not None,
@@ -72,6 +91,12 @@ def required_features(request: WorkRequest, cache_scope: str | None) -> list[str
         LOGIT_BIAS: bool(request.logit_bias),
         STOP_TOKEN_IDS: bool(request.stop_token_ids),
         BAD_WORDS: bool(request.bad_words),
+        LOGPROBS: request.logprobs is not None or request.prompt_logprobs is not None,
+        PROMPT_TOKEN_IDS: request.prompt_token_ids is not None,
+        ECHO: request.echo,
+        RETURN_TOKEN_IDS: request.return_token_ids,
+        ADD_SPECIAL_TOKENS: not request.add_special_tokens,
+        PROMPT_ONLY: max_new_tokens == 0,
     }
     return [feature for feature, needed in wanted.items() if needed]
 
@@ -107,6 +132,7 @@ class WorkRequest(_Lenient):
     """The part of a validated generation request that a worker acts on."""
 
     prompt: str | None = None
+    prompt_token_ids: list[int] | None = None  # comes with `prompt_token_ids` in `requires`
     messages: list[WorkMessage] | None = None
     model: str | None = Field(None, description="The name the client asked for.")
     temperature: float = 1.0
@@ -123,6 +149,11 @@ class WorkRequest(_Lenient):
     logit_bias: dict[int, float] = Field(default_factory=dict)
     stop_token_ids: list[int] = Field(default_factory=list)
     bad_words: list[str] = Field(default_factory=list)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    echo: bool = False
+    return_token_ids: bool = False
+    add_special_tokens: bool = True
 
 
 class WorkItem(_Lenient):

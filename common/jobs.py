@@ -33,10 +33,45 @@ class Usage(BaseModel):
     )
 
 
+class Logprob(BaseModel):
+    id: int = Field(description="The token id.")
+    token: str = Field(description="Its text (a part of a character reads as U+FFFD).")
+    logprob: float = Field(
+        description="Its log-probability under the model: the raw log-softmax of the logits, "
+        "before penalties, biases and temperature (vLLM's default)."
+    )
+    bytes: list[int] | None = Field(
+        None,
+        description="Its UTF-8 bytes, where they are not `token`'s: a token holding part of a "
+        "character.",
+    )
+
+
+class TokenLogprob(Logprob):
+    top_logprobs: list[Logprob] = Field(
+        default_factory=list, description="The likeliest tokens at its position, best first."
+    )
+
+
 class JobResult(BaseModel):
     text: str
     finish_reason: FinishReason
     usage: Usage
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description="With `logprobs`: each generated token's, in order."
+    )
+    prompt_logprobs: list[TokenLogprob | None] | None = Field(
+        None,
+        description="With `prompt_logprobs`: each prompt token's, in order; the first is null "
+        "(nothing comes before it).",
+    )
+    prompt_text: str | None = Field(
+        None, description="With `echo`: the prompt as the model read it, decoded from its tokens."
+    )
+    prompt_token_ids: list[int] | None = Field(None, description="With `return_token_ids`.")
+    token_ids: list[int] | None = Field(
+        None, description="With `return_token_ids`: the generated tokens."
+    )
 
 
 class JobError(BaseModel):
@@ -105,3 +140,14 @@ class Job(BaseModel):
 class TokenEvent(BaseModel):
     index: int = Field(description="0-based position of this event among the job's token events.")
     text: str
+    tokens: int | None = Field(
+        None, description="Tokens generated so far, this event's included (continuous usage)."
+    )
+    prompt_tokens: int | None = Field(None, description="On the first event: the prompt's tokens.")
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description="With `logprobs`: those of the tokens this event's text came from."
+    )
+
+    def encoded(self) -> str:
+        """The stream entry's data: fields left unset take no room in Redis."""
+        return self.model_dump_json(exclude_none=True)

@@ -240,7 +240,7 @@ class JobStore:
             keys_ += [keys.job(job_id), keys.events(job_id)]
             args += [attempts[job_id], len(tokens[job_id])]
             for token in tokens[job_id]:
-                args += [token.index, token.model_dump_json()]
+                args += [token.index, token.encoded()]
         lost = await self._append(keys=keys_, args=args)
         return [ids[int(n) - 1] for n in lost]
 

@@ -11,6 +11,8 @@ from common.jobs import Job
 
 # No vocabulary comes near it; bounded so that an id always fits the queue's integers.
 TOKEN_ID_LIMIT = 2**31
+# The likeliest tokens a position's log-probabilities may list (OpenAI's and vLLM's 20).
+MAX_LOGPROBS = 20
 
 
 class Strict(BaseModel):
@@ -29,12 +31,25 @@ class GenerationRequest(Strict):
     """What a client asks for. Static bounds live here; the configurable limits in
     `services/validation.py`."""
 
-    prompt: str | None = Field(None, description="Raw prompt text; give this or `messages`.")
+    prompt: str | None = Field(
+        None, description="Raw prompt text; give this, `prompt_token_ids` or `messages`."
+    )
+    prompt_token_ids: list[Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]] | None = Field(
+        None, description="The prompt as the model's token ids, fed as they are.", min_length=1
+    )
     messages: list[ChatMessage] | None = Field(
         None, description="Chat turns; the model's chat template is applied by the worker."
     )
     model: str | None = Field(None, description="Served model name; unset means the default.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Tokens to generate at most; 0 reads the prompt alone (its tokens, "
+        "`prompt_logprobs`, `echo`).",
+    )
+    add_special_tokens: bool = Field(
+        True, description="Whether the tokenizer adds its special tokens (BOS) to `prompt`."
+    )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1000, description="0 turns top-k off.")
@@ -92,6 +107,25 @@ class GenerationRequest(Strict):
         default_factory=list,
         description="Words never generated, alone or inside the text (vLLM's).",
     )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Report each generated token's log-probability (the model's raw "
+        "log-softmax, before penalties and temperature) with this many likeliest tokens at its "
+        "position; in the result and in each token event.",
+    )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Report each prompt token's log-probability, with this many likeliest tokens "
+        "at its position (vLLM's prompt_logprobs).",
+    )
+    echo: bool = Field(False, description="The result holds the prompt's text (`prompt_text`).")
+    return_token_ids: bool = Field(
+        False, description="The result holds the prompt's and the generated tokens' ids."
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     priority: Literal["high", "normal", "low"] = "normal"
     webhook: AnyHttpUrl | None = Field(
@@ -100,8 +134,9 @@ class GenerationRequest(Strict):
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` or `messages`")
+        inputs = (self.prompt, self.prompt_token_ids, self.messages)
+        if sum(given is not None for given in inputs) != 1:
+            raise ValueError("give exactly one of `prompt`, `prompt_token_ids` or `messages`")
         if self.messages is not None and not self.messages:
             raise ValueError("`messages` must hold at least one message")
         if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:

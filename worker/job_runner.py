@@ -70,6 +70,8 @@ def sampling_params(item: WorkItem) -> SamplingParams:
         logit_bias=tuple(sorted(r.logit_bias.items())),
         stop_token_ids=tuple(r.stop_token_ids),
         bad_words=tuple(r.bad_words),
+        logprobs=r.logprobs,
+        prompt_logprobs=r.prompt_logprobs,
     )
 
 
@@ -224,7 +226,9 @@ class JobRunner:
             logger.exception("job %s failed on an internal error", job.id)
             error = JobError(code=ErrorCode.generation_failed, message=f"internal error: {e}")
             return await self._finish(job, error=error, load_s=load_s)
-        return await self._finish(job, outcome=outcome, load_s=load_s)
+        return await self._finish(
+            job, outcome=outcome, load_s=load_s, return_token_ids=item.request.return_token_ids
+        )
 
     async def _on_cancelled(self, job: Job) -> None:
         """arq cancelled the job function: the worker is stopping (the job goes back to the
@@ -257,7 +261,10 @@ class JobRunner:
         metrics.JOBS_HELD.labels(self.settings.pool).inc()
         params = sampling_params(item)
         scope = item.cache_scope or ""
-        engine.submit(EngineRequest(job.id, item.request, params, deadline, cache_scope=scope))
+        request = EngineRequest(
+            job.id, item.request, params, deadline, cache_scope=scope, echo=item.request.echo
+        )
+        engine.submit(request)
         try:
             if await _persist(self.store.cancel_requested, job.id):
                 engine.cancel(job.id)  # asked for while the job was being picked up
@@ -312,12 +319,19 @@ class JobRunner:
         tokens: dict[str, list[TokenEvent]] = {}
         for out in outputs:
             pending = self._pending.get(out.request_id)
-            if pending is None or not out.text:
+            if pending is None or not (out.text or out.logprobs):
                 continue
             index = pending.next_index
             pending.next_index += 1
             if index >= pending.skip:
-                tokens.setdefault(out.request_id, []).append(TokenEvent(index=index, text=out.text))
+                event = TokenEvent(
+                    index=index,
+                    text=out.text,
+                    tokens=out.tokens,
+                    prompt_tokens=out.prompt_tokens if index == 0 else None,
+                    logprobs=out.logprobs or None,
+                )
+                tokens.setdefault(out.request_id, []).append(event)
         if tokens:
             attempts = {job_id: self._pending[job_id].attempt for job_id in tokens}
             async for attempt in _while_redis_is_away():
@@ -347,10 +361,13 @@ class JobRunner:
         outcome: Generation | None = None,
         error: JobError | None = None,
         load_s: float = 0.0,
+        return_token_ids: bool = False,
     ) -> str:
         """Write the job's end, retrying while Redis is away. If it still cannot be written, the
         job goes back to the queue (arq's Retry) and a later attempt finishes it."""
-        final = self._final(job, outcome=outcome, error=error, load_s=load_s)
+        final = self._final(
+            job, outcome=outcome, error=error, load_s=load_s, return_token_ids=return_token_ids
+        )
         try:
             written = await _persist(self._write, final)
         except (RedisError, OSError) as e:
@@ -374,6 +391,7 @@ class JobRunner:
         outcome: Generation | None = None,
         error: JobError | None = None,
         load_s: float = 0.0,
+        return_token_ids: bool = False,
     ) -> Job:
         now = time.time()
         timings = Timings(total_s=now - job.created_at, model_load_s=load_s or None)
@@ -395,6 +413,11 @@ class JobRunner:
                     completion_tokens=outcome.completion_tokens,
                     cached_prompt_tokens=outcome.cached_prompt_tokens,
                 ),
+                logprobs=outcome.logprobs,
+                prompt_logprobs=outcome.prompt_logprobs,
+                prompt_text=outcome.prompt_text,
+                prompt_token_ids=outcome.prompt_ids if return_token_ids else None,
+                token_ids=outcome.token_ids if return_token_ids else None,
             )
         status = JobStatus.failed if error else JobStatus.succeeded
         if outcome is not None and outcome.finish_reason == "cancelled":

@@ -144,7 +144,7 @@ def _stage_job(
         model=route.model,
         cache_scope=cache_scope,
         # A worker that ignored these would do something else than asked: it must refuse.
-        requires=required_features(work, cache_scope),
+        requires=required_features(work, cache_scope, validated.max_new_tokens),
         request_id=logs.current().request_id,
         trace_context=tracing.inject(),
     )

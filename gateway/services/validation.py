@@ -54,6 +54,11 @@ def _check_limits(request: GenerationRequest, settings: Settings, webhooks: Webh
             f"prompt is {len(request.prompt)} characters; the limit is {s.max_prompt_chars} "
             "(GENQ_MAX_PROMPT_CHARS)"
         )
+    if request.prompt_token_ids is not None and len(request.prompt_token_ids) > s.max_prompt_chars:
+        raise LimitExceeded(
+            f"prompt_token_ids holds {len(request.prompt_token_ids)} tokens; the limit is "
+            f"{s.max_prompt_chars} (GENQ_MAX_PROMPT_CHARS bounds a prompt of token ids too)"
+        )
     if request.messages is not None:
         if len(request.messages) > s.max_messages:
             raise LimitExceeded(

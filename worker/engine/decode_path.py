@@ -22,7 +22,7 @@ from worker.engine.config import DecodeMode, EngineLimits
 from worker.engine.memory import MemoryMonitor
 from worker.engine.model import LoadedModel
 from worker.engine.prefix_cache import KV, PrefixCache, PrefixHit
-from worker.engine.rows import Row, Step
+from worker.engine.rows import Row, Step, score
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class DecodePath(ABC, Generic[B]):
         if admission.rows:
             for row in admission.rows:
                 row.started = time.perf_counter()
+            score(self.lm, admission.rows)
             prefill = self.prefill(admission.rows, admission.hits)
         cached = running.cached_tokens if running is not None else 0
         try:

@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from common.jobs import FinishReason
 from worker.engine.generation import (
     DetokenizationError,
+    Generation,
     GenerationError,
     NumericalError,
     RowOutput,
 )
+from worker.engine.logprobs import TokenTexts
 from worker.engine.rows import EOS, FAILED, Ending, Row, Step
 
 logger = logging.getLogger(__name__)
@@ -54,8 +56,11 @@ class Record:
 
 
 class Detokenizer:
-    def __init__(self, on_step: StepCallback, on_answered: Callable[[str], None]) -> None:
+    def __init__(
+        self, on_step: StepCallback, on_answered: Callable[[str], None], texts: TokenTexts
+    ) -> None:
         self.on_step = on_step
+        self.texts = texts  # the model's token texts, for log-probabilities
         self._on_answered = on_answered
         self._queue: queue.Queue[Record | None] = queue.Queue(maxsize=_STEPS_AHEAD)
         self._handed = 0  # records put
@@ -110,11 +115,18 @@ class Detokenizer:
 
     def _take_step(self, step: Step, outputs: list[RowOutput]) -> None:
         now = time.perf_counter()
-        for row, token, code in zip(step.rows, step.tokens, step.codes, strict=True):
+        logprobs = step.logprobs or [None] * len(step.rows)
+        for row, token, code, scores in zip(
+            step.rows, step.tokens, step.codes, logprobs, strict=True
+        ):
             if row.answered:
                 continue
             if row.first_token_s is None:
                 row.first_token_s = now - row.started
+            if scores is not None and not code & FAILED:
+                entry = self.texts.entry(scores)
+                row.logprobs.append(entry)
+                row.unsent_logprobs.append(entry)
             if code:
                 outputs.append(self._last_token(row, token, code))
                 continue
@@ -127,7 +139,19 @@ class Detokenizer:
             if row.stream.stopped:
                 outputs.append(self._end(row, "stop", text=text, early=True))
             elif text:
-                outputs.append(RowOutput(row.request_id, text))
+                outputs.append(self._output(row, text))
+
+    @staticmethod
+    def _output(row: Row, text: str, finished: Generation | None = None) -> RowOutput:
+        """The row's new `text`, with the log-probabilities of the tokens it came from."""
+        return RowOutput(
+            row.request_id,
+            text,
+            finished=finished,
+            tokens=len(row.token_ids),
+            prompt_tokens=len(row.prompt_ids),
+            logprobs=row.take_unsent_logprobs() if row.params.logprobs is not None else None,
+        )
 
     def _last_token(self, row: Row, token: int, code: int) -> RowOutput:
         """The output of a row the engine ended with this token (`Step.codes`)."""
@@ -167,4 +191,4 @@ class Detokenizer:
         if error is not None:
             return RowOutput(row.request_id, error=error)
         assert reason is not None, "a row ends with a reason or an error"
-        return RowOutput(row.request_id, text, finished=row.generation(reason))
+        return self._output(row, text, row.generation(reason, self.texts))

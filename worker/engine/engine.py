@@ -42,11 +42,12 @@ from worker.engine.generation import (
     is_device_error,
     with_bad_words,
 )
+from worker.engine.logprobs import TokenTexts
 from worker.engine.memory import MemoryMonitor
 from worker.engine.model import LoadedModel
 from worker.engine.paths import choose_path
 from worker.engine.prefix_cache import PrefixCache
-from worker.engine.rows import Ending, Row, Step, new_row
+from worker.engine.rows import Ending, Row, Step, new_row, score
 from worker.engine.sampling import SamplingParams
 from worker.engine.stats import StatsCallback, StepStats
 
@@ -65,6 +66,7 @@ class EngineRequest:
     params: SamplingParams
     deadline: float  # time.monotonic() past which the request fails with `job_timeout`
     cache_scope: str = ""  # the prefix-cache partition its prompt may match (an API key)
+    echo: bool = False  # its generation holds its prompt's text
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +137,10 @@ class Engine:
         self._fatal: str | None = None
         self._step_started: float | None = None
         self._stop = threading.Event()
-        self._text = Detokenizer(on_step, lambda request_id: self._inbox.put(_Answered(request_id)))
+        texts = TokenTexts(lm.tokenizer)
+        self._text = Detokenizer(
+            on_step, lambda request_id: self._inbox.put(_Answered(request_id)), texts
+        )
         self._thread = threading.Thread(target=self._run, name="genq-engine", daemon=True)
 
     def start(self) -> None:
@@ -316,6 +321,7 @@ class Engine:
         self.lm = lm
         self.prefix_cache.clear()  # keys and values of the old weights
         self._ready.swap(lm)
+        self._text.texts = TokenTexts(lm.tokenizer)
 
     def _intake(self, request: EngineRequest) -> None:
         # Open from here on: should anything below raise, the step's fault answers it.
@@ -329,7 +335,9 @@ class Engine:
         except GenerationError as e:
             self._end(request.id, error=e)
             return
-        row = new_row(self.lm, request.id, prompt_ids, params, request.cache_scope)
+        row = new_row(
+            self.lm, request.id, prompt_ids, params, request.cache_scope, echo=request.echo
+        )
         limit = self._ready.token_limit
         if row.reserved_tokens > limit.tokens:
             error = GenerationError(
@@ -339,9 +347,24 @@ class Engine:
             )
             self._end(request.id, error=error)
             return
-        row.queued_step = self._steps
         self._rows[request.id] = row
+        if not params.max_new_tokens:
+            self._read_prompt(row)
+            return
+        row.queued_step = self._steps
         self._waiting.append(row)
+
+    def _read_prompt(self, row: Row) -> None:
+        """A request for its prompt alone (max_new_tokens 0): scored if it asks, then answered
+        without joining the batch."""
+        try:
+            score(self.lm, [row])
+        except torch.OutOfMemoryError:
+            self.memory.release()
+            error = OutOfMemory("out of memory scoring this prompt; retry with a shorter one")
+            self._end(row.request_id, error=error)
+            return
+        self._end(row.request_id, "length")
 
     def _cancel(self, request_id: str) -> None:
         row = self._rows.get(request_id)

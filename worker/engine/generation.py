@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 
 from common.contract import ErrorCode
-from common.jobs import FinishReason
+from common.jobs import FinishReason, TokenLogprob
 from worker.engine.model import LoadedModel, vocab
 from worker.engine.sampling import SamplingParams
 
@@ -30,7 +30,14 @@ class PromptSource(Protocol):
     def prompt(self) -> str | None: ...
 
     @property
+    def prompt_token_ids(self) -> Sequence[int] | None: ...
+
+    @property
     def messages(self) -> Sequence[Message] | None: ...
+
+    @property
+    def add_special_tokens(self) -> bool:
+        """Whether the tokenizer adds its special tokens (BOS) to a text prompt."""
 
 
 class GenerationError(Exception):
@@ -109,6 +116,10 @@ class Generation:
     generation_s: float  # prefill and decode
     prefill_s: float | None  # the prefill pass, which yields the first token
     decode_s: float | None  # from the first token to the last
+    prompt_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # of prompt_ids, when asked for
+    prompt_text: str | None = None  # decoded from prompt_ids, when asked for (echo)
 
     @property
     def completion_tokens(self) -> int:
@@ -123,6 +134,10 @@ class RowOutput:
     text: str = ""
     finished: Generation | None = None
     error: GenerationError | None = None
+    tokens: int = 0  # generated so far
+    prompt_tokens: int = 0
+    # Of the tokens this output's text came from (and those whose text is held back, at the end).
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def ended(self) -> bool:
@@ -133,6 +148,15 @@ def build_prompt_ids(lm: LoadedModel, request: PromptSource) -> list[int]:
     """The prompt's token ids; a chat template or tokenizer that raises (a template's
     `raise_exception`, say) is an `InvalidPrompt` of this request alone."""
     tokenizer = lm.tokenizer
+    if request.prompt_token_ids is not None:
+        ids = list(request.prompt_token_ids)
+        size = vocab(lm)
+        bad = next((token for token in ids if not 0 <= token < size), None)
+        if bad is not None:
+            raise InvalidPrompt(
+                f"prompt token id {bad} is not one of {lm.name}'s (0 to {size - 1})"
+            )
+        return ids
     if request.messages is not None:
         if not tokenizer.chat_template:
             raise GenerationError(f"model {lm.name} has no chat template; send `prompt` instead")
@@ -146,7 +170,7 @@ def build_prompt_ids(lm: LoadedModel, request: PromptSource) -> list[int]:
             raise InvalidPrompt(f"the chat template of {lm.name} refused the messages: {e}") from e
         return _encode(lm, str(text), add_special_tokens=False)
     assert request.prompt is not None, "a request has messages or a prompt"
-    return _encode(lm, request.prompt, add_special_tokens=True)
+    return _encode(lm, request.prompt, add_special_tokens=request.add_special_tokens)
 
 
 def _encode(lm: LoadedModel, text: str, *, add_special_tokens: bool) -> list[int]:
@@ -177,10 +201,10 @@ def check_token_ids(lm: LoadedModel, params: SamplingParams) -> None:
     size = vocab(lm)
     named = [("logit_bias", token) for token, _ in params.logit_bias]
     named += [("stop_token_ids", token) for token in params.stop_token_ids]
-    for field, token in named:
+    for name, token in named:
         if not 0 <= token < size:
             raise GenerationError(
-                f"{field} names token id {token}; {lm.name} has token ids 0 to {size - 1}"
+                f"{name} names token id {token}; {lm.name} has token ids 0 to {size - 1}"
             )
 
 

@@ -9,13 +9,14 @@ and the static one (`static/batch.py`) both keep their rows in a `RowBook`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from common.jobs import FinishReason
+from common.jobs import FinishReason, TokenLogprob
 from worker.engine.compaction import compaction
 from worker.engine.generation import Generation, GenerationError
+from worker.engine.logprobs import TokenScores, TokenTexts, gather, log_softmax, score_prompt
 from worker.engine.model import LoadedModel
 from worker.engine.processors import process, stopped
 from worker.engine.sampling import Plan, Planner, SamplingParams, next_tokens
@@ -38,14 +39,20 @@ class Row:
     started: float = field(default_factory=time.perf_counter)
     cached_prompt_tokens: int = 0
     cache_scope: str = ""  # the prefix-cache partition of its prompt (an API key)
+    echo: bool = False  # its generation holds its prompt's text
     queued_step: int = 0  # the engine step at which it began waiting
     # The batch pass that prefilled it, and the cache columns it spanned after that pass.
     first_pass: int = 0
     first_span: int = 0
     # Its last generated tokens, kept while it has bad words of several tokens to watch for.
     recent: list[int] = field(default_factory=list)
-    # The text side's.
+    # Its prompt tokens' log-probabilities, when it asks for them (set before its prefill).
+    prompt_logprobs: list[TokenScores | None] | None = None
+    # The text side's: its tokens, and those tokens' log-probabilities when it asks for them,
+    # all and those not yet handed on with text.
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     first_token_s: float | None = None
     answered: bool = False
 
@@ -59,15 +66,26 @@ class Row:
         """Its cache span at batch pass count P is `origin + P`."""
         return self.first_span - self.first_pass
 
-    def generation(self, reason: FinishReason) -> Generation:
+    def take_unsent_logprobs(self) -> list[TokenLogprob]:
+        unsent, self.unsent_logprobs = self.unsent_logprobs, []
+        return unsent
+
+    def generation(self, reason: FinishReason, texts: TokenTexts) -> Generation:
         generation_s = time.perf_counter() - self.started
         first = self.first_token_s
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = [texts.entry(s) if s else None for s in self.prompt_logprobs]
         return Generation(
             text=self.stream.text,
             finish_reason=reason,
             prompt_tokens=len(self.prompt_ids),
             cached_prompt_tokens=self.cached_prompt_tokens,
             token_ids=self.token_ids,
+            prompt_ids=self.prompt_ids,
+            logprobs=self.logprobs if self.params.logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
+            prompt_text=texts.decode(self.prompt_ids) if self.echo else None,
             time_to_first_token_s=first,
             generation_s=generation_s,
             prefill_s=first,
@@ -81,6 +99,8 @@ def new_row(
     prompt_ids: list[int],
     params: SamplingParams,
     cache_scope: str = "",
+    *,
+    echo: bool = False,
 ) -> Row:
     return Row(
         request_id=request_id,
@@ -88,17 +108,28 @@ def new_row(
         params=params,
         stream=TextStream(lm.tokenizer, prompt_ids, list(params.stop), params.min_tokens),
         cache_scope=cache_scope,
+        echo=echo,
     )
+
+
+def score(lm: LoadedModel, rows: list[Row]) -> None:
+    """The prompt log-probabilities of the rows that ask for them."""
+    for row in rows:
+        top = row.params.prompt_logprobs
+        if top is not None and row.prompt_logprobs is None:
+            row.prompt_logprobs = score_prompt(lm.model, row.prompt_ids, top)
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
     """What one pass gave every row, in slot order: its token and why it ended (0: it runs on;
-    else LENGTH, EOS or FAILED flags)."""
+    else LENGTH, EOS or FAILED flags); where rows report log-probabilities, each row's (None for
+    the rows that do not)."""
 
     rows: tuple[Row, ...]
     tokens: list[int]
     codes: list[int]
+    logprobs: list[TokenScores | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,18 +192,43 @@ class RowBook:
 
     def _pick(
         self, logits: torch.Tensor, slots: SlotTensors, eos_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, list[list[int]]]:
-        """Every row's token, on the device, and its tokens and end codes on the host, in one
-        transfer."""
+    ) -> tuple[torch.Tensor, Step]:
+        """Every row's token, on the device, and the step as the host sees it: the tokens and
+        end codes come over in one transfer."""
         plan = self._sampling_plan()
         banned = self._bad_word_ends() if plan.watches_sequences else None
+        # Before the processors change the logits in place.
+        scores = log_softmax(self._reporting(logits, plan)) if plan.logprobs else None
         tokens, codes = pick_tokens(logits, slots, plan, eos_ids, banned)
         host: list[list[int]] = torch.stack((tokens, codes)).tolist()
         if plan.watches_sequences:
             for row, token in zip(self.rows, host[0], strict=True):
                 if watched := row.params.watched_tokens:
                     row.recent = [*row.recent, token][-watched:]
-        return tokens, host
+        logprobs = None
+        if scores is not None:
+            reported = gather(scores, self._reporting(tokens, plan), plan.top_logprobs)
+            logprobs = self._row_logprobs(reported)
+        return tokens, Step(tuple(self.rows), host[0], host[1], logprobs)
+
+    @staticmethod
+    def _reporting(values: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """The rows of `values` that report log-probabilities."""
+        return values if plan.logprob_rows is None else values[plan.logprob_rows]
+
+    def _row_logprobs(self, reported: list[TokenScores]) -> list[TokenScores | None]:
+        """`reported` (of the reporting rows, in order) as every row's, trimmed to the top
+        tokens each row asks for."""
+        entries = iter(reported)
+        out: list[TokenScores | None] = []
+        for row in self.rows:
+            top = row.params.logprobs
+            if top is None:
+                out.append(None)
+                continue
+            entry = next(entries)
+            out.append(entry if len(entry.top) == top else replace(entry, top=entry.top[:top]))
+        return out
 
     def _bad_word_ends(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows, tokens) this step may not pick: the last token of each bad word whose other

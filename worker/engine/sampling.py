@@ -52,6 +52,10 @@ class SamplingParams:
     # engine works out with the model's tokenizer at intake (`generation.with_bad_words`).
     bad_words: tuple[str, ...] = ()
     bad_word_ids: tuple[tuple[int, ...], ...] = ()
+    # Log-probabilities reported (vLLM's meanings): None: none; k: each generated (or prompt)
+    # token's, with the k likeliest tokens at its position.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -126,6 +130,11 @@ class Plan:
     # id (or 0 without any), and which are real.
     stop_ids: torch.Tensor | None = None
     stop_real: torch.Tensor | None = None
+    # Some row reports its tokens' log-probabilities: those rows (all rows: None), and the most
+    # top tokens any of them asks for.
+    logprobs: bool = False
+    logprob_rows: torch.Tensor | None = None
+    top_logprobs: int = 0
 
 
 class Planner:
@@ -136,6 +145,7 @@ class Planner:
         self._sampled = self._top_p = self._rank_all = self._min_tokens = self._min_p = 0
         self._penalized = self._biased = self._stop_ids = self._banned = self._watching = 0
         self._top_k: Counter[int] = Counter()
+        self._top_logprobs: Counter[int] = Counter()  # rows with logprobs, by top tokens asked
 
     def add(self, params: Iterable[SamplingParams], sign: int = 1) -> None:
         """Count rows in (`sign` 1) or out (-1)."""
@@ -146,6 +156,10 @@ class Planner:
             self._stop_ids += sign * bool(p.stop_token_ids)
             self._banned += sign * bool(p.banned_tokens)
             self._watching += sign * p.watches_sequences
+            if p.logprobs is not None:
+                self._top_logprobs[p.logprobs] += sign
+                if not self._top_logprobs[p.logprobs]:
+                    del self._top_logprobs[p.logprobs]
             if p.greedy:
                 continue
             self._sampled += sign
@@ -205,6 +219,12 @@ class Planner:
                 torch.tensor(banned_tokens, device=device),
             )
         fields["watches_sequences"] = self._watching > 0
+        if self._top_logprobs:
+            fields["logprobs"] = True
+            fields["top_logprobs"] = max(self._top_logprobs)
+            if self._top_logprobs.total() < len(params):
+                reporting = [i for i, p in enumerate(params) if p.logprobs is not None]
+                fields["logprob_rows"] = torch.tensor(reporting, device=device)
         if self._stop_ids:
             width = max(len(p.stop_token_ids) for p in params)
             ids = [list(p.stop_token_ids) or [0] for p in params]

@@ -158,13 +158,13 @@ class Batch(RowBook):
         """Pick every row's token from `logits` (B x vocab, fp32) and make it the next input;
         what the host learns of the step comes over in one transfer."""
         slots = self.slots
-        tokens, host = self._pick(logits, slots, eos_ids)
+        tokens, step = self._pick(logits, slots, eos_ids)
         slots.tick(tokens)
         self.input_ids = tokens.unsqueeze(1)
         self.mask.fill_columns(1, True)
         self._attention = None
         self.passes += 1
-        return Step(tuple(self.rows), host[0], host[1])
+        return step
 
     def filter(self, dropped: list[int]) -> Batch | None:
         """Drop the rows at indexes `dropped`: each hole below the new size takes a row from

@@ -138,16 +138,16 @@ class StaticBatch(RowBook):
         state, n = self.state, len(self.rows)
         slots = state.slots
         slots.rows = n
-        tokens, host = self._pick(logits, slots, eos_ids)
+        tokens, step = self._pick(logits, slots, eos_ids)
         slots.tick(tokens)
         state.tokens[:n] = tokens
         self.part = None
         self.passes += 1
-        if max(host[1]) >= FAILED:
+        if max(step.codes) >= FAILED:
             # Its scores were NaN or infinite: so may its keys and values be, which would poison
             # whoever takes the slot next (a masked column is still 0 x its value).
-            state.cache.zero([i for i, code in enumerate(host[1]) if code & FAILED])
-        return Step(tuple(self.rows), host[0], host[1])
+            state.cache.zero([i for i, code in enumerate(step.codes) if code & FAILED])
+        return step
 
     def filter(self, dropped: list[int]) -> StaticBatch | None:
         """Drop the rows at indexes `dropped`: each hole below the new size takes a row from
