@@ -36,9 +36,10 @@ class Usage(BaseModel):
 class Logprob(BaseModel):
     id: int = Field(description="The token id.")
     token: str = Field(description="Its text (a part of a character reads as U+FFFD).")
-    logprob: float = Field(
+    logprob: float | None = Field(
         description="Its log-probability under the model: the raw log-softmax of the logits, "
-        "before penalties, biases and temperature (vLLM's default)."
+        "before penalties, biases and temperature (vLLM's default); null for a prompt's first "
+        "token, which nothing comes before."
     )
     bytes: list[int] | None = Field(
         None,
@@ -60,10 +61,10 @@ class JobResult(BaseModel):
     logprobs: list[TokenLogprob] | None = Field(
         None, description="With `logprobs`: each generated token's, in order."
     )
-    prompt_logprobs: list[TokenLogprob | None] | None = Field(
+    prompt_logprobs: list[TokenLogprob] | None = Field(
         None,
-        description="With `prompt_logprobs`: each prompt token's, in order; the first is null "
-        "(nothing comes before it).",
+        description="With `prompt_logprobs`: each prompt token's, in order (the first without "
+        "a logprob: nothing comes before it).",
     )
     prompt_text: str | None = Field(
         None, description="With `echo`: the prompt as the model read it, decoded from its tokens."

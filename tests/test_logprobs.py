@@ -97,10 +97,10 @@ def test_prompt_logprobs_score_each_prompt_token_given_those_before_it(
     ids = build_prompt_ids(tiny_lm, GenerationRequest(prompt=PROMPTS[2]))
     assert len(done.token_ids) == max_new_tokens
     assert done.prompt_logprobs is not None
-    assert done.prompt_logprobs[0] is None
+    first = done.prompt_logprobs[0]
+    assert (first.id, first.logprob, first.top_logprobs) == (ids[0], None, [])
     expected = reference_logprobs(tiny_lm, ids)
     for i, entry in enumerate(done.prompt_logprobs[1:]):
-        assert entry is not None
         assert entry.id == ids[i + 1]
         assert entry.logprob == pytest.approx(expected[i, ids[i + 1]].item(), abs=1e-4)
         assert len(entry.top_logprobs) == 2

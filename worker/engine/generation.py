@@ -118,7 +118,7 @@ class Generation:
     decode_s: float | None  # from the first token to the last
     prompt_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # of token_ids, when asked for
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # of prompt_ids, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # of prompt_ids, when asked for
     prompt_text: str | None = None  # decoded from prompt_ids, when asked for (echo)
 
     @property

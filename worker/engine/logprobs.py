@@ -124,6 +124,11 @@ class TokenTexts:
             top_logprobs=[self._logprob(token, logprob) for token, logprob in scores.top],
         )
 
+    def unscored(self, token: int) -> TokenLogprob:
+        """A prompt's first token, which has no log-probability."""
+        text, raw = self.of(token)
+        return TokenLogprob(id=token, token=text, logprob=None, bytes=raw)
+
     def _logprob(self, token: int, logprob: float) -> Logprob:
         text, raw = self.of(token)
         return Logprob(id=token, token=text, logprob=logprob, bytes=raw)

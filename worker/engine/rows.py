@@ -75,7 +75,10 @@ class Row:
         first = self.first_token_s
         prompt_logprobs = None
         if self.prompt_logprobs is not None:
-            prompt_logprobs = [texts.entry(s) if s else None for s in self.prompt_logprobs]
+            prompt_logprobs = [
+                texts.entry(scores) if scores else texts.unscored(token)
+                for token, scores in zip(self.prompt_ids, self.prompt_logprobs, strict=True)
+            ]
         return Generation(
             text=self.stream.text,
             finish_reason=reason,
