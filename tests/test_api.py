@@ -175,7 +175,9 @@ def test_unknown_job_is_404_with_the_envelope(client: httpx.Client) -> None:
     [
         ({"prompt": "x", "colour": "blue"}, "colour"),
         ({"prompt": "x", "temperature": 5}, "temperature"),
-        ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompt": "x", "max_new_tokens": -1}, "max_new_tokens"),
+        ({"prompt_token_ids": []}, "prompt_token_ids"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({}, "exactly one of"),
         ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one of"),
         ({"messages": [{"role": "wizard", "content": "y"}]}, "role"),

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gateway.schemas import TOKEN_ID_LIMIT, Strict
+from gateway.schemas import MAX_LOGPROBS, TOKEN_ID_LIMIT, Strict
 
 FinishReason = Literal["stop", "length"]
+TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
 
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False, description="Every chunk carries its choice's usage so far (vLLM's)."
+    )
 
 
 class SamplingFields(Strict):
@@ -42,6 +46,9 @@ class SamplingFields(Strict):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="0 turns it off (vLLM).")
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]] | None = None
     bad_words: list[Annotated[str, Field(min_length=1, pattern=r"\S")]] | None = None
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Each prompt token's logprob (vLLM's)."
+    )
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -66,28 +73,79 @@ class SamplingFields(Strict):
             "logit_bias": self.logit_bias or {},
             "stop_token_ids": self.stop_token_ids or [],
             "bad_words": self.bad_words or [],
+            "prompt_logprobs": self.prompt_logprobs,
         }
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+
+Prompt = str | list[TokenId]
+
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        description="A prompt (text or token ids), or a list of them: one choice each (times "
+        "`n`), in order."
+    )
+    max_tokens: int | None = Field(
+        16, ge=0, description="OpenAI's default; 0 reads the prompt alone (with `echo`)."
+    )
+    echo: bool = Field(False, description="The prompt comes first in each choice's text.")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Each token's logprob with this many likeliest tokens (and the chosen one).",
+    )
+    add_special_tokens: bool = Field(True, description="Add the tokenizer's BOS (vLLM's).")
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError("send one prompt per request (a string, or a list of one string)")
+    def _some_prompt(
+        cls, prompt: str | list[str] | list[int] | list[list[int]]
+    ) -> str | list[str] | list[int] | list[list[int]]:
+        if isinstance(prompt, list) and (not prompt or any(p == [] for p in prompt)):
+            raise ValueError("a prompt list must hold at least one prompt, and none empty")
         return prompt
 
-    def generation(self) -> dict[str, object]:
-        """The native request this asks for, as fields to validate."""
-        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        return {"prompt": prompt, "max_new_tokens": self.max_tokens, **self.sampling()}
+    @model_validator(mode="after")
+    def _echo_whole(self) -> CompletionRequest:
+        if self.echo and self.stream:
+            raise ValueError("`echo` is served without `stream`: send stream=false")
+        return self
+
+    def prompts(self) -> list[Prompt]:
+        """The prompts, each a text or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]
+        return cast("list[Prompt]", prompt)
+
+    def generations(self) -> list[dict[str, object]]:
+        """The native requests this asks for, one per prompt, as fields to validate. Echoed
+        logprobs need the prompt's; a prompt of token ids is echoed as the worker decodes it."""
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            prompt_logprobs = max(self.logprobs, prompt_logprobs or 0)
+        common = {
+            **self.sampling(),
+            "max_new_tokens": self.max_tokens,
+            "logprobs": self.logprobs,
+            "prompt_logprobs": prompt_logprobs,
+            "add_special_tokens": self.add_special_tokens,
+        }
+        return [
+            {**common, "prompt": prompt}
+            if isinstance(prompt, str)
+            else {**common, "prompt_token_ids": prompt, "echo": self.echo}
+            for prompt in self.prompts()
+        ]
 
 
 class TextPart(Strict):
@@ -109,15 +167,27 @@ class ChatMessageIn(Strict):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="Each generated token's logprob.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="With `logprobs`: this many likeliest tokens."
+    )
 
-    def generation(self) -> dict[str, object]:
+    @model_validator(mode="after")
+    def _top_with_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
+        return self
+
+    def generations(self) -> list[dict[str, object]]:
         """The native request this asks for, as fields to validate."""
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in self.messages
         ]
         max_new_tokens = self.max_completion_tokens or self.max_tokens
-        return {"messages": messages, "max_new_tokens": max_new_tokens, **self.sampling()}
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        fields = {**self.sampling(), "messages": messages, "max_new_tokens": max_new_tokens}
+        return [{**fields, "logprobs": logprobs}]
 
 
 class PromptTokensDetails(BaseModel):
@@ -133,7 +203,6 @@ class OpenAIUsage(BaseModel):
 
 class _Choice(BaseModel):
     index: int = 0
-    logprobs: None = None
 
 
 class _Response(BaseModel):
@@ -142,9 +211,39 @@ class _Response(BaseModel):
     model: str
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    logprob: float | None
+    decoded_token: str
+
+
 class CompletionChoice(_Choice):
     text: str
     finish_reason: FinishReason | None
+    logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        None, description="vLLM's: per prompt token, it and its likeliest by token id."
+    )
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
 
 
 class Completion(_Response):
@@ -161,6 +260,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(_Choice):
     message: ChatMessageOut
     finish_reason: FinishReason
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(_Response):
@@ -179,6 +279,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(_Choice):
     delta: ChatDelta
     finish_reason: FinishReason | None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(_Response):

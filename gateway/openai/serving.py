@@ -28,7 +28,7 @@ from gateway.errors import (
     map_exception,
 )
 from gateway.openai.protocol import OpenAIRequest, OpenAIUsage
-from gateway.openai.responses import Answer, Shape, finish_reason, usage
+from gateway.openai.responses import Answer, Piece, Shape, counted, finish_reason, usage
 from gateway.schemas import GenerationRequest
 from gateway.services.jobs import JobService
 
@@ -46,9 +46,9 @@ def _error(code: str, message: str) -> ServerSentEvent:
     )
 
 
-def _generation(body: OpenAIRequest) -> GenerationRequest:
+def _generations(body: OpenAIRequest) -> list[GenerationRequest]:
     try:
-        return GenerationRequest.model_validate(body.generation())
+        return [GenerationRequest.model_validate(fields) for fields in body.generations()]
     except ValidationError as e:
         raise BadRequest(describe_validation(e)) from e
 
@@ -77,7 +77,7 @@ class OpenAIServing:
     ) -> tuple[Answer, Timings]:
         """The answer, and the timings of choice 0's job for `Server-Timing`."""
         jobs, results = await self._run(body, caller, idempotency_key, listener)
-        return shape.build(jobs[0], results), jobs[0].timings
+        return shape.build(jobs[0], body, results), jobs[0].timings
 
     async def stream(
         self,
@@ -89,9 +89,10 @@ class OpenAIServing:
     ) -> JobStream:
         """The answer as chunks, each of one choice (its `index`) as its job goes on, then
         `data: [DONE]` once every choice has ended; usage in a chunk of its own before that, when
-        the client asked for it. A failed choice ends the stream with an error chunk."""
+        the client asked for it, and in every chunk, the choice's so far, with
+        `continuous_usage_stats`. A failed choice ends the stream with an error chunk."""
         jobs = await self.jobs.submit_choices(
-            _generation(body), caller, body.n, idempotency_key=idempotency_key
+            _generations(body), caller, body.n, idempotency_key=idempotency_key
         )
         owner = caller.principal.id
         events = self.jobs.choice_events(jobs, listener)
@@ -107,15 +108,24 @@ class OpenAIServing:
         async def relay() -> AsyncIterator[ServerSentEvent]:
             results: dict[int, JobResult] = {}
             ended: set[str] = set()
+            sent = dict.fromkeys(range(len(jobs)), 0)  # characters, per choice
+            prompt_tokens: dict[str, int] = {}  # per job, from its first event
             try:
                 if shape.opening is not None:
                     for index in range(len(jobs)):
                         yield chunk(shape.opening(index))
                 async for job_id, event in events:
                     if event.type is EventType.token:
-                        text = TokenEvent.model_validate_json(event.data).text
+                        token = TokenEvent.model_validate_json(event.data)
+                        if token.prompt_tokens is not None:
+                            prompt_tokens[job_id] = token.prompt_tokens
+                        so_far = None
+                        if body.continuous_usage and token.tokens is not None:
+                            so_far = counted(prompt_tokens.get(job_id, 0), token.tokens)
                         for index in indexes[job_id]:
-                            yield chunk(shape.delta(index, text, None))
+                            piece = Piece(index, token.text, None, token.logprobs, sent[index])
+                            sent[index] += len(token.text)
+                            yield chunk(shape.delta(piece), so_far)
                         continue
                     ended.add(job_id)
                     final = decode_job(event)
@@ -125,13 +135,15 @@ class OpenAIServing:
                         yield _error(code, message)
                         yield ServerSentEvent(data=DONE)
                         return
+                    result = final.result
+                    so_far = usage([result], 1) if body.continuous_usage else None
                     for index in indexes[job_id]:
-                        results[index] = final.result
-                        yield chunk(shape.delta(index, "", finish_reason(final.result)))
+                        results[index] = result
+                        yield chunk(shape.delta(Piece(index, finish=finish_reason(result))), so_far)
                 if len(results) == len(jobs):
                     if body.include_usage:
                         ordered = [results[index] for index in range(len(jobs))]
-                        yield chunk(None, usage(ordered))
+                        yield chunk(None, usage(ordered, body.n))
                     yield ServerSentEvent(data=DONE)
             except (RedisError, ApiError) as e:
                 err = map_exception(e)
@@ -155,7 +167,7 @@ class OpenAIServing:
         listener: Redis,
     ) -> tuple[list[Job], list[JobResult]]:
         jobs = await self.jobs.submit_choices(
-            _generation(body), caller, body.n, idempotency_key=idempotency_key
+            _generations(body), caller, body.n, idempotency_key=idempotency_key
         )
         timeout_s = self.settings.max_sync_timeout_s
         jobs = await self.jobs.wait_all([job.id for job in jobs], timeout_s, listener)

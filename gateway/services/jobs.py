@@ -73,33 +73,40 @@ class JobService:
         """Queue a job, or answer with the job that already serves this request: the one an
         earlier request with the same Idempotency-Key created, or (for deterministic requests)
         an identical one of the same API key that is running or has finished (`cached: true`)."""
-        (job,) = await self.submit_choices(request, caller, 1, idempotency_key=idempotency_key)
+        (job,) = await self.submit_choices([request], caller, 1, idempotency_key=idempotency_key)
         return job
 
     async def submit_choices(
         self,
-        request: GenerationRequest,
+        requests: list[GenerationRequest],
         caller: Caller,
         n: int,
         *,
         idempotency_key: str | None = None,
     ) -> list[Job]:
-        """`submit` for a request of `n` choices (OpenAI's `n`), one job each, as vLLM's child
-        requests: choice i is seeded `seed + i`, or draws a seed of its own. All are counted
+        """`submit` for requests of `n` choices each (OpenAI's prompt list and `n`), one job per
+        choice, as vLLM's child requests: choice j of a request is seeded `seed + j`, or draws a
+        seed of its own; choice j of request i is choice i * n + j of the answer. All are counted
         against the caller's limits and queued together, or none is; each is served by an
         earlier job as `submit`'s request is, the Idempotency-Key naming each choice."""
         if n > self.settings.max_choices:
             raise LimitExceeded(
                 f"n={n} choices; the limit is {self.settings.max_choices} (GENQ_MAX_CHOICES)"
             )
-        validated = await self.validator.validate(request)
-        await self.limiter.count_requests(caller, n)
+        if len(requests) > self.settings.max_batch_requests:
+            raise LimitExceeded(
+                f"{len(requests)} prompts; the limit is {self.settings.max_batch_requests} "
+                "(GENQ_MAX_BATCH_REQUESTS)"
+            )
+        validated = [await self.validator.validate(request) for request in requests]
+        await self.limiter.count_requests(caller, n * len(requests))
         owner = caller.principal.id
         jobs: list[Job] = []
         new: list[tuple[Job, Validated]] = []
         reserved: list[tuple[Reservation, str]] = []
+        children = [child for each in validated for child in _choices(each, n)]
         try:
-            for choice, child in enumerate(_choices(validated, n)):
+            for choice, child in enumerate(children):
                 job = _new_job(child.route.model)
                 reservation = await self.dedup.reserve(
                     child, owner, idempotency_key, job.id, choice=choice
