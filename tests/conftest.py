@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from common.settings import Settings
+from common.settings import DEFAULT_MODEL_NAME, Settings
 from genq.redis_server import RedisServer, free_port
-from tests.procs import Proc, genq_env, start_gateway, start_worker
+from tests.procs import Proc, genq_env, running_stack, start_gateway, start_worker
 from tests.tiny_model import build_tiny_model
 from worker.engine.model import LoadedModel
-from worker.loading import load_model
+from worker.loading import converted_checkpoint, load_model
+from worker.model_fetch import ensure_default_model
 
 TINY_NAME = "tiny"
 TINY_KEY = f"{TINY_NAME}@1"  # the built-in registry serves GENQ_MODEL as version 1
@@ -91,3 +92,19 @@ def stack(stack_redis: RedisServer, tiny_model_dir: Path, log_dir: Path) -> Iter
     finally:
         for proc in procs:
             proc.stop()
+
+
+@pytest.fixture(scope="module")
+def default_stack(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[str]:
+    """A stack of its own serving the default model (SmolLM2-135M-Instruct); yields the gateway."""
+    data = tmp_path_factory.mktemp("e2e-redis")
+    with running_stack(data, log_dir, serve=DEFAULT_MODEL_NAME) as (_, base, _):
+        yield base
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint() -> Path:
+    """The default model as the transformers checkpoint its workers load (its GGUF file,
+    de-quantized once into the model cache), for clients that need its tokenizer or weights."""
+    cache_dir = Settings().model_cache_dir
+    return converted_checkpoint(ensure_default_model(cache_dir), cache_dir)

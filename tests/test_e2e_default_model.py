@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import orjson
-import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from common.settings import DEFAULT_MODEL_NAME, Settings
-from tests.procs import running_stack
 from tests.sse import read_stream, token_text
 from worker.model_fetch import default_model_path
 
 CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
-
-
-@pytest.fixture(scope="module")
-def default_stack(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[str]:
-    data = tmp_path_factory.mktemp("e2e-redis")
-    with running_stack(data, log_dir, serve=DEFAULT_MODEL_NAME) as (_, base, _):
-        yield base
 
 
 def test_greedy_chat_knows_the_capital_of_france(default_stack: str) -> None:
