@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.settings import DEFAULT_MODEL_NAME, Settings
 from tests.procs import running_stack
 from tests.sse import read_stream, token_text
+from worker.loading import converted_checkpoint
 from worker.model_fetch import default_model_path
 
 CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
@@ -79,3 +82,40 @@ def default_tokenizer() -> PreTrainedTokenizerBase:
         path.parent, gguf_file=path.name
     )
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def reference_model() -> Any:
+    """The default checkpoint in plain transformers, fp32 on the CPU."""
+    settings = Settings()
+    path = converted_checkpoint(
+        default_model_path(settings.model_cache_dir), settings.model_cache_dir
+    )
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_prompt_and_generated_logprobs_equal_transformers_log_softmax(
+    default_stack: str, reference_model: Any
+) -> None:
+    body = {
+        "prompt": "The capital of France is",
+        "temperature": 0,
+        "max_new_tokens": 8,
+        "logprobs": 5,
+        "prompt_logprobs": 5,
+        "return_token_ids": True,
+    }
+    job = httpx.post(f"{default_stack}/v1/generate", json=body, timeout=120).json()
+    result = job["result"]
+    ids = result["prompt_token_ids"] + result["token_ids"]
+    with torch.inference_mode():
+        logits = reference_model(input_ids=torch.tensor([ids])).logits[0]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    entries = result["prompt_logprobs"][1:] + result["logprobs"]
+    assert [entry["id"] for entry in entries] == ids[1:]
+    for position, entry in enumerate(entries):
+        assert entry["logprob"] == pytest.approx(expected[position, entry["id"]].item(), abs=1e-3)
+        best = expected[position].topk(5)
+        tops = entry["top_logprobs"]
+        assert [top["logprob"] for top in tops] == pytest.approx(best.values.tolist(), abs=1e-3)
+    assert " Paris" in "".join(entry["token"] for entry in result["logprobs"])
