@@ -81,7 +81,8 @@ def test_a_row_reports_the_same_logprobs_alone_as_in_a_batch(tiny_lm: LoadedMode
     crowd = [Job(f"b{i}", PROMPTS[i % 3], replace(params, seed=i)) for i in range(5)]
     batched = run(tiny_lm, [*crowd, Job("a", PROMPTS[2], params, at_step=1)]).done["a"]
     assert batched.token_ids == alone.token_ids
-    assert alone.logprobs is not None and batched.logprobs is not None
+    assert alone.logprobs is not None
+    assert batched.logprobs is not None
     for mine, theirs in zip(alone.logprobs, batched.logprobs, strict=True):
         assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)
         assert [t.id for t in mine.top_logprobs] == [t.id for t in theirs.top_logprobs]
