@@ -46,9 +46,10 @@ def _error(code: str, message: str) -> ServerSentEvent:
     )
 
 
-def _generation(body: OpenAIRequest) -> GenerationRequest:
+def native_request(fields: dict[str, object]) -> GenerationRequest:
+    """The native request of an OpenAI body's fields; one the native limits refuse is a 422."""
     try:
-        return GenerationRequest.model_validate(body.generation())
+        return GenerationRequest.model_validate(fields)
     except ValidationError as e:
         raise BadRequest(describe_validation(e)) from e
 
@@ -76,7 +77,8 @@ class OpenAIServing:
         listener: Redis,
     ) -> tuple[Answer, Timings]:
         """The answer, and the timings of choice 0's job for `Server-Timing`."""
-        jobs, results = await self._run(body, caller, idempotency_key, listener)
+        request = native_request(body.generation())
+        jobs, results = await self.run(request, body.n, caller, idempotency_key, listener)
         return shape.build(jobs[0], results), jobs[0].timings
 
     async def stream(
@@ -91,7 +93,7 @@ class OpenAIServing:
         `data: [DONE]` once every choice has ended; usage in a chunk of its own before that, when
         the client asked for it. A failed choice ends the stream with an error chunk."""
         jobs = await self.jobs.submit_choices(
-            _generation(body), caller, body.n, idempotency_key=idempotency_key
+            native_request(body.generation()), caller, body.n, idempotency_key=idempotency_key
         )
         owner = caller.principal.id
         events = self.jobs.choice_events(jobs, listener)
@@ -147,16 +149,18 @@ class OpenAIServing:
 
         return JobStream(jobs, relay())
 
-    async def _run(
+    async def run(
         self,
-        body: OpenAIRequest,
+        request: GenerationRequest,
+        n: int,
         caller: Caller,
         idempotency_key: str | None,
         listener: Redis,
     ) -> tuple[list[Job], list[JobResult]]:
-        jobs = await self.jobs.submit_choices(
-            _generation(body), caller, body.n, idempotency_key=idempotency_key
-        )
+        """The `n` choices' jobs once all have succeeded, and their results; a failed job, one
+        past GENQ_MAX_SYNC_TIMEOUT_S or a gateway shutting down is an error, and the jobs still
+        going are let go of."""
+        jobs = await self.jobs.submit_choices(request, caller, n, idempotency_key=idempotency_key)
         timeout_s = self.settings.max_sync_timeout_s
         jobs = await self.jobs.wait_all([job.id for job in jobs], timeout_s, listener)
         if going := [job.id for job in jobs if not job.status.finished]:
