@@ -76,6 +76,21 @@ def test_a_bad_word_is_kept_out_of_the_answer(default_stack: str) -> None:
     assert job["result"]["text"]
 
 
+def test_tokenize_and_detokenize_agree_with_the_models_tokenizer(default_stack: str) -> None:
+    tokenizer = default_tokenizer()
+    with httpx.Client(base_url=default_stack, timeout=120) as client:
+        chat = client.post("/tokenize", json=CAPITAL).json()
+        text = tokenizer.apply_chat_template(
+            CAPITAL["messages"], add_generation_prompt=True, tokenize=False
+        )
+        assert isinstance(text, str)
+        assert chat["tokens"] == tokenizer(text, add_special_tokens=False).input_ids
+        assert chat["count"] == len(chat["tokens"])
+        assert isinstance(chat["max_model_len"], int)
+        back = client.post("/detokenize", json={"tokens": chat["tokens"]}).json()
+        assert back == {"prompt": text}
+
+
 def default_tokenizer() -> PreTrainedTokenizerBase:
     path = default_model_path(Settings().model_cache_dir)
     tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
@@ -91,7 +106,8 @@ def reference_model() -> Any:
     path = converted_checkpoint(
         default_model_path(settings.model_cache_dir), settings.model_cache_dir
     )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
 
 
 def test_prompt_and_generated_logprobs_equal_transformers_log_softmax(
