@@ -58,6 +58,20 @@ def test_a_prompt_is_tokenized_as_the_models_tokenizer_encodes_it(
     assert bare.json()["tokens"] == tokenizer(TEXT, add_special_tokens=False).input_ids
 
 
+def test_a_prompt_past_the_context_window_or_of_no_tokens_is_counted_still(
+    http: httpx.Client, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    (card,) = http.get("/v1/models").json()["data"]
+    long = "the quick brown fox " * card["max_model_len"]
+    answer = http.post("/tokenize", json={"prompt": long, "add_special_tokens": False})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["count"] == len(tokenizer(long, add_special_tokens=False).input_ids)
+    assert answer.json()["count"] > card["max_model_len"]
+    empty = http.post("/tokenize", json={"prompt": "", "add_special_tokens": False})
+    assert empty.status_code == 200, empty.text
+    assert empty.json()["tokens"] == []
+
+
 def test_messages_are_tokenized_after_the_chat_template(
     http: httpx.Client, tokenizer: PreTrainedTokenizerFast
 ) -> None:
