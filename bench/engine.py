@@ -3,6 +3,7 @@
     python -m bench.engine [--json] [--model PATH_OR_HUB_ID]
     python -m bench.engine --overhead [--json]   # the engine's own cost: bench/engine_overhead.py
     python -m bench.engine --penalties [--json]  # rows with every penalty against plain rows
+    python -m bench.engine --logprobs [--json]   # rows reporting top_logprobs 5 against plain
     python -m bench.engine --shape NAME [--layers N] [--concurrency 1,16,64,256] [--json]
         [--paths static,eager] [--eager-concurrency 1,16,64] [--sequential 4] [--hf-batch 64]
         [--requests-per-row 4] [--variants] [--no-static-batch] [--tokenizer DIR]
@@ -36,7 +37,8 @@ Measured in one run:
 `--penalties` runs the loop at 16 in flight three times back to back: sampled rows (temperature
 0.8), the same rows with every penalty and bias (presence, frequency and repetition penalties,
 ten logit biases, min-p), and the plain rows again; penalties_ratio is the penalised rows'
-tokens/s over the mean of the plain rows'.
+tokens/s over the mean of the plain rows'. `--logprobs` does the same with rows that report
+each token's logprob and its 5 likeliest (top_logprobs 5): logprobs_ratio.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ def main() -> None:
     parser.add_argument(
         "--penalties", action="store_true", help="rows with every penalty against plain rows"
     )
+    parser.add_argument(
+        "--logprobs", action="store_true", help="rows reporting top_logprobs 5 against plain rows"
+    )
     parser.add_argument("--shape", choices=sorted(shapes.SHAPES), help="a real model's shape")
     parser.add_argument("--layers", type=int, default=None, help="--shape with fewer layers")
     parser.add_argument(
@@ -87,8 +92,8 @@ def main() -> None:
     if args.overhead:
         _overhead(args.json)
         return
-    if args.penalties:
-        _penalties(args.json, args.model)
+    if args.penalties or args.logprobs:
+        _feature_cost("penalties" if args.penalties else "logprobs", args.json, args.model)
         return
     if args.shape:
         lm = shapes.build(args.shape, Settings(), layers=args.layers, tokenizer_dir=args.tokenizer)
@@ -187,28 +192,34 @@ def shape_plan(args: argparse.Namespace, deadline: float = float("inf")) -> shap
     )
 
 
-def _penalties(as_json: bool, model: str | None) -> None:
+def _feature_cost(feature: str, as_json: bool, model: str | None) -> None:
+    """Rows with `feature` (every penalty and bias, or top_logprobs 5) at 16 in flight, between
+    two runs of the plain rows."""
     lm = load_model(Settings(model=model))
     items = workload(lm, 384)
     sampled = replace(PLAIN, temperature=0.8, seed=7)
-    penalized = replace(
-        sampled,
-        presence_penalty=0.5,
-        frequency_penalty=0.5,
-        repetition_penalty=1.1,
-        logit_bias=tuple((token, -2.0) for token in range(100, 110)),
-        min_p=0.05,
+    featured = (
+        replace(
+            sampled,
+            presence_penalty=0.5,
+            frequency_penalty=0.5,
+            repetition_penalty=1.1,
+            logit_bias=tuple((token, -2.0) for token in range(100, 110)),
+            min_p=0.05,
+        )
+        if feature == "penalties"
+        else replace(sampled, logprobs=5)
     )
     runs = {}
-    for name, params in (("plain", sampled), ("penalized", penalized), ("plain_again", sampled)):
+    for name, params in (("plain", sampled), (feature, featured), ("plain_again", sampled)):
         runs[name] = engine_closed_loop(lm, items, 16, total=128, params=params).steady_tok_s
         if not as_json:
             print(f"engine, 16 in flight, {name:12s} {runs[name]:8.1f} tok/s steady state")
-    ratio = runs["penalized"] / statistics.mean((runs["plain"], runs["plain_again"]))
+    ratio = runs[feature] / statistics.mean((runs["plain"], runs["plain_again"]))
     if as_json:
-        print(orjson.dumps({"tok_s": runs, "penalties_ratio": ratio}).decode())
+        print(orjson.dumps({"tok_s": runs, f"{feature}_ratio": ratio}).decode())
     else:
-        print(f"penalties_ratio {ratio:.3f} (target >= 0.9)")
+        print(f"{feature}_ratio {ratio:.3f} (target >= 0.9)")
 
 
 def _overhead(as_json: bool) -> None:

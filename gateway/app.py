@@ -18,6 +18,7 @@ from gateway.errors import install_error_handlers
 from gateway.metrics import MetricsMiddleware
 from gateway.middleware import AccessLogMiddleware
 from gateway.openai import router as openai
+from gateway.openai import tokenize
 from gateway.routes import admin, generate, health, jobs, models
 from gateway.security import (
     DeclaredBodyLimitMiddleware,
@@ -84,7 +85,7 @@ def create_app(settings: Settings, drain: Drain | None = None) -> FastAPI:
     app.add_middleware(HostCheckMiddleware, hosts=allowed_hosts(settings))
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(AccessLogMiddleware)
-    routers = (jobs, generate, openai, models, admin, health)
+    routers = (jobs, generate, openai, tokenize, models, admin, health)
     for router in (module.router for module in routers):
         # Counted as the bytes arrive: a chunked body over it is refused before it is read.
         # Per route, inside the middleware, so that the 413 goes through the error handlers.

@@ -19,6 +19,7 @@ from gateway.auth import Caller, KeyRing, NotAuthenticated, Scope, presented_key
 from gateway.drain import Drain
 from gateway.errors import Forbidden, Unauthorized
 from gateway.openai.serving import OpenAIServing
+from gateway.openai.tokenization import TokenizationServing
 from gateway.redisclient import Listeners, create_gateway_redis
 from gateway.services.admin import AdminService
 from gateway.services.events import EventReader
@@ -40,6 +41,7 @@ class Services:
     listing: ModelListing
     queue: QueueService
     openai: OpenAIServing
+    tokenization: TokenizationServing
     admin: AdminService
     reaper: Reaper
     keyring: KeyRing
@@ -57,6 +59,7 @@ class Services:
         reader = EventReader(store, listeners, drain)
         limiter = RateLimiter(redis, store, settings)
         jobs = JobService(redis, store, router, queue, settings, reader, limiter)
+        openai = OpenAIServing(jobs, drain)
         return cls(
             settings=settings,
             redis=redis,
@@ -66,7 +69,8 @@ class Services:
             router=router,
             listing=listing,
             queue=queue,
-            openai=OpenAIServing(jobs, drain),
+            openai=openai,
+            tokenization=TokenizationServing(openai, listing),
             admin=AdminService(redis, router, listing),
             reaper=Reaper(redis, store, settings.max_tries),
             keyring=keyring,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gateway.schemas import GenerationRequest
-from tests.engine_driver import PROMPTS, Job, greedy, run
+from tests.engine_driver import PROMPTS, Job, greedy, reference, run
 from worker.engine.config import DecodeConfig
 from worker.engine.generation import Generation, build_prompt_ids
 from worker.engine.logprobs import TokenTexts
@@ -88,12 +88,16 @@ def test_a_row_reports_the_same_logprobs_alone_as_in_a_batch(tiny_lm: LoadedMode
         assert [t.id for t in mine.top_logprobs] == [t.id for t in theirs.top_logprobs]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("max_new_tokens", [0, 3])
 def test_prompt_logprobs_score_each_prompt_token_given_those_before_it(
-    tiny_lm: LoadedModel, max_new_tokens: int
+    tiny_lm: LoadedModel, max_new_tokens: int, path: str
 ) -> None:
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, prompt_logprobs=2)
-    out = run(tiny_lm, [Job("p", PROMPTS[2], params)])
+    # Beside a running row: the scoring pass leaves the batch's cache alone.
+    neighbour = Job("n", PROMPTS[0], greedy(6))
+    out = run(tiny_lm, [neighbour, Job("p", PROMPTS[2], params, at_step=2)], decode=PATHS[path])
+    assert out.done["n"].token_ids == reference(tiny_lm, PROMPTS[0], 6)
     done = out.done["p"]
     ids = build_prompt_ids(tiny_lm, GenerationRequest(prompt=PROMPTS[2]))
     assert len(done.token_ids) == max_new_tokens

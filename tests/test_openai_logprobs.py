@@ -301,3 +301,14 @@ def test_native_max_new_tokens_0_reads_the_prompt_alone(
     assert (result["text"], result["token_ids"]) == ("", [])
     assert result["prompt_token_ids"] == prompt_ids(tiny_lm)
     assert result["usage"]["completion_tokens"] == 0
+
+
+def test_the_result_cache_tells_requests_apart_by_their_logprob_fields(http: httpx.Client) -> None:
+    plain = {"prompt": PROMPT, "max_new_tokens": 3, "temperature": 0}
+    first = http.post("/v1/generate", json=plain).json()
+    again = http.post("/v1/generate", json=plain).json()
+    assert (again["id"], again["cached"]) == (first["id"], True)
+    for extra in ({"logprobs": 1}, {"prompt_logprobs": 0}, {"echo": True}):
+        other = http.post("/v1/generate", json={**plain, **extra}).json()
+        assert other["id"] != first["id"]
+        assert not other["cached"]

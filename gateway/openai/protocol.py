@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from gateway.schemas import MAX_LOGPROBS, TOKEN_ID_LIMIT, Strict
 
@@ -164,6 +172,14 @@ class ChatMessageIn(Strict):
         return "".join(part.text for part in self.content)
 
 
+def native_messages(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
+    """The native request's `messages`: text content, a developer's turn as the system's."""
+    return [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in messages
+    ]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -180,11 +196,8 @@ class ChatCompletionRequest(SamplingFields):
 
     def generations(self) -> list[dict[str, object]]:
         """The native request this asks for, as fields to validate."""
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
         max_new_tokens = self.max_completion_tokens or self.max_tokens
+        messages = native_messages(self.messages)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         fields = {**self.sampling(), "messages": messages, "max_new_tokens": max_new_tokens}
         return [{**fields, "logprobs": logprobs}]
@@ -289,3 +302,92 @@ class ChatCompletionChunk(_Response):
 
 
 OpenAIRequest = CompletionRequest | ChatCompletionRequest
+
+
+# vLLM's tokenizer routes: `model` is optional there (unset: the default model), and each
+# field keeps vLLM's name and default.
+class TokenizeCompletionRequest(Strict):
+    model: str | None = Field(None, description="Served model name; unset means the default.")
+    prompt: str
+    add_special_tokens: bool = Field(
+        True, description="Whether the tokenizer adds its special tokens (BOS) to `prompt`."
+    )
+
+    def generation(self) -> dict[str, object]:
+        """The prompt fields of the native request this asks for."""
+        return {
+            "model": self.model,
+            "prompt": self.prompt,
+            "add_special_tokens": self.add_special_tokens,
+        }
+
+
+class TokenizeChatRequest(Strict):
+    model: str | None = Field(None, description="Served model name; unset means the default.")
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    add_generation_prompt: bool = Field(
+        True,
+        description="The chat template ends with the assistant's turn opened; the worker "
+        "applies it so for every request, so only `true` is taken.",
+    )
+    add_special_tokens: bool = Field(
+        False,
+        description="The chat template places the special tokens; the tokenizer adds none of "
+        "its own, so only `false` is taken.",
+    )
+
+    @field_validator("add_generation_prompt")
+    @classmethod
+    def _generation_prompt(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("only true is supported: the chat template is applied with it")
+        return value
+
+    @field_validator("add_special_tokens")
+    @classmethod
+    def _special_tokens(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "only false is supported with `messages`: the chat template places them"
+            )
+        return value
+
+    def generation(self) -> dict[str, object]:
+        """The prompt fields of the native request this asks for."""
+        return {"model": self.model, "messages": native_messages(self.messages)}
+
+
+def _tokenize_kind(body: Any) -> str:
+    # The body's shape picks the model, so that a 422 names the fields of that one alone.
+    if isinstance(body, dict):
+        return "chat" if "messages" in body else "completion"
+    return "chat" if isinstance(body, TokenizeChatRequest) else "completion"
+
+
+TokenizeRequest = Annotated[
+    Annotated[TokenizeCompletionRequest, Tag("completion")]
+    | Annotated[TokenizeChatRequest, Tag("chat")],
+    Discriminator(_tokenize_kind),
+]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None = Field(
+        description="Prompt and generated tokens a request may hold at most, as the workers "
+        "holding the model serve it; null until one has loaded it."
+    )
+    tokens: list[int]
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = Field(None, description="Served model name; unset means the default.")
+    tokens: list[Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]] = Field(min_length=1)
+
+    def generation(self) -> dict[str, object]:
+        """The prompt fields of the native request this asks for."""
+        return {"model": self.model, "prompt_token_ids": self.tokens, "echo": True}
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -46,9 +46,10 @@ def _error(code: str, message: str) -> ServerSentEvent:
     )
 
 
-def _generations(body: OpenAIRequest) -> list[GenerationRequest]:
+def native_requests(fields: list[dict[str, object]]) -> list[GenerationRequest]:
+    """The native requests of an OpenAI body's fields; one the native limits refuse is a 422."""
     try:
-        return [GenerationRequest.model_validate(fields) for fields in body.generations()]
+        return [GenerationRequest.model_validate(each) for each in fields]
     except ValidationError as e:
         raise BadRequest(describe_validation(e)) from e
 
@@ -76,7 +77,8 @@ class OpenAIServing:
         listener: Redis,
     ) -> tuple[Answer, Timings]:
         """The answer, and the timings of choice 0's job for `Server-Timing`."""
-        jobs, results = await self._run(body, caller, idempotency_key, listener)
+        requests = native_requests(body.generations())
+        jobs, results = await self.run(requests, body.n, caller, idempotency_key, listener)
         return shape.build(jobs[0], body, results), jobs[0].timings
 
     async def stream(
@@ -92,7 +94,7 @@ class OpenAIServing:
         the client asked for it, and in every chunk, the choice's so far, with
         `continuous_usage_stats`. A failed choice ends the stream with an error chunk."""
         jobs = await self.jobs.submit_choices(
-            _generations(body), caller, body.n, idempotency_key=idempotency_key
+            native_requests(body.generations()), caller, body.n, idempotency_key=idempotency_key
         )
         owner = caller.principal.id
         events = self.jobs.choice_events(jobs, listener)
@@ -159,16 +161,18 @@ class OpenAIServing:
 
         return JobStream(jobs, relay())
 
-    async def _run(
+    async def run(
         self,
-        body: OpenAIRequest,
+        requests: list[GenerationRequest],
+        n: int,
         caller: Caller,
         idempotency_key: str | None,
         listener: Redis,
     ) -> tuple[list[Job], list[JobResult]]:
-        jobs = await self.jobs.submit_choices(
-            _generations(body), caller, body.n, idempotency_key=idempotency_key
-        )
+        """The `n` choices of each request's jobs once all have succeeded, and their results; a
+        failed job, one past GENQ_MAX_SYNC_TIMEOUT_S or a gateway shutting down is an error, and
+        the jobs still going are let go of."""
+        jobs = await self.jobs.submit_choices(requests, caller, n, idempotency_key=idempotency_key)
         timeout_s = self.settings.max_sync_timeout_s
         jobs = await self.jobs.wait_all([job.id for job in jobs], timeout_s, listener)
         if going := [job.id for job in jobs if not job.status.finished]:

@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 
 from common import heartbeats
 from common.catalog import Catalog, ModelSpec
+from common.heartbeats import WorkerInfo
 from gateway.schemas import ModelCard, ModelList, ModelVersion, WorkerHolding
 from gateway.services.routing import ModelRouter
 
@@ -26,22 +27,23 @@ class ModelListing:
         (host names and pids) and why it failed to load, for operators."""
         catalog = await self.router.catalog()
         holdings: dict[str, list[WorkerHolding]] = {}
-        contexts: dict[str, int] = {}  # each version's smallest context window among its workers
-        for pool in sorted(catalog.pools()):
-            for worker in await heartbeats.live_workers(self.redis, pool):
-                for held in worker.models:
-                    if held.max_context is not None:
-                        known = contexts.get(held.key, held.max_context)
-                        contexts[held.key] = min(known, held.max_context)
-                    holdings.setdefault(held.key, []).append(
-                        WorkerHolding(
-                            worker=worker.id,
-                            state=held.state,
-                            reason=held.reason,
-                            decode=held.decode,
-                            decode_note=held.decode_note,
-                        )
+        workers = [
+            worker
+            for pool in sorted(catalog.pools())
+            for worker in await heartbeats.live_workers(self.redis, pool)
+        ]
+        contexts = _context_windows(workers)
+        for worker in workers:
+            for held in worker.models:
+                holdings.setdefault(held.key, []).append(
+                    WorkerHolding(
+                        worker=worker.id,
+                        state=held.state,
+                        reason=held.reason,
+                        decode=held.decode,
+                        decode_note=held.decode_note,
                     )
+                )
         cards = []
         for name in catalog.names():
             versions = [
@@ -71,6 +73,15 @@ class ModelListing:
             )
         return ModelList(data=cards)
 
+    async def max_model_len(self, key: str) -> int | None:
+        """The `max_model_len` of version `key` (name@version), as `models` lists it: None
+        until a live worker has loaded it."""
+        spec = (await self.router.catalog()).specs.get(key)
+        if spec is None:
+            return None
+        workers = await heartbeats.live_workers(self.redis, spec.pool)
+        return _context_windows(workers).get(key)
+
     def _version(
         self,
         catalog: Catalog,
@@ -96,3 +107,13 @@ class ModelListing:
             max_model_len=max_model_len,
             workers=held if details else None,
         )
+
+
+def _context_windows(workers: list[WorkerInfo]) -> dict[str, int]:
+    """Each version's smallest context window among the `workers` that have loaded it."""
+    contexts: dict[str, int] = {}
+    for worker in workers:
+        for held in worker.models:
+            if held.max_context is not None:
+                contexts[held.key] = min(contexts.get(held.key, held.max_context), held.max_context)
+    return contexts

@@ -327,11 +327,15 @@ class Engine:
         # Open from here on: should anything below raise, the step's fault answers it.
         self._open[request.id] = request.deadline
         heapq.heappush(self._deadlines, (request.deadline, request.id))
+        params = request.params
+        # A prompt read without a pass of the model (tokenized, echoed) fits any context.
+        passes = params.max_new_tokens > 0 or params.prompt_logprobs is not None
         try:
             prompt_ids = build_prompt_ids(self.lm, request.request)
-            check_context(self.lm, len(prompt_ids), request.params.max_new_tokens)
-            check_token_ids(self.lm, request.params)
-            params = with_bad_words(self.lm, request.params)
+            if passes:
+                check_context(self.lm, len(prompt_ids), params.max_new_tokens)
+            check_token_ids(self.lm, params)
+            params = with_bad_words(self.lm, params)
         except GenerationError as e:
             self._end(request.id, error=e)
             return
@@ -339,7 +343,7 @@ class Engine:
             self.lm, request.id, prompt_ids, params, request.cache_scope, echo=request.echo
         )
         limit = self._ready.token_limit
-        if row.reserved_tokens > limit.tokens:
+        if passes and row.reserved_tokens > limit.tokens:
             error = GenerationError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
                 f"({request.params.max_new_tokens}) exceed {limit.what} "
