@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -190,15 +191,30 @@ class Client(threading.Thread):
         tokens = [orjson.loads(e.data) for e in events if e.event == "token"]
         final = orjson.loads(closing[-1].data) if closing else {}
         text = "".join(t["text"] for t in tokens)
+        result = final.get("result")
         whole = (
             len(closing) == 1
             and [t["index"] for t in tokens] == list(range(len(tokens)))
-            and (final.get("result") is None or final["result"]["text"] == text)
+            and (result is None or result["text"] == text)
+            and (result is None or _pairs(result.get("logprobs")) == _streamed(tokens, result))
         )
         with self.seen.lock:
             if not whole or job_id in self.seen.finished:
                 self.seen.doubled.add(job_id)
             self.seen.finished[job_id] = final
+
+
+def _pairs(entries: list[dict[str, Any]] | None) -> list[tuple[int, float]] | None:
+    """(token id, logprob) of each entry of a result's or events' logprobs."""
+    return None if entries is None else [(e["id"], e["logprob"]) for e in entries]
+
+
+def _streamed(tokens: list[dict[str, Any]], result: dict[str, Any]) -> object:
+    """The logprobs the token events carried, where the result has some: the stream of a job
+    re-run after its worker died goes on with the same ones."""
+    if result.get("logprobs") is None:
+        return None
+    return _pairs([entry for token in tokens for entry in token.get("logprobs", [])])
 
 
 class Stack:

@@ -12,7 +12,13 @@ import pytest
 from bench.faults import FAULTS, Stack, run_fault
 from tests.conftest import TINY_NAME
 
-BODY: dict[str, object] = {"prompt": "Once", "max_new_tokens": 120, "temperature": 1.0}
+# With logprobs: a stream resumed over a re-run must carry the same ones as the result.
+BODY: dict[str, object] = {
+    "prompt": "Once",
+    "max_new_tokens": 120,
+    "temperature": 1.0,
+    "logprobs": 1,
+}
 # What the injection itself reports, for the faults that end a process.
 EXPECTED_NOTE = {
     "poisoned request among running jobs": "the poisoned job ended succeeded",
