@@ -54,6 +54,9 @@ ECHO = "echo"
 RETURN_TOKEN_IDS = "return_token_ids"
 ADD_SPECIAL_TOKENS = "add_special_tokens"
 PROMPT_ONLY = "prompt_only"
+# `grammar`: structured output, an llguidance grammar the tokens must follow; a worker that
+# ignored it would answer in free text.
+GRAMMAR = "grammar"
 SUPPORTED_FEATURES: frozenset[str] = frozenset(
     {
         PREFIX_CACHE_SCOPE,
@@ -70,6 +73,7 @@ SUPPORTED_FEATURES: frozenset[str] = frozenset(
         RETURN_TOKEN_IDS,
         ADD_SPECIAL_TOKENS,
         PROMPT_ONLY,
+        GRAMMAR,
     }
 )
 
@@ -97,6 +101,7 @@ def required_features(
         RETURN_TOKEN_IDS: request.return_token_ids,
         ADD_SPECIAL_TOKENS: not request.add_special_tokens,
         PROMPT_ONLY: max_new_tokens == 0,
+        GRAMMAR: request.grammar is not None,
     }
     return [feature for feature, needed in wanted.items() if needed]
 
@@ -154,6 +159,7 @@ class WorkRequest(_Lenient):
     echo: bool = False
     return_token_ids: bool = False
     add_special_tokens: bool = True
+    grammar: str | None = None  # llguidance's, checked by the gateway
 
 
 class WorkItem(_Lenient):

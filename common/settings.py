@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     max_stop_chars: int = Field(64, gt=0)
     max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries of a request.")
     max_bad_words: int = Field(16, ge=0, description="Most bad_words of a request.")
+    max_grammar_chars: int = Field(
+        65536,
+        ge=1,
+        description="Largest structured output of a request (its JSON schema, regex, choices or "
+        "grammar, as text).",
+    )
     max_queue_depth: int = Field(10_000, gt=0, description="Queued jobs per pool before 429.")
     sync_timeout_s: float = Field(60.0, gt=0, description="Default wait of POST /v1/generate.")
     max_sync_timeout_s: float = Field(300.0, gt=0)

@@ -63,6 +63,14 @@ class BadRequest(ApiError):
     rejection = "validation"
 
 
+class InvalidStructuredOutput(ApiError):
+    """A JSON schema, regex, choice or grammar the grammar library refuses."""
+
+    status_code = 400
+    code = "invalid_structured_output"
+    rejection = "validation"
+
+
 class InvalidRouting(ApiError):
     status_code = 422
     code = "invalid_routing"

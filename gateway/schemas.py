@@ -27,6 +27,36 @@ class ChatMessage(Strict):
     content: str
 
 
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs`: exactly one of them."""
+
+    # `json` names a BaseModel method: the field is `json_`, written `json` both ways.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, validate_by_name=True, serialize_by_alias=True
+    )
+
+    json_: dict[str, object] | str | None = Field(
+        None, alias="json", description="A JSON schema (an object, or its text) the answer follows."
+    )
+    regex: str | None = Field(None, description="A regular expression the answer matches.")
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="The answer is one of these strings.", min_length=1
+    )
+    grammar: str | None = Field(
+        None, description="A Lark grammar (llguidance's dialect) the answer follows."
+    )
+    json_object: bool | None = Field(None, description="`true`: the answer is a JSON object.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StructuredOutputs:
+        given = [self.json_, self.regex, self.choice, self.grammar, self.json_object or None]
+        if sum(kind is not None for kind in given) != 1:
+            raise ValueError(
+                "give exactly one of `json`, `regex`, `choice`, `grammar` or `json_object: true`"
+            )
+        return self
+
+
 class GenerationRequest(Strict):
     """What a client asks for. Static bounds live here; the configurable limits in
     `services/validation.py`."""
@@ -123,6 +153,11 @@ class GenerationRequest(Strict):
         "at its position (vLLM's prompt_logprobs).",
     )
     echo: bool = Field(False, description="The result holds the prompt's text (`prompt_text`).")
+    structured_outputs: StructuredOutputs | None = Field(
+        None,
+        description="Constrain the answer to a JSON schema, a regex, a choice of strings or a "
+        "grammar (vLLM's); it ends where they do.",
+    )
     return_token_ids: bool = Field(
         False, description="The result holds the prompt's and the generated tokens' ids."
     )

@@ -72,6 +72,7 @@ def sampling_params(item: WorkItem) -> SamplingParams:
         bad_words=tuple(r.bad_words),
         logprobs=r.logprobs,
         prompt_logprobs=r.prompt_logprobs,
+        grammar=r.grammar,
     )
 
 

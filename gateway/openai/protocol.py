@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.schemas import MAX_LOGPROBS, TOKEN_ID_LIMIT, Strict
+from gateway.schemas import MAX_LOGPROBS, TOKEN_ID_LIMIT, Strict, StructuredOutputs
 
 FinishReason = Literal["stop", "length"]
 TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
@@ -25,6 +25,38 @@ class StreamOptions(Strict):
     continuous_usage_stats: bool = Field(
         False, description="Every chunk carries its choice's usage so far (vLLM's)."
     )
+
+
+class JsonSchemaFormat(Strict):
+    # `schema` names a BaseModel method: the field is `schema_`, written `schema` both ways.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, validate_by_name=True, serialize_by_alias=True
+    )
+
+    name: str
+    schema_: dict[str, object] | None = Field(
+        None, alias="schema", description="The JSON schema; unset: any JSON object."
+    )
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("`json_schema` comes with, and only with, type `json_schema`")
+        return self
+
+    def structured(self) -> dict[str, object] | None:
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.json_schema is not None:
+            return {"json": self.json_schema.schema_ or {"type": "object"}}
+        return None
 
 
 class SamplingFields(Strict):
@@ -57,6 +89,39 @@ class SamplingFields(Strict):
     prompt_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="Each prompt token's logprob (vLLM's)."
     )
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's: a JSON schema, regex, choice or grammar the answer follows."
+    )
+    # vLLM's older spellings of `structured_outputs`.
+    guided_json: dict[str, object] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _one_structured_output(self) -> SamplingFields:
+        if len(self._structured()) > 1:
+            raise ValueError(
+                "give one of `response_format` (json), `structured_outputs` or a `guided_*` field"
+            )
+        return self
+
+    def _structured(self) -> list[dict[str, object]]:
+        """Every structured output the request names, as vLLM's `structured_outputs`."""
+        specs: list[dict[str, object]] = []
+        if self.structured_outputs is not None:
+            specs.append(self.structured_outputs.model_dump(exclude_none=True))
+        if self.response_format is not None and (spec := self.response_format.structured()):
+            specs.append(spec)
+        guided = {
+            "json": self.guided_json,
+            "regex": self.guided_regex,
+            "choice": self.guided_choice,
+            "grammar": self.guided_grammar,
+        }
+        specs += [{kind: value} for kind, value in guided.items() if value is not None]
+        return specs
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -82,6 +147,7 @@ class SamplingFields(Strict):
             "stop_token_ids": self.stop_token_ids or [],
             "bad_words": self.bad_words or [],
             "prompt_logprobs": self.prompt_logprobs,
+            "structured_outputs": next(iter(self._structured()), None),
         }
 
     @property

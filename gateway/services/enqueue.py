@@ -134,7 +134,9 @@ def _stage_job(
     item carries the request id and the trace context of the request being handled, for the
     worker's logs and spans."""
     request, route = validated.request, validated.route
-    work = WorkRequest.model_validate(request.model_dump(mode="json"))
+    work = WorkRequest.model_validate(
+        {**request.model_dump(mode="json"), "grammar": validated.grammar}
+    )
     item = WorkItem(
         job_id=job.id,
         request=work,

@@ -11,6 +11,7 @@ from common.webhooks import WebhookPolicy, WebhookRefused
 from gateway.errors import LimitExceeded
 from gateway.schemas import GenerationRequest
 from gateway.services.routing import ModelRouter, Route
+from gateway.services.structured import checked_grammar
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +19,7 @@ class Validated:
     request: GenerationRequest
     route: Route
     max_new_tokens: int  # the request's, or the default of the version serving it
+    grammar: str | None = None  # its structured output, as llguidance's checked grammar
 
 
 class RequestValidator:
@@ -31,10 +33,13 @@ class RequestValidator:
         is refused as such, whether its model exists or Redis answers. Then the model name is
         resolved, and the limits of the version serving it are checked."""
         _check_limits(request, self.settings, self.webhooks)
+        grammar = None
+        if request.structured_outputs is not None:
+            grammar = await checked_grammar(request.structured_outputs, self.settings)
         route = await self.router.resolve(request.model)
         max_new_tokens = _max_new_tokens(request, route.spec, self.settings)
         _check_model_limits(request, route.spec, max_new_tokens)
-        return Validated(request, route, max_new_tokens)
+        return Validated(request, route, max_new_tokens, grammar)
 
 
 def _max_new_tokens(request: GenerationRequest, spec: ModelSpec, settings: Settings) -> int:

@@ -34,7 +34,7 @@ from worker.engine.generation import (
     RowOutput,
 )
 from worker.engine.logprobs import TokenTexts
-from worker.engine.rows import EOS, FAILED, Ending, Row, Step
+from worker.engine.rows import COMPLETE, EOS, FAILED, Ending, Row, Step
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ class Detokenizer:
         """The output of a row the engine ended with this token (`Step.codes`)."""
         if code & FAILED:
             error = NumericalError(
-                "the model's next-token scores for this request are all NaN or -inf"
+                "the model's next-token scores for this request cannot be sampled: all NaN or "
+                "-inf, or none its grammar allows"
             )
             return self._end(row, error=error)
         row.token_ids.append(token)
@@ -167,7 +168,8 @@ class Detokenizer:
             text = row.stream.push(token)
         except DetokenizationError as e:
             return self._end(row, error=e)
-        return self._end(row, "stop" if row.stream.stopped else "length", text=text)
+        ended = row.stream.stopped or code & COMPLETE
+        return self._end(row, "stop" if ended else "length", text=text)
 
     def _end(
         self,

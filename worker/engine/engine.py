@@ -42,9 +42,10 @@ from worker.engine.generation import (
     is_device_error,
     with_bad_words,
 )
+from worker.engine.grammar import Grammars
 from worker.engine.logprobs import TokenTexts
 from worker.engine.memory import MemoryMonitor
-from worker.engine.model import LoadedModel
+from worker.engine.model import LoadedModel, vocab
 from worker.engine.paths import choose_path
 from worker.engine.prefix_cache import PrefixCache
 from worker.engine.rows import Ending, Row, Step, new_row, score
@@ -137,6 +138,7 @@ class Engine:
         self._fatal: str | None = None
         self._step_started: float | None = None
         self._stop = threading.Event()
+        self._grammars = Grammars(lm.tokenizer, vocab(lm))
         texts = TokenTexts(lm.tokenizer)
         self._text = Detokenizer(
             on_step, lambda request_id: self._inbox.put(_Answered(request_id)), texts
@@ -322,6 +324,7 @@ class Engine:
         self.prefix_cache.clear()  # keys and values of the old weights
         self._ready.swap(lm)
         self._text.texts = TokenTexts(lm.tokenizer)
+        self._grammars = Grammars(lm.tokenizer, vocab(lm))
 
     def _intake(self, request: EngineRequest) -> None:
         # Open from here on: should anything below raise, the step's fault answers it.
@@ -336,12 +339,14 @@ class Engine:
                 check_context(self.lm, len(prompt_ids), params.max_new_tokens)
             check_token_ids(self.lm, params)
             params = with_bad_words(self.lm, params)
+            matcher = self._grammars.matcher(params.grammar) if params.grammar else None
         except GenerationError as e:
             self._end(request.id, error=e)
             return
         row = new_row(
             self.lm, request.id, prompt_ids, params, request.cache_scope, echo=request.echo
         )
+        row.matcher = matcher
         limit = self._ready.token_limit
         if passes and row.reserved_tokens > limit.tokens:
             error = GenerationError(

@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
+from llguidance import LLMatcher
 
 from common.jobs import FinishReason, TokenLogprob
 from worker.engine.compaction import compaction
 from worker.engine.generation import Generation, GenerationError
+from worker.engine.grammar import Masks
 from worker.engine.logprobs import TokenScores, TokenTexts, gather, log_softmax, score_prompt
 from worker.engine.model import LoadedModel
 from worker.engine.processors import process, stopped
@@ -23,8 +25,9 @@ from worker.engine.sampling import Plan, Planner, SamplingParams, next_tokens
 from worker.engine.slots import SlotTensors
 from worker.engine.textstream import TextStream
 
-# Why a row ended in a step (`Step.codes`), as flags; a failed row's token means nothing.
-LENGTH, EOS, FAILED = 1, 2, 4
+# Why a row ended in a step (`Step.codes`), as flags; a failed row's token means nothing; a row
+# whose grammar is COMPLETE ends with its token, whose text counts (an end-of-sequence's does not).
+LENGTH, EOS, FAILED, COMPLETE = 1, 2, 4, 8
 
 
 @dataclass(eq=False)
@@ -48,6 +51,8 @@ class Row:
     recent: list[int] = field(default_factory=list)
     # Its prompt tokens' log-probabilities, when it asks for them (set before its prefill).
     prompt_logprobs: list[TokenScores | None] | None = None
+    # Where it follows a grammar: the matcher of its tokens so far (the engine thread's).
+    matcher: LLMatcher | None = None
     # The text side's: its tokens, and those tokens' log-probabilities when it asks for them,
     # all and those not yet handed on with text.
     token_ids: list[int] = field(default_factory=list)
@@ -126,8 +131,8 @@ def score(lm: LoadedModel, rows: list[Row]) -> None:
 @dataclass(frozen=True, slots=True)
 class Step:
     """What one pass gave every row, in slot order: its token and why it ended (0: it runs on;
-    else LENGTH, EOS or FAILED flags); where rows report log-probabilities, each row's (None for
-    the rows that do not)."""
+    else LENGTH, EOS, FAILED or COMPLETE flags); where rows report log-probabilities, each
+    row's (None for the rows that do not)."""
 
     rows: tuple[Row, ...]
     tokens: list[int]
@@ -159,6 +164,7 @@ class RowBook:
         self.planner = Planner()
         self.planner.add(row.params for row in rows)
         self._plan: Plan | None = None  # of the rows as they are; None: to work out
+        self.masks = Masks()  # the constrained rows' next masks
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -200,19 +206,40 @@ class RowBook:
         end codes come over in one transfer."""
         plan = self._sampling_plan()
         banned = self._bad_word_ends() if plan.watches_sequences else None
-        # Before the processors change the logits in place.
+        # Before the grammars and the processors change the logits in place.
         scores = log_softmax(self._reporting(logits, plan)) if plan.logprobs else None
+        if plan.constrained:
+            constrained, allowed = self.masks.take(self.rows, logits)
+            logits[constrained] = logits[constrained].masked_fill(~allowed, -torch.inf)
         tokens, codes = pick_tokens(logits, slots, plan, eos_ids, banned)
         host: list[list[int]] = torch.stack((tokens, codes)).tolist()
         if plan.watches_sequences:
             for row, token in zip(self.rows, host[0], strict=True):
                 if watched := row.params.watched_tokens:
                     row.recent = [*row.recent, token][-watched:]
+        if plan.constrained:
+            self._follow_grammars(host[0], host[1], logits.shape[1])
         logprobs = None
         if scores is not None:
             reported = gather(scores, self._reporting(tokens, plan), plan.top_logprobs)
             logprobs = self._row_logprobs(reported)
         return tokens, Step(tuple(self.rows), host[0], host[1], logprobs)
+
+    def _follow_grammars(self, tokens: list[int], codes: list[int], vocab: int) -> None:
+        """Each constrained row's matcher takes its token: a row whose grammar has ended ends
+        (as at end-of-sequence); the masks of the others' next tokens start at once."""
+        going = []
+        for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True)):
+            matcher = row.matcher
+            if matcher is None or codes[i] & FAILED:
+                continue
+            if not matcher.consume_token(token):
+                codes[i] |= FAILED
+            elif matcher.is_stopped():
+                codes[i] |= COMPLETE
+            elif not codes[i]:
+                going.append(row)
+        self.masks.ahead(going, vocab)
 
     @staticmethod
     def _reporting(values: torch.Tensor, plan: Plan) -> torch.Tensor:

@@ -56,6 +56,8 @@ class SamplingParams:
     # token's, with the k likeliest tokens at its position.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Structured output: the llguidance grammar its tokens must follow (`grammar.py`).
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -135,6 +137,7 @@ class Plan:
     logprobs: bool = False
     logprob_rows: torch.Tensor | None = None
     top_logprobs: int = 0
+    constrained: bool = False  # some row follows a grammar
 
 
 class Planner:
@@ -146,6 +149,7 @@ class Planner:
         self._penalized = self._biased = self._stop_ids = self._banned = self._watching = 0
         self._top_k: Counter[int] = Counter()
         self._top_logprobs: Counter[int] = Counter()  # rows with logprobs, by top tokens asked
+        self._constrained = 0
 
     def add(self, params: Iterable[SamplingParams], sign: int = 1) -> None:
         """Count rows in (`sign` 1) or out (-1)."""
@@ -156,6 +160,7 @@ class Planner:
             self._stop_ids += sign * bool(p.stop_token_ids)
             self._banned += sign * bool(p.banned_tokens)
             self._watching += sign * p.watches_sequences
+            self._constrained += sign * (p.grammar is not None)
             if p.logprobs is not None:
                 self._top_logprobs[p.logprobs] += sign
                 if not self._top_logprobs[p.logprobs]:
@@ -219,6 +224,7 @@ class Planner:
                 torch.tensor(banned_tokens, device=device),
             )
         fields["watches_sequences"] = self._watching > 0
+        fields["constrained"] = self._constrained > 0
         if self._top_logprobs:
             fields["logprobs"] = True
             fields["top_logprobs"] = max(self._top_logprobs)

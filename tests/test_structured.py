@@ -1,0 +1,125 @@
+"""Structured output in the engine: rows constrained by llguidance grammars sample only what their
+grammar allows, end where it ends, on both decode paths, and leave their neighbours alone."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+
+import jsonschema
+import pytest
+from llguidance import LLMatcher
+
+from gateway.schemas import StructuredOutputs
+from gateway.services.structured import grammar_text
+from tests.engine_driver import PROMPTS, Job, greedy, reference, run
+from worker.engine.config import DecodeConfig
+from worker.engine.model import LoadedModel
+
+PATHS = {"eager": DecodeConfig(static="off"), "static": DecodeConfig(static="on")}
+
+SCHEMAS: list[dict[str, object]] = [
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "kind": {"enum": ["cat", "dog", "fish"]},
+        },
+        "required": ["name", "age", "kind"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 9}},
+                    "required": ["id"],
+                    "additionalProperties": False,
+                },
+                "minItems": 1,
+                "maxItems": 3,
+            },
+            "ok": {"type": "boolean"},
+        },
+        "required": ["items", "ok"],
+        "additionalProperties": False,
+    },
+]
+
+
+def grammar(**spec: object) -> str:
+    return grammar_text(StructuredOutputs.model_validate(spec))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_sampled_answer_follows_its_schema_and_ends_with_it(
+    tiny_lm: LoadedModel, path: str
+) -> None:
+    sampled = replace(greedy(120), temperature=0.8)
+    jobs = [
+        Job(
+            f"{s}-{seed}",
+            PROMPTS[seed % 3],
+            replace(sampled, seed=seed, grammar=grammar(json=schema)),
+        )
+        for s, schema in enumerate(SCHEMAS)
+        for seed in range(6)
+    ]
+    out = run(tiny_lm, jobs, decode=PATHS[path])
+    assert not out.errors
+    for job in jobs:
+        done = out.done[job.id]
+        assert done.finish_reason == "stop", (job.id, done.text)
+        jsonschema.validate(json.loads(done.text), SCHEMAS[int(job.id.split("-")[0])])
+
+
+def test_regex_and_choice_answers_match_and_a_free_neighbour_is_untouched(
+    tiny_lm: LoadedModel,
+) -> None:
+    sampled = replace(greedy(30), temperature=1.0)
+    pattern = r"(cat|dog)s? [0-9]{2}"
+    choices = ["red", "green", "light blue"]
+    jobs = [
+        Job(f"re{i}", PROMPTS[i % 3], replace(sampled, seed=i, grammar=grammar(regex=pattern)))
+        for i in range(4)
+    ]
+    jobs += [
+        Job(f"ch{i}", PROMPTS[i % 3], replace(sampled, seed=i, grammar=grammar(choice=choices)))
+        for i in range(4)
+    ]
+    jobs.append(Job("free", PROMPTS[1], greedy(12)))
+    out = run(tiny_lm, jobs)
+    for i in range(4):
+        assert re.fullmatch(pattern, out.done[f"re{i}"].text)
+        assert out.done[f"ch{i}"].text in choices
+    assert out.done["free"].token_ids == reference(tiny_lm, PROMPTS[1], 12)
+
+
+def test_a_seeded_constrained_row_samples_the_same_alone_as_in_a_batch(
+    tiny_lm: LoadedModel,
+) -> None:
+    params = replace(greedy(80), temperature=0.9, seed=21, grammar=grammar(json=SCHEMAS[0]))
+    alone = run(tiny_lm, [Job("a", PROMPTS[2], params)]).done["a"]
+    crowd = [
+        Job(f"b{i}", PROMPTS[i % 3], replace(params, seed=i, grammar=grammar(json=SCHEMAS[1])))
+        for i in range(4)
+    ]
+    crowd.append(Job("free", PROMPTS[0], greedy(20)))
+    batched = run(tiny_lm, [*crowd, Job("a", PROMPTS[2], params, at_step=3)]).done["a"]
+    assert batched.token_ids == alone.token_ids
+
+
+def test_a_grammar_the_library_refuses_fails_its_own_request_only(tiny_lm: LoadedModel) -> None:
+    broken = LLMatcher.grammar_from_lark("start: undefined_rule")
+    jobs = [
+        Job("bad", PROMPTS[0], replace(greedy(5), grammar=broken)),
+        Job("ok", PROMPTS[1], greedy(5)),
+    ]
+    out = run(tiny_lm, jobs)
+    assert "grammar" in str(out.errors["bad"])
+    assert out.done["ok"].token_ids == reference(tiny_lm, PROMPTS[1], 5)
