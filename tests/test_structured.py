@@ -1,18 +1,23 @@
-"""Structured output in the engine: rows constrained by llguidance grammars sample only what their
-grammar allows, end where it ends, on both decode paths, and leave their neighbours alone."""
+"""Structured output: in the engine, rows constrained by llguidance grammars sample only what
+their grammar allows, end where it ends, on both decode paths, and leave their neighbours alone;
+through the API, every spelling of it constrains the answer, and what the library refuses is a
+400 naming the problem."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import replace
 
+import httpx
 import jsonschema
 import pytest
 from llguidance import LLMatcher
 
 from gateway.schemas import StructuredOutputs
 from gateway.services.structured import grammar_text
+from tests.conftest import TINY_NAME, Stack
 from tests.engine_driver import PROMPTS, Job, greedy, reference, run
 from worker.engine.config import DecodeConfig
 from worker.engine.model import LoadedModel
@@ -123,3 +128,101 @@ def test_a_grammar_the_library_refuses_fails_its_own_request_only(tiny_lm: Loade
     out = run(tiny_lm, jobs)
     assert "grammar" in str(out.errors["bad"])
     assert out.done["ok"].token_ids == reference(tiny_lm, PROMPTS[1], 5)
+
+
+@pytest.fixture
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.base, timeout=60) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ({"json": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}, "nonsense"),
+        ({"json": '{"type": "object"'}, "json"),
+        ({"regex": "(unclosed"}, "structured_outputs"),
+        ({"grammar": "start: undefined_rule"}, "undefined_rule"),
+    ],
+)
+def test_a_schema_or_grammar_the_library_refuses_is_a_400_naming_the_problem(
+    http: httpx.Client, spec: dict[str, object], named: str
+) -> None:
+    native = http.post("/v1/jobs", json={"prompt": "x", "structured_outputs": spec})
+    assert native.status_code == 400, native.text
+    assert native.json()["error"]["code"] == "invalid_structured_output"
+    assert named in native.json()["error"]["message"]
+    chat = http.post(
+        "/v1/chat/completions",
+        json={
+            "model": TINY_NAME,
+            "messages": [{"role": "user", "content": "x"}],
+            "structured_outputs": spec,
+        },
+    )
+    assert chat.status_code == 400, chat.text
+    assert named in chat.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one of"),
+        ({"structured_outputs": {}}, "exactly one of"),
+        ({"structured_outputs": {"choice": []}}, "choice"),
+        ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_"),
+        ({"response_format": {"type": "json_schema"}}, "json_schema"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+    ],
+)
+def test_conflicting_or_malformed_structured_outputs_are_a_422_naming_them(
+    http: httpx.Client, body: dict[str, object], named: str
+) -> None:
+    answer = http.post(
+        "/v1/chat/completions",
+        json={"model": TINY_NAME, "messages": [{"role": "user", "content": "x"}], **body},
+    )
+    assert answer.status_code == 422, answer.text
+    assert named in answer.text
+
+
+def test_a_structured_output_past_its_limit_is_refused_naming_the_setting(
+    http: httpx.Client,
+) -> None:
+    huge = {"choice": [f"option {i} " * 20 for i in range(1000)]}
+    answer = http.post("/v1/jobs", json={"prompt": "x", "structured_outputs": huge})
+    assert answer.status_code == 422, answer.text
+    assert "GENQ_MAX_GRAMMAR_CHARS" in answer.json()["error"]["message"]
+
+
+def test_openai_spellings_constrain_the_answer(http: httpx.Client) -> None:
+    def chat(**fields: object) -> dict[str, object]:
+        body = {
+            "model": TINY_NAME,
+            "messages": [{"role": "user", "content": "Pick one"}],
+            "max_tokens": 60,
+            "temperature": 0.7,
+            "seed": 3,
+            **fields,
+        }
+        answer = http.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        return choice["message"]["content"]  # type: ignore[no-any-return]
+
+    assert chat(guided_choice=["yes", "no"]) in ("yes", "no")
+    assert re.fullmatch("[a-c]{3}", chat(guided_regex="[a-c]{3}"))
+    schema = {"name": "pet", "schema": SCHEMAS[0], "strict": True}
+    pet = json.loads(chat(response_format={"type": "json_schema", "json_schema": schema}))
+    jsonschema.validate(pet, SCHEMAS[0])
+    completion = http.post(
+        "/v1/completions",
+        json={
+            "model": TINY_NAME,
+            "prompt": "x",
+            "max_tokens": 20,
+            "structured_outputs": {"regex": "[0-9]{4}"},
+        },
+    )
+    assert re.fullmatch("[0-9]{4}", completion.json()["choices"][0]["text"])
