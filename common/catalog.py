@@ -73,6 +73,12 @@ class ModelSpec(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, description="Upper bound of max_new_tokens.")
     default_max_new_tokens: int | None = Field(None, ge=1)
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    tool_call_parser: Literal["hermes"] | None = Field(
+        "hermes",
+        description="How the OpenAI chat route reads tool calls out of an answer with "
+        '`tool_choice: "auto"`: "hermes" (`<tool_call>{json}</tool_call>`: Hermes, Qwen, '
+        "SmolLM2); null: it does not, and such answers are text.",
+    )
 
     @property
     def key(self) -> str:

@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 WORK_ITEM_VERSION = 1
 
@@ -57,6 +57,9 @@ PROMPT_ONLY = "prompt_only"
 # `grammar`: structured output, an llguidance grammar the tokens must follow; a worker that
 # ignored it would answer in free text.
 GRAMMAR = "grammar"
+# `tools`: function tools, tool calls of assistant messages and `role: tool` answers, rendered by
+# the chat template; a worker that ignored them would leave them out of the prompt.
+TOOLS = "tools"
 SUPPORTED_FEATURES: frozenset[str] = frozenset(
     {
         PREFIX_CACHE_SCOPE,
@@ -74,6 +77,7 @@ SUPPORTED_FEATURES: frozenset[str] = frozenset(
         ADD_SPECIAL_TOKENS,
         PROMPT_ONLY,
         GRAMMAR,
+        TOOLS,
     }
 )
 
@@ -102,6 +106,8 @@ def required_features(
         ADD_SPECIAL_TOKENS: not request.add_special_tokens,
         PROMPT_ONLY: max_new_tokens == 0,
         GRAMMAR: request.grammar is not None,
+        TOOLS: bool(request.tools)
+        or any(m.tool_calls or m.tool_call_id is not None for m in request.messages or []),
     }
     return [feature for feature, needed in wanted.items() if needed]
 
@@ -128,9 +134,42 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class WorkFunction(_Lenient):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class WorkTool(_Lenient):
+    """A function the model may call, as OpenAI describes one (`type` is always "function")."""
+
+    type: str = "function"
+    function: WorkFunction
+
+
+class WorkFunctionCall(_Lenient):
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class WorkToolCall(_Lenient):
+    id: str
+    type: str = "function"
+    function: WorkFunctionCall
+
+
 class WorkMessage(_Lenient):
     role: str
-    content: str
+    content: str = ""
+    # Each comes with `tools` in `requires`.
+    tool_calls: list[WorkToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a `tool` message's: the call it answers
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _no_content(cls, content: object) -> object:
+        # An assistant's turn of tool calls alone has no content; templates take "" for it.
+        return "" if content is None else content
 
 
 class WorkRequest(_Lenient):
@@ -160,6 +199,7 @@ class WorkRequest(_Lenient):
     return_token_ids: bool = False
     add_special_tokens: bool = True
     grammar: str | None = None  # llguidance's, checked by the gateway
+    tools: list[WorkTool] | None = None  # comes with `tools` in `requires`
 
 
 class WorkItem(_Lenient):

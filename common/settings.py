@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted (413).")
     max_prompt_chars: int = Field(32_000, gt=0)
     max_messages: int = Field(256, gt=0)
+    max_tools: int = Field(128, ge=0, description="Most function tools of a request.")
     max_new_tokens_limit: int = Field(2048, gt=0, description="Upper bound of max_new_tokens.")
     default_max_new_tokens: int = Field(128, gt=0)
     max_stop_sequences: int = Field(4, ge=0)

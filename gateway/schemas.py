@@ -22,9 +22,63 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# OpenAI's rule for a function's name.
+TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=TOOL_NAME_PATTERN, description="Letters, digits, _ and -; 1 to 64.")
+    description: str | None = None
+    parameters: dict[str, object] | None = Field(
+        None, description="The JSON schema of its arguments; unset: none."
+    )
+    strict: bool | None = Field(
+        None, description="Accepted; calls forced by `tool_choice` follow the schema anyway."
+    )
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionCall(Strict):
+    name: str
+    arguments: str = Field(description="The arguments, as a JSON object's text.")
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = Field(
+        None, description="Unset only in an assistant's turn of `tool_calls` alone."
+    )
+    tool_calls: list[ToolCall] | None = Field(
+        None, description="An assistant's: the calls it made (OpenAI's shape)."
+    )
+    tool_call_id: str | None = Field(None, description="A `tool` message's: the call it answers.")
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant's message holds `tool_calls`")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a `tool` message, and only one, names the `tool_call_id` it answers")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("`content` may be left out only by an assistant's `tool_calls`")
+        return self
+
+    def chars(self) -> int:
+        """Its text, the tool calls' names and arguments included."""
+        calls = self.tool_calls or []
+        return len(self.content or "") + sum(
+            len(c.function.name) + len(c.function.arguments) for c in calls
+        )
 
 
 class StructuredOutputs(Strict):
@@ -69,6 +123,11 @@ class GenerationRequest(Strict):
     )
     messages: list[ChatMessage] | None = Field(
         None, description="Chat turns; the model's chat template is applied by the worker."
+    )
+    tools: list[Tool] | None = Field(
+        None,
+        description="Functions the model may call, described to it by the chat template (with "
+        "`messages`); the answer is its text (the OpenAI chat route reads tool calls out of it).",
     )
     model: str | None = Field(None, description="Served model name; unset means the default.")
     max_new_tokens: int | None = Field(
@@ -174,6 +233,12 @@ class GenerationRequest(Strict):
             raise ValueError("give exactly one of `prompt`, `prompt_token_ids` or `messages`")
         if self.messages is not None and not self.messages:
             raise ValueError("`messages` must hold at least one message")
+        if self.tools is not None:
+            if self.messages is None:
+                raise ValueError("`tools` come with `messages`: the chat template renders them")
+            names = [tool.function.name for tool in self.tools]
+            if twice := sorted({name for name in names if names.count(name) > 1}):
+                raise ValueError(f"tool names must differ; given more than once: {twice}")
         if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
             raise ValueError("`min_tokens` must not exceed `max_new_tokens`")
         for key in self.logit_bias:

@@ -108,7 +108,7 @@ def test_every_sampled_answer_validates(client: openai.OpenAI, which: int) -> No
 
 
 def test_json_object_choice_and_regex_answers_hold(client: openai.OpenAI) -> None:
-    def ask(content: str, **extra: object) -> list[str]:
+    def ask(content: str, extra_body: dict[str, object]) -> list[str]:
         done = client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": content}],
@@ -116,7 +116,7 @@ def test_json_object_choice_and_regex_answers_hold(client: openai.OpenAI) -> Non
             seed=5,
             n=4,
             max_tokens=120,
-            **extra,  # type: ignore[arg-type]
+            extra_body=extra_body,
         )
         return [choice.message.content or "" for choice in done.choices]
 
@@ -133,10 +133,10 @@ def test_json_object_choice_and_regex_answers_hold(client: openai.OpenAI) -> Non
         assert done.choices[0].finish_reason == "stop"
         assert isinstance(json.loads(done.choices[0].message.content or ""), dict)
     colors = ["red", "green", "blue"]
-    for text in ask("Name a color.", extra_body={"structured_outputs": {"choice": colors}}):
+    for text in ask("Name a color.", {"structured_outputs": {"choice": colors}}):
         assert text in colors
     date = r"20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9])"
-    for text in ask("When is the next holiday?", extra_body={"guided_regex": date}):
+    for text in ask("When is the next holiday?", {"guided_regex": date}):
         assert re.fullmatch(date, text)
 
 

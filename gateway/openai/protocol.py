@@ -14,9 +14,10 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.schemas import MAX_LOGPROBS, TOKEN_ID_LIMIT, Strict, StructuredOutputs
+from gateway.openai.tools import ToolMode, ToolReader, call_schema
+from gateway.schemas import MAX_LOGPROBS, TOKEN_ID_LIMIT, Strict, StructuredOutputs, Tool, ToolCall
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
 
 
@@ -228,22 +229,44 @@ class TextPart(Strict):
 
 
 class ChatMessageIn(Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = Field(
+        None, description="Unset (or null) only in an assistant's turn of `tool_calls` alone."
+    )
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's calls.")
+    tool_call_id: str | None = Field(None, description="A `tool` message's: the call it answers.")
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
 
-def native_messages(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
-    """The native request's `messages`: text content, a developer's turn as the system's."""
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in messages
-    ]
+def native_messages(messages: list[ChatMessageIn]) -> list[dict[str, object]]:
+    """The native request's `messages`: text content, a developer's turn as the system's; the
+    native request checks the tool fields."""
+    native: list[dict[str, object]] = []
+    for m in messages:
+        message: dict[str, object] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.text(),
+        }
+        if m.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        native.append(message)
+    return native
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -253,6 +276,18 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="With `logprobs`: this many likeliest tokens."
     )
+    tools: list[Tool] | None = Field(
+        None, description="Functions the model may call; at most GENQ_MAX_TOOLS."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description='"auto" (the default with `tools`) reads calls out of the answer in the '
+        'model\'s format; "required" and a named function force them with a JSON schema; '
+        '"none" reads none.',
+    )
+    parallel_tool_calls: bool = Field(
+        True, description="false: an answer makes one tool call at most."
+    )
 
     @model_validator(mode="after")
     def _top_with_logprobs(self) -> ChatCompletionRequest:
@@ -260,12 +295,55 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("`top_logprobs` needs `logprobs: true`")
         return self
 
+    @model_validator(mode="after")
+    def _tool_choice_of_tools(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise ValueError("`tool_choice` needs `tools` to choose from")
+        if isinstance(choice, NamedToolChoice):
+            names = [tool.function.name for tool in self.tools or []]
+            if choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names function {choice.function.name!r}, which is not one of "
+                    f"`tools`: {', '.join(names)}"
+                )
+        if self.tool_mode in ("required", "named") and self._structured():
+            raise ValueError(
+                "a forced `tool_choice` constrains the answer itself: give no `response_format`, "
+                "`structured_outputs` or `guided_*` with it"
+            )
+        return self
+
+    @property
+    def tool_mode(self) -> ToolMode | None:
+        """How the answer's tool calls are made; None: they are not (no tools, or "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def tool_reader(self, parser: str | None) -> ToolReader | None:
+        """How a choice's answer becomes tool calls, for a model of tool-call format `parser`."""
+        mode = self.tool_mode
+        if mode is None:
+            return None
+        choice = self.tool_choice
+        function = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        return ToolReader(mode, function, parser, self.parallel_tool_calls)
+
     def generations(self) -> list[dict[str, object]]:
         """The native request this asks for, as fields to validate."""
         max_new_tokens = self.max_completion_tokens or self.max_tokens
         messages = native_messages(self.messages)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         fields = {**self.sampling(), "messages": messages, "max_new_tokens": max_new_tokens}
+        if self.tools:
+            fields["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        reader = self.tool_reader(None)
+        if reader is not None and reader.mode != "auto":
+            schema = call_schema(self.tools or [], reader.function, self.parallel_tool_calls)
+            fields["structured_outputs"] = {"json": schema}
         return [{**fields, "logprobs": logprobs}]
 
 
@@ -331,9 +409,31 @@ class Completion(_Response):
     usage: OpenAIUsage | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class DeltaToolCall(ToolCallOut):
+    """A streamed call, whole in one delta: its `index` among the choice's calls."""
+
+    index: int
+
+
+def _unset(value: object) -> bool:
+    return value is None
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=_unset)
 
 
 class ChatChoice(_Choice):
@@ -353,6 +453,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_unset)
 
 
 class ChatChunkChoice(_Choice):

@@ -5,7 +5,7 @@ once, as `Piece`s, from the jobs' results and events."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -26,14 +26,18 @@ from gateway.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    DeltaToolCall,
     FinishReason,
+    FunctionCallOut,
     OpenAIRequest,
     OpenAIUsage,
     PromptLogprob,
     PromptTokensDetails,
     TokenLogprob,
+    ToolCallOut,
     TopLogprob,
 )
+from gateway.openai.tools import Call, ToolReader
 
 Answer = TypeVar("Answer", Completion, ChatCompletion)
 
@@ -50,9 +54,16 @@ class Shape(Generic[Answer]):
     # The choice of a stream's first chunk per index, before any text: chat names the speaker.
     opening: Callable[[int], BaseModel] | None = None
 
-    def build(self, job: Job, body: OpenAIRequest, results: list[JobResult]) -> Answer:
-        """The answer of choices `results`, in order, named after `job` (choice 0's)."""
-        choices = [self.choice(piece) for piece in whole(body, results)]
+    def build(
+        self,
+        job: Job,
+        body: OpenAIRequest,
+        results: list[JobResult],
+        readers: Sequence[ToolReader | None] = (),
+    ) -> Answer:
+        """The answer of choices `results`, in order, named after `job` (choice 0's); choice
+        i's tool calls read by `readers[i]`, where there are readers."""
+        choices = [self.choice(piece) for piece in whole(body, results, readers)]
         return self.answer.model_validate(
             {**_head(self, job), "choices": choices, "usage": usage(results, body.n)}
         )
@@ -80,16 +91,27 @@ class Piece:
     logprobs: list[JobLogprob] | None = None
     offset: int = 0
     prompt_logprobs: list[JobLogprob] | None = None
+    calls: tuple[Call, ...] = ()  # a chat choice's tool calls, all in one piece
 
 
-def whole(body: OpenAIRequest, results: list[JobResult]) -> list[Piece]:
-    """Each choice of a finished answer: choice i is of prompt i // n."""
+def whole(
+    body: OpenAIRequest, results: list[JobResult], readers: Sequence[ToolReader | None] = ()
+) -> list[Piece]:
+    """Each choice of a finished answer: choice i is of prompt i // n, its tool calls read by
+    `readers[i]` where there are readers."""
     if isinstance(body, ChatCompletionRequest):
         return [
-            Piece(i, result.text, finish_reason(result), result.logprobs)
-            for i, result in enumerate(results)
+            _chat(i, result, readers[i] if readers else None) for i, result in enumerate(results)
         ]
     return [_completion(body, i, result) for i, result in enumerate(results)]
+
+
+def _chat(index: int, result: JobResult, reader: ToolReader | None) -> Piece:
+    if reader is not None and (read := reader.read(result.text)) is not None:
+        return Piece(
+            index, read.content or "", "tool_calls", result.logprobs, calls=tuple(read.calls)
+        )
+    return Piece(index, result.text, finish_reason(result), result.logprobs)
 
 
 def _completion(body: CompletionRequest, index: int, result: JobResult) -> Piece:
@@ -193,9 +215,16 @@ def _bytes(token: str, raw: list[int] | None) -> list[int]:
 
 def _chat_choice(piece: Piece) -> ChatChoice:
     assert piece.finish is not None, "a whole choice has ended"
+    calls = [
+        ToolCallOut(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
+        for call in piece.calls
+    ]
     return ChatChoice(
         index=piece.index,
-        message=ChatMessageOut(content=piece.text),
+        # An answer of calls alone has no content (OpenAI's null).
+        message=ChatMessageOut(
+            content=piece.text if piece.text or not calls else None, tool_calls=calls or None
+        ),
         finish_reason=piece.finish,
         logprobs=None if piece.logprobs is None else _chat_logprobs(piece.logprobs),
     )
@@ -203,12 +232,27 @@ def _chat_choice(piece: Piece) -> ChatChoice:
 
 def _chat_delta(piece: Piece) -> ChatChunkChoice:
     logprobs = None if piece.logprobs is None else _chat_logprobs(piece.logprobs)
+    if piece.calls:
+        delta = ChatDelta(tool_calls=_delta_calls(piece.calls))
+    else:
+        delta = ChatDelta(content=piece.text) if piece.text or logprobs else ChatDelta()
     return ChatChunkChoice(
         index=piece.index,
-        delta=ChatDelta(content=piece.text) if piece.text or logprobs else ChatDelta(),
+        delta=delta,
         finish_reason=piece.finish,
         logprobs=logprobs,
     )
+
+
+def _delta_calls(calls: tuple[Call, ...]) -> list[DeltaToolCall]:
+    return [
+        DeltaToolCall(
+            index=index,
+            id=call.id,
+            function=FunctionCallOut(name=call.name, arguments=call.arguments),
+        )
+        for index, call in enumerate(calls)
+    ]
 
 
 COMPLETION = Shape(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import orjson
@@ -22,13 +23,16 @@ from gateway.errors import (
     BadRequest,
     GatewayTimeout,
     GenerationFailed,
+    InvalidStructuredOutput,
+    LimitExceeded,
     ShuttingDown,
     describe_validation,
     error_body,
     map_exception,
 )
-from gateway.openai.protocol import OpenAIRequest, OpenAIUsage
+from gateway.openai.protocol import ChatCompletionRequest, OpenAIRequest, OpenAIUsage
 from gateway.openai.responses import Answer, Piece, Shape, counted, finish_reason, usage
+from gateway.openai.tools import ToolReader, ToolStream
 from gateway.schemas import GenerationRequest
 from gateway.services.jobs import JobService
 
@@ -52,6 +56,22 @@ def native_requests(fields: list[dict[str, object]]) -> list[GenerationRequest]:
         return [GenerationRequest.model_validate(each) for each in fields]
     except ValidationError as e:
         raise BadRequest(describe_validation(e)) from e
+
+
+@contextmanager
+def _naming_tools(body: OpenAIRequest) -> Iterator[None]:
+    """A forced tool choice is the structured output of its tools' parameters: a refusal of it
+    names them."""
+    forced = isinstance(body, ChatCompletionRequest) and body.tool_mode in ("required", "named")
+    try:
+        yield
+    except (InvalidStructuredOutput, LimitExceeded) as e:
+        if not forced or not e.message.startswith("structured_outputs"):
+            raise
+        raise type(e)(
+            "tools: the calls that tool_choice forces follow the tools' `parameters` schemas, "
+            f"and {e.message}"
+        ) from e
 
 
 @dataclass(frozen=True)
@@ -78,8 +98,23 @@ class OpenAIServing:
     ) -> tuple[Answer, Timings]:
         """The answer, and the timings of choice 0's job for `Server-Timing`."""
         requests = native_requests(body.generations())
-        jobs, results = await self.run(requests, body.n, caller, idempotency_key, listener)
-        return shape.build(jobs[0], body, results), jobs[0].timings
+        with _naming_tools(body):
+            jobs, results = await self.run(requests, body.n, caller, idempotency_key, listener)
+        readers = await self._tool_readers(body, jobs)
+        return shape.build(jobs[0], body, results, readers), jobs[0].timings
+
+    async def _tool_readers(self, body: OpenAIRequest, jobs: list[Job]) -> list[ToolReader | None]:
+        """How each choice's answer becomes tool calls, in the tool-call format of the model
+        version its job ran on; none where the request reads no calls."""
+        if not isinstance(body, ChatCompletionRequest) or body.tool_mode is None:
+            return []
+        if body.tool_mode != "auto":
+            return [body.tool_reader(None)] * len(jobs)
+        specs = (await self.jobs.router.catalog()).specs
+        return [
+            body.tool_reader(spec.tool_call_parser if (spec := specs.get(job.model)) else None)
+            for job in jobs
+        ]
 
     async def stream(
         self,
@@ -93,9 +128,15 @@ class OpenAIServing:
         `data: [DONE]` once every choice has ended; usage in a chunk of its own before that, when
         the client asked for it, and in every chunk, the choice's so far, with
         `continuous_usage_stats`. A failed choice ends the stream with an error chunk."""
-        jobs = await self.jobs.submit_choices(
-            native_requests(body.generations()), caller, body.n, idempotency_key=idempotency_key
-        )
+        with _naming_tools(body):
+            jobs = await self.jobs.submit_choices(
+                native_requests(body.generations()), caller, body.n, idempotency_key=idempotency_key
+            )
+        # Choices whose tool calls are read hold back what may be one until their job ends.
+        readers = await self._tool_readers(body, jobs)
+        streams: dict[int, ToolStream] = {
+            index: reader.stream() for index, reader in enumerate(readers) if reader is not None
+        }
         owner = caller.principal.id
         events = self.jobs.choice_events(jobs, listener)
         # A job serves several choices where identical requests share it (greedy, cached).
@@ -125,8 +166,13 @@ class OpenAIServing:
                         if body.continuous_usage and token.tokens is not None:
                             so_far = counted(prompt_tokens.get(job_id, 0), token.tokens)
                         for index in indexes[job_id]:
-                            piece = Piece(index, token.text, None, token.logprobs, sent[index])
-                            sent[index] += len(token.text)
+                            text = token.text
+                            if index in streams:
+                                text = streams[index].feed(text)
+                                if not (text or token.logprobs or so_far):
+                                    continue  # held back, and nothing else to say
+                            piece = Piece(index, text, None, token.logprobs, sent[index])
+                            sent[index] += len(text)
                             yield chunk(shape.delta(piece), so_far)
                         continue
                     ended.add(job_id)
@@ -141,7 +187,15 @@ class OpenAIServing:
                     so_far = usage([result], 1) if body.continuous_usage else None
                     for index in indexes[job_id]:
                         results[index] = result
-                        yield chunk(shape.delta(Piece(index, finish=finish_reason(result))), so_far)
+                        finish = finish_reason(result)
+                        if index in streams:
+                            rest, read = streams[index].finish(result.text)
+                            if rest:
+                                yield chunk(shape.delta(Piece(index, rest, offset=sent[index])))
+                            if read is not None:
+                                yield chunk(shape.delta(Piece(index, calls=tuple(read.calls))))
+                                finish = "tool_calls"
+                        yield chunk(shape.delta(Piece(index, finish=finish)), so_far)
                 if len(results) == len(jobs):
                     if body.include_usage:
                         ordered = [results[index] for index in range(len(jobs))]

@@ -59,6 +59,7 @@ class JobService:
         self.settings = settings
         self.reader = reader
         self.limiter = limiter
+        self.router = router
         self.validator = RequestValidator(settings, router)
         self.dedup = Dedup(redis, store, settings)
         self.enqueuer = Enqueuer(redis, store, queue, settings, limiter)

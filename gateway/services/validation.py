@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
+
 from common.catalog import ModelSpec
 from common.settings import Settings
 from common.webhooks import WebhookPolicy, WebhookRefused
@@ -70,11 +72,18 @@ def _check_limits(request: GenerationRequest, settings: Settings, webhooks: Webh
                 f"{len(request.messages)} messages; the limit is {s.max_messages} "
                 "(GENQ_MAX_MESSAGES)"
             )
-        chars = sum(len(m.content) for m in request.messages)
-        if chars > s.max_prompt_chars:
+        if request.tools is not None and len(request.tools) > s.max_tools:
             raise LimitExceeded(
-                f"messages hold {chars} characters; the limit is {s.max_prompt_chars} "
-                "(GENQ_MAX_PROMPT_CHARS)"
+                f"{len(request.tools)} tools; the limit is {s.max_tools} (GENQ_MAX_TOOLS)"
+            )
+        chars = sum(m.chars() for m in request.messages)
+        tools = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
+        tool_chars = len(orjson.dumps(tools)) if tools else 0
+        if chars + tool_chars > s.max_prompt_chars:
+            with_tools = " with their tools" if tools else ""
+            raise LimitExceeded(
+                f"messages{with_tools} hold {chars + tool_chars} characters; the limit is "
+                f"{s.max_prompt_chars} (GENQ_MAX_PROMPT_CHARS)"
             )
     if request.max_new_tokens is not None and request.max_new_tokens > s.max_new_tokens_limit:
         raise LimitExceeded(

@@ -10,16 +10,9 @@ import torch
 
 from common.contract import ErrorCode
 from common.jobs import FinishReason, TokenLogprob
+from worker.engine.chat import Message, Tool, template_input, tool_objects
 from worker.engine.model import LoadedModel, vocab
 from worker.engine.sampling import SamplingParams
-
-
-class Message(Protocol):
-    @property
-    def role(self) -> str: ...
-
-    @property
-    def content(self) -> str: ...
 
 
 class PromptSource(Protocol):
@@ -34,6 +27,9 @@ class PromptSource(Protocol):
 
     @property
     def messages(self) -> Sequence[Message] | None: ...
+
+    @property
+    def tools(self) -> Sequence[Tool] | None: ...
 
     @property
     def add_special_tokens(self) -> bool:
@@ -161,8 +157,13 @@ def build_prompt_ids(lm: LoadedModel, request: PromptSource) -> list[int]:
         if not tokenizer.chat_template:
             raise GenerationError(f"model {lm.name} has no chat template; send `prompt` instead")
         try:
+            tools = tool_objects(request.tools) if request.tools else None
+            template = tokenizer.get_chat_template(tools=tools)
+            messages, tools = template_input(template, request.messages, tools)
             text = tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in request.messages],
+                messages,
+                tools=tools,  # type: ignore[arg-type]  # a list of dicts, as it reads them
+                chat_template=template,
                 add_generation_prompt=True,
                 tokenize=False,
             )
