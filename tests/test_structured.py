@@ -226,3 +226,13 @@ def test_openai_spellings_constrain_the_answer(http: httpx.Client) -> None:
         },
     )
     assert re.fullmatch("[0-9]{4}", completion.json()["choices"][0]["text"])
+
+
+def test_the_result_cache_tells_structured_outputs_apart(http: httpx.Client) -> None:
+    plain = {"prompt": "Pick", "max_new_tokens": 12, "temperature": 0}
+    first = http.post("/v1/generate", json={**plain, "structured_outputs": {"regex": "[ab]{4}"}})
+    again = http.post("/v1/generate", json={**plain, "structured_outputs": {"regex": "[ab]{4}"}})
+    other = http.post("/v1/generate", json={**plain, "structured_outputs": {"regex": "[cd]{4}"}})
+    assert (again.json()["id"], again.json()["cached"]) == (first.json()["id"], True)
+    assert other.json()["id"] != first.json()["id"]
+    assert re.fullmatch("[cd]{4}", other.json()["result"]["text"])
