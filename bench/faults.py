@@ -196,7 +196,7 @@ class Client(threading.Thread):
             len(closing) == 1
             and [t["index"] for t in tokens] == list(range(len(tokens)))
             and (result is None or result["text"] == text)
-            and (result is None or _pairs(result.get("logprobs")) == _streamed(tokens, result))
+            and (result is None or _same_logprobs(result, tokens))
         )
         with self.seen.lock:
             if not whole or job_id in self.seen.finished:
@@ -204,17 +204,22 @@ class Client(threading.Thread):
             self.seen.finished[job_id] = final
 
 
-def _pairs(entries: list[dict[str, Any]] | None) -> list[tuple[int, float]] | None:
-    """(token id, logprob) of each entry of a result's or events' logprobs."""
-    return None if entries is None else [(e["id"], e["logprob"]) for e in entries]
+# A re-run computes the same tokens' logprobs in another batch: the last digits may differ.
+_LOGPROB_TOLERANCE = 1e-3
 
 
-def _streamed(tokens: list[dict[str, Any]], result: dict[str, Any]) -> object:
-    """The logprobs the token events carried, where the result has some: the stream of a job
-    re-run after its worker died goes on with the same ones."""
-    if result.get("logprobs") is None:
-        return None
-    return _pairs([entry for token in tokens for entry in token.get("logprobs", [])])
+def _same_logprobs(result: dict[str, Any], tokens: list[dict[str, Any]]) -> bool:
+    """The token events carried the result's logprobs, where it has some: the stream of a job
+    re-run after its worker died goes on with the same tokens, and logprobs equal but for
+    rounding (those sent before the worker died are the first attempt's)."""
+    final = result.get("logprobs")
+    if final is None:
+        return True
+    streamed = [entry for token in tokens for entry in token.get("logprobs", [])]
+    return [e["id"] for e in streamed] == [e["id"] for e in final] and all(
+        abs(a["logprob"] - b["logprob"]) <= _LOGPROB_TOLERANCE
+        for a, b in zip(streamed, final, strict=True)
+    )
 
 
 class Stack:
