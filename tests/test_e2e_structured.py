@@ -16,6 +16,7 @@ import pytest
 from httpx_sse import connect_sse
 from pydantic import BaseModel, Field
 
+from bench.structured import STRUCTURED_SCHEMAS
 from common.settings import DEFAULT_MODEL_NAME
 
 MODEL = DEFAULT_MODEL_NAME
@@ -30,29 +31,7 @@ SCHEMAS: list[dict[str, object]] = [
         "required": ["city", "country", "population_millions"],
         "additionalProperties": False,
     },
-    {
-        "type": "object",
-        "properties": {
-            "title": {"type": "string", "maxLength": 60},
-            "genre": {"enum": ["fantasy", "mystery", "science fiction", "romance"]},
-            "chapters": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "number": {"type": "integer", "minimum": 1, "maximum": 30},
-                        "name": {"type": "string", "maxLength": 40},
-                    },
-                    "required": ["number", "name"],
-                    "additionalProperties": False,
-                },
-                "minItems": 1,
-                "maxItems": 3,
-            },
-        },
-        "required": ["title", "genre", "chapters"],
-        "additionalProperties": False,
-    },
+    STRUCTURED_SCHEMAS[1],  # a book: an enum, bounded integers, an array of objects
 ]
 ASKS = ["Describe a big city as JSON.", "Invent a short book, as JSON."]
 JSON_ASKS = [
