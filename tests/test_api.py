@@ -163,6 +163,13 @@ def test_chat_messages_are_accepted(client: httpx.Client) -> None:
     assert resp.json()["status"] == "succeeded"
 
 
+def test_a_wrong_method_is_405_saying_which_are_allowed(client: httpx.Client) -> None:
+    resp = client.put("/v1/jobs")
+    assert resp.status_code == 405
+    assert resp.json()["error"]["code"] == "method_not_allowed"
+    assert resp.headers["allow"] == "POST"
+
+
 def test_unknown_job_is_404_with_the_envelope(client: httpx.Client) -> None:
     for path in ("/v1/jobs/nope", "/v1/jobs/nope/events"):
         resp = client.get(path)

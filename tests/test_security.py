@@ -283,7 +283,10 @@ def test_concurrent_jobs_hold_across_gateways_until_one_ends(gateways: list[str]
     cancel = httpx.delete(f"{gateways[1]}/v1/jobs/{first}", headers=bearer(keys.FEW_JOBS))
     assert cancel.json()["status"] == "cancelled"
     assert submit(gateways[0], keys.FEW_JOBS).status_code == 202
-    assert second
+    # The second job still holds its slot: with the new one, the key is at its limit again.
+    held = httpx.get(f"{gateways[0]}/v1/jobs/{second}", headers=bearer(keys.FEW_JOBS))
+    assert held.json()["status"] == "queued"
+    assert submit(gateways[1], keys.FEW_JOBS).status_code == 429
 
 
 def test_rate_limit_headers_come_before_a_streams_first_byte(gateways: list[str]) -> None:
