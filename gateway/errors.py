@@ -277,7 +277,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(413, PayloadTooLarge.code, message)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         # Starlette's own headers stay: a 405 must say what is allowed (`Allow`, RFC 9110).
-        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
