@@ -17,21 +17,29 @@ exactly the tokens each request asks for (end-of-sequence is ignored), so tokens
 with like; static batches are credited only with the tokens their requests asked for, not with
 the padding steps.
 
+Every system is measured the same way (bench/engine_workload.py, `LoopRecord`): as a closed loop,
+over the window in which it had its full number of requests in flight (from its N-th answer to
+its last submission), counting only the tokens generated inside that window, from per-step or
+per-token timestamps. None has a prefix cache in the comparison: the engine's is off there, and
+measured apart.
+
 Measured in one run:
-- sequential_tok_s: `model.generate`, one request at a time (8 requests), measured before the
-  static batch and again after the engine's loop at 16, averaged: the figures the targets
-  compare are measured back to back, since this machine's speed drifts over a run
-  (sequential_tok_s_before_after: the two measurements);
-- static_batch_tok_s: one padded `model.generate` call over 16 requests;
-- hf_generate_batch_tok_s: transformers' continuous batching (`generate_batch`) on 16 requests,
-  each generating the workload's mean max_new_tokens (it takes one length for all);
-- engine_tok_s_by_concurrency: genq's engine with 1, 4, 16 and 32 requests in flight, in steady
-  state (a closed loop over 8 x that many requests, counting the requests completed while that
-  many were in flight; see engine_closed_loop), engine_tok_s being the figure at 16;
+- sequential_tok_s: `model.generate`, one request at a time (8 requests; the window holds the
+  2nd to the 7th), measured before the static batch and again after the engine's loop at 16,
+  averaged: the figures the targets compare are measured back to back, since this machine's
+  speed drifts over a run (sequential_tok_s_before_after: the two measurements);
+- static_batch_tok_s: padded `model.generate` calls over 3 waves of 16 requests (the window
+  holds the middle one);
+- hf_generate_batch_tok_s: transformers' continuous batching (`generate_batch`) over 3 waves
+  of 16 requests, each generating the workload's mean max_new_tokens (it takes one length for
+  all);
+- engine_tok_s_by_concurrency: genq's engine with 1, 4, 16 and 32 requests in flight, prefix
+  cache off, in steady state (a closed loop over 8 x that many requests; see closed_loop),
+  engine_tok_s being the figure at 16;
   engine_whole_run_tok_s_by_concurrency: the same loops from first submission to last
   completion, start and drain included;
-  engine_tok_s_without_prefix_cache: the loop at 16 with the prefix cache off (the prompts
-  share only the chat template and its system prompt);
+  engine_tok_s_with_prefix_cache: the loop at 16 with the prefix cache on, as the worker runs
+  it (the prompts share only the chat template and its system prompt);
 - short_request_ratio: completion time of a 4-token request submitted while 16 requests of 256
   tokens decode, as a fraction of that batch's time.
 
@@ -125,23 +133,24 @@ def main() -> None:
     )
 
     # The three figures the targets compare are measured back to back, the engine between two
-    # sequential runs: this machine's speed drifts by up to a third within a run.
+    # sequential runs: this machine's speed drifts by up to a third within a run. The baselines
+    # have no prefix cache, so the engine's is off where it is compared with them.
     with torch.inference_mode():
-        seq_before = sequential(lm, items[:8])
+        seq_before = sequential(lm, items[:8]).steady_tok_s
         say(f"sequential            {seq_before:8.1f} tok/s")
-        static = static_batch(lm, items[:16])
-        say(f"static batch of 16    {static:8.1f} tok/s")
-    loops = {16: engine_closed_loop(lm, items, 16, total=128)}
+        static = static_batch(lm, items[:48], 16).steady_tok_s
+        say(f"static batches of 16  {static:8.1f} tok/s")
+    loops = {16: engine_closed_loop(lm, items, 16, total=128, prefix_cache=False)}
     say(f"engine, 16 in flight  {loops[16].steady_tok_s:8.1f} tok/s steady state")
     with torch.inference_mode():
-        seq_after = sequential(lm, items[:8])
-        hf_batch = hf_generate_batch(lm, items[:16])
+        seq_after = sequential(lm, items[:8]).steady_tok_s
+        hf_batch = hf_generate_batch(lm, items[:48], 16).steady_tok_s
     seq = (seq_before + seq_after) / 2
     say(f"sequential, again     {seq_after:8.1f} tok/s (mean {seq:.1f})")
     say(f"HF generate_batch     {hf_batch:8.1f} tok/s")
     for concurrency in (1, 4, 32):
         loops[concurrency] = engine_closed_loop(
-            lm, items, concurrency, total=max(8, 8 * concurrency)
+            lm, items, concurrency, total=max(8, 8 * concurrency), prefix_cache=False
         )
     by_concurrency = {str(c): loops[c].steady_tok_s for c in sorted(loops)}
     whole_run = {str(c): loops[c].whole_run_tok_s for c in sorted(loops)}
@@ -150,8 +159,8 @@ def main() -> None:
             f"engine, {c:2d} in flight  {loops[c].steady_tok_s:8.1f} tok/s steady state, "
             f"{loops[c].whole_run_tok_s:.1f} over the whole run"
         )
-    no_prefix = engine_closed_loop(lm, items, 16, total=128, prefix_cache=False).steady_tok_s
-    say(f"engine, 16 in flight, prefix cache off {no_prefix:8.1f} tok/s steady state")
+    with_prefix = engine_closed_loop(lm, items, 16, total=128).steady_tok_s
+    say(f"engine, 16 in flight, prefix cache on {with_prefix:8.1f} tok/s steady state")
     ratio = short_request_ratio(lm, items)
     say(f"short request ratio   {ratio:8.3f}")
     at16 = by_concurrency["16"]
@@ -165,7 +174,7 @@ def main() -> None:
             "engine_tok_s": by_concurrency["16"],
             "engine_tok_s_by_concurrency": by_concurrency,
             "engine_whole_run_tok_s_by_concurrency": whole_run,
-            "engine_tok_s_without_prefix_cache": no_prefix,
+            "engine_tok_s_with_prefix_cache": with_prefix,
             "short_request_ratio": ratio,
             "prompt_tokens_mean": statistics.mean(lengths),
         }
@@ -180,8 +189,12 @@ def shapes_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eager-concurrency", type=ints, default=None, help="--shape: the eager path's, if fewer"
     )
-    parser.add_argument("--sequential", type=int, default=4, help="--shape: generate() requests")
-    parser.add_argument("--hf-batch", type=int, default=64, help="--shape: generate_batch's")
+    parser.add_argument(
+        "--sequential", type=int, default=4, help="--shape: generate() requests, 3+"
+    )
+    parser.add_argument(
+        "--hf-batch", type=int, default=64, help="--shape: generate_batch's, a wave"
+    )
     parser.add_argument("--requests-per-row", type=int, default=4, help="--shape: loop length")
     parser.add_argument("--variants", action="store_true", help="--shape: static variants at 64")
     parser.add_argument("--no-static-batch", action="store_true", help="--shape: skip it")

@@ -1,5 +1,11 @@
 """The engine benchmark's workload and the systems it measures: chat prompts of mixed lengths,
-transformers' own ways of generating, and the engine in closed loops."""
+transformers' own ways of generating, and the engine in closed loops.
+
+Every system runs as a closed loop and is measured the same way (`LoopRecord`): over the
+window in which it had its full number of requests in flight, counting only the tokens generated
+inside that window. The engine refills per request; `model.generate` one request at a time is a
+loop of one; a static batch and `generate_batch` refill per wave, as a server built on them would.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,12 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.streamers import BaseStreamer
 
 from gateway.schemas import ChatMessage, GenerationRequest
 from worker import metrics
@@ -55,45 +62,142 @@ def workload(lm: LoadedModel, n: int, seed: int = 0) -> list[Item]:
     return items
 
 
-def _generate(lm: LoadedModel, batch: list[list[int]], max_new_tokens: int) -> None:
-    longest = max(map(len, batch))
+@dataclass
+class LoopRecord:
+    """What a closed loop of `concurrency` requests saw, on `time.perf_counter`'s clock: when each
+    request was submitted and answered, and when its tokens were generated (`tokens`: (when, how
+    many), one entry a step or a token)."""
+
+    concurrency: int
+    submitted: list[float] = field(default_factory=list)
+    answered: list[float] = field(default_factory=list)
+    tokens: list[tuple[float, int]] = field(default_factory=list)
+
+    def steady_window(self) -> tuple[float, float]:
+        """From the `concurrency`-th answer to the last submission: all that time, `concurrency`
+        requests were in flight (for a wave, from the end of the first to the start of the last).
+        """
+        return sorted(self.answered)[self.concurrency - 1], max(self.submitted)
+
+    @property
+    def steady_tok_s(self) -> float:
+        start, end = self.steady_window()
+        tokens = tokens_between(self.tokens, start, end)
+        if tokens == 0:
+            raise ValueError(
+                f"no tokens between the {self.concurrency}-th answer and the last submission: "
+                "a loop needs more requests (three waves at least) for a steady state"
+            )
+        return tokens / (end - start)
+
+    @property
+    def whole_run_tok_s(self) -> float:
+        """From the first submission to the last answer, start and drain included."""
+        elapsed = max(self.answered) - min(self.submitted)
+        return sum(count for _, count in self.tokens) / elapsed
+
+
+def tokens_between(tokens: Iterable[tuple[float, int]], start: float, end: float) -> int:
+    """The tokens generated after `start` and up to `end`: a request in flight at either edge
+    contributes only what it made inside."""
+    return sum(count for at, count in tokens if start < at <= end)
+
+
+class _StepClock(BaseStreamer):
+    """Stamps each step of `model.generate` with the tokens it is credited with: one for each row
+    whose request asked for that many tokens or more (a static batch's padding steps earn none).
+    `generate` hands the prompt to `put` first, then each step's new tokens."""
+
+    def __init__(self, lengths: list[int], record: LoopRecord) -> None:
+        self.lengths = lengths
+        self.record = record
+        self.steps = -1  # the prompt's `put` is not a step
+
+    def put(self, value: torch.Tensor) -> None:
+        self.steps += 1
+        credited = sum(1 for n in self.lengths if n >= self.steps)
+        if self.steps and credited:
+            self.record.tokens.append((time.perf_counter(), credited))
+
+    def end(self) -> None:
+        pass
+
+
+def _generate(lm: LoadedModel, batch: list[Item], record: LoopRecord) -> None:
+    """One padded `model.generate` over `batch`, every row as long as the longest request asks,
+    submitted and answered at once."""
+    prompts = [i.prompt_ids for i in batch]
+    lengths = [i.max_new_tokens for i in batch]
+    longest = max(map(len, prompts))
     pad = lm.tokenizer.pad_token_id or 0
-    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in batch], device=lm.device)
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch], device=lm.device)
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=lm.device)
+    mask = torch.tensor(
+        [[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=lm.device
+    )
+    record.submitted.extend([time.perf_counter()] * len(batch))
     lm.model.generate(
         input_ids=ids,
         attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,  # ignore end-of-sequence: exact token counts
+        max_new_tokens=max(lengths),
+        min_new_tokens=max(lengths),  # ignore end-of-sequence: exact token counts
         do_sample=False,
         pad_token_id=pad,
+        streamer=_StepClock(lengths, record),
     )
+    record.answered.extend([time.perf_counter()] * len(batch))
 
 
-def sequential(lm: LoadedModel, items: list[Item]) -> float:
-    started = time.perf_counter()
+def _waves(items: list[Item], batch: int) -> list[list[Item]]:
+    if len(items) < 3 * batch:
+        raise ValueError(
+            f"{len(items)} requests make fewer than three waves of {batch}: the first and the "
+            "last are outside the steady state"
+        )
+    return [items[i : i + batch] for i in range(0, len(items) - batch + 1, batch)]
+
+
+def sequential(lm: LoadedModel, items: list[Item]) -> LoopRecord:
+    """`model.generate` one request at a time: a closed loop of one (three requests at least)."""
+    record = LoopRecord(concurrency=1)
     for item in items:
-        _generate(lm, [item.prompt_ids], item.max_new_tokens)
-    return sum(i.max_new_tokens for i in items) / (time.perf_counter() - started)
+        _generate(lm, [item], record)
+    return record
 
 
-def static_batch(lm: LoadedModel, items: list[Item]) -> float:
-    started = time.perf_counter()
-    _generate(lm, [i.prompt_ids for i in items], max(i.max_new_tokens for i in items))
-    return sum(i.max_new_tokens for i in items) / (time.perf_counter() - started)
+def static_batch(lm: LoadedModel, items: list[Item], batch: int) -> LoopRecord:
+    """Padded `model.generate` calls over waves of `batch` requests, back to back."""
+    record = LoopRecord(concurrency=batch)
+    for wave in _waves(items, batch):
+        _generate(lm, wave, record)
+    return record
 
 
-def hf_generate_batch(lm: LoadedModel, items: list[Item]) -> float:
+def hf_generate_batch(lm: LoadedModel, items: list[Item], batch: int) -> LoopRecord:
+    """transformers' `generate_batch` over waves of `batch` requests, back to back, each request
+    generating the workload's mean max_new_tokens (it takes one length for all)."""
     new_tokens = round(statistics.mean(i.max_new_tokens for i in items))
     config = GenerationConfig(  # type: ignore[no-untyped-call]  # transformers is untyped
         max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0
     )
-    inputs = [i.prompt_ids for i in items]
-    lm.model.generate_batch(inputs=inputs[:2], generation_config=config)  # warm-up
-    started = time.perf_counter()
-    outputs = lm.model.generate_batch(inputs=inputs, generation_config=config)
-    elapsed = time.perf_counter() - started
-    return sum(len(o.generated_tokens) for o in outputs.values()) / elapsed
+    record = LoopRecord(concurrency=batch)
+    try:
+        for wave in _waves(items, batch):
+            record.submitted.extend([time.perf_counter()] * len(wave))
+            # One manager for every wave, as a server would keep it: only the first wave, outside
+            # the window, pays for setting it up.
+            outputs = lm.model.generate_batch(
+                inputs=[i.prompt_ids for i in wave],
+                generation_config=config,
+                record_timestamps=True,
+                persistent_manager=True,
+            )
+            record.answered.extend([time.perf_counter()] * len(wave))
+            for output in outputs.values():
+                assert output.timestamps is not None, "asked for with record_timestamps"
+                record.tokens.extend((at, 1) for at in output.timestamps)
+    finally:
+        lm.model.destroy_cached_continuous_batching_manager()
+    return record
 
 
 # What the loops ask of every request but its length: greedy, every token counted.
@@ -116,6 +220,8 @@ class EngineDriver:
         self.first: dict[str, float] = {}  # when a request's first output came
         self.finished: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
+        self.steps: list[tuple[float, int]] = []  # when each step's tokens came, and how many
+        self._counted: dict[str, int] = {}  # each request's tokens in `steps` so far
         self.errors: list[str] = []
         self._cond = threading.Condition()
         # Its step series recorded as the worker records them.
@@ -128,12 +234,20 @@ class EngineDriver:
             self.first.clear()
             self.finished.clear()
             self.tokens.clear()
+            self.steps.clear()
+            self._counted.clear()
 
     def _on_step(self, outputs: list[RowOutput]) -> None:
         now = time.perf_counter()
         with self._cond:
+            made = 0
             for out in outputs:
                 self.first.setdefault(out.request_id, now)
+                # `tokens` counts the request's tokens so far; a step that held its text back
+                # sent no output, and its token is counted with the next.
+                if out.tokens > self._counted.get(out.request_id, 0):
+                    made += out.tokens - self._counted.get(out.request_id, 0)
+                    self._counted[out.request_id] = out.tokens
                 if out.finished is not None:
                     self.finished[out.request_id] = now
                     self.tokens[out.request_id] = out.finished.completion_tokens
@@ -141,6 +255,8 @@ class EngineDriver:
                     self.errors.append(f"{out.request_id}: {out.error}")
                     self.finished[out.request_id] = now
                     self.tokens[out.request_id] = 0
+            if made:
+                self.steps.append((now, made))
             self._cond.notify_all()
 
     def submit(self, request_id: str, item: Item, max_new_tokens: int | None = None) -> None:
@@ -162,12 +278,6 @@ class EngineDriver:
             raise RuntimeError(f"requests failed: {self.errors}")
 
 
-@dataclass(frozen=True)
-class LoopResult:
-    steady_tok_s: float  # while `concurrency` requests were in flight
-    whole_run_tok_s: float  # from the first submission to the last completion
-
-
 def engine_closed_loop(
     lm: LoadedModel,
     items: list[Item],
@@ -175,7 +285,7 @@ def engine_closed_loop(
     total: int,
     prefix_cache: bool = True,
     params: SamplingParams = PLAIN,
-) -> LoopResult:
+) -> LoopRecord:
     """`closed_loop` on an engine of its own, of at least 32 rows, its requests sampling with
     `params`."""
     limits = EngineLimits(max_batch_size=max(32, concurrency))
@@ -190,40 +300,27 @@ def engine_closed_loop(
 
 def closed_loop(
     driver: EngineDriver, items: list[Item], concurrency: int, total: int
-) -> LoopResult:
-    """Keep `concurrency` requests in flight until `total` were submitted, then drain.
-
-    The steady-state rate counts the tokens of requests that completed between the end of the
-    first wave (the `concurrency`-th completion) and the last submission: all that time, exactly
-    `concurrency` requests were in flight. The whole-run rate includes the start and the drain,
-    when fewer are.
-    """
+) -> LoopRecord:
+    """Keep `concurrency` requests in flight until `total` were submitted, then drain; the
+    record's `steady_tok_s` counts the tokens the engine's steps made in its steady window."""
     driver.reset()
-    started = time.perf_counter()
-    submitted = 0
-    last_submitted = started
+    record = LoopRecord(concurrency)
     while len(driver.finished) < total:
-        while submitted < total and submitted - len(driver.finished) < concurrency:
-            item = items[(driver.used + submitted) % len(items)]
-            driver.submit(f"{driver.used + submitted}", item)
-            submitted += 1
-            last_submitted = time.perf_counter()
+        while len(record.submitted) < total and (
+            len(record.submitted) - len(driver.finished) < concurrency
+        ):
+            index = driver.used + len(record.submitted)
+            record.submitted.append(time.perf_counter())
+            driver.submit(f"{index}", items[index % len(items)])
         seen = len(driver.finished)
         driver.wait(lambda seen=seen: len(driver.finished) > seen)  # type: ignore[misc]
-    elapsed = time.perf_counter() - started
     driver.used += total
     if driver.errors:
         raise RuntimeError(f"requests failed: {driver.errors}")
-    first_wave = sorted(driver.finished.values())[concurrency - 1]
-    steady = [
-        driver.tokens[rid]
-        for rid, at in driver.finished.items()
-        if first_wave < at <= last_submitted
-    ]
-    return LoopResult(
-        steady_tok_s=sum(steady) / (last_submitted - first_wave),
-        whole_run_tok_s=sum(driver.tokens.values()) / elapsed,
-    )
+    # Every request is answered: the engine reports nothing more of this loop.
+    record.answered = list(driver.finished.values())
+    record.tokens = list(driver.steps)
+    return record
 
 
 def short_request_ratio(lm: LoadedModel, items: list[Item]) -> float:

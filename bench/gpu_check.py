@@ -93,7 +93,7 @@ PARTS = [
         "llama3-8b",
         165,
         45,
-        (*COMMON, "--sequential", "2", "--variants", "--eager-concurrency", "1,16,64"),
+        (*COMMON, "--sequential", "3", "--variants", "--eager-concurrency", "1,16,64"),
     ),
 ]
 SMOKE_ARGS = tuple(
@@ -103,7 +103,7 @@ SMOKE_ARGS = tuple(
         "--concurrency",
         "1,4",
         "--sequential",
-        "1",
+        "3",
         "--requests-per-row",
         "3",
         "--hf-batch",

@@ -7,12 +7,14 @@ The sizes are the published configurations'. Every shape uses the default model'
 (SmolLM2's, 49,152 tokens; `--tokenizer DIR` loads it from a directory instead of the model
 cache), so Llama-3-8B's shape has that vocabulary instead of its own 128,256. On the workload of
 `bench.engine` (chat prompts, 16-128 new tokens, end-of-sequence ignored): `model.generate` one
-request at a time, one static batch (`generate` over as many requests as the largest concurrency,
-at most 64), transformers' `generate_batch` (continuous batching) on 64 requests, and the
-engine's closed loops in steady state at each concurrency (`requests_per_row` x that many
-requests), once per decode path: `static` (the static path, CUDA graphs where CUDA is) and
-`eager` (the engine of issue 15). One engine per path serves every concurrency (one start-up,
-one capture of the graphs); every loop takes prompts no earlier loop sent.
+request at a time, static batches (3 waves of `generate` over as many requests as the largest
+concurrency, at most 64), transformers' `generate_batch` (continuous batching) on 3 waves of 64
+requests, and the engine's closed loops, prefix cache off, at each concurrency
+(`requests_per_row` x that many requests), each measured as `bench.engine` measures it (its
+steady window, the tokens generated inside it), once per decode path: `static` (the static
+path, CUDA graphs where CUDA is) and `eager` (the engine of issue 15). One engine per path
+serves every concurrency (one start-up, one capture of the graphs); every loop takes prompts no
+earlier loop sent.
 
 With `variants`, the static engine also runs the loop at 64 with the prompts prefilled in the
 decode rows' eager pass (`fused_prefill`), and with no prefill wait, to compare with its default
@@ -155,9 +157,9 @@ class Plan:
     paths: tuple[str, ...] = ("static", "eager")
     # Concurrencies of the eager path, when fewer (it is slow on a GPU); None: all.
     eager_concurrency: list[int] | None = None
-    sequential_requests: int = 4
+    sequential_requests: int = 4  # 3 at least: the first and the last are outside the window
     static_batch: bool = True
-    hf_batch: int = 64  # requests of transformers' generate_batch; 0: skipped
+    hf_batch: int = 64  # requests of a wave of transformers' generate_batch; 0: skipped
     requests_per_row: int = 4
     variants: bool = False
     deadline: float = float("inf")  # time.monotonic() past which no part starts
@@ -231,7 +233,10 @@ def _engines(
     say: Callable[[str], None],
 ) -> None:
     rows = max(in_flight)
-    limits = EngineLimits(max_batch_size=rows, max_batch_tokens=rows * TOKENS_PER_ROW)
+    # No prefix cache: the systems it is compared with have none.
+    limits = EngineLimits(
+        max_batch_size=rows, max_batch_tokens=rows * TOKENS_PER_ROW, prefix_cache_bytes=0
+    )
     started = time.perf_counter()
     driver = EngineDriver(lm, limits, PATHS[path])
     try:
@@ -280,7 +285,7 @@ def _engines(
 def _sequential(
     lm: LoadedModel, items: list[Item], plan: Plan, figures: Figures, say: Callable[[str], None]
 ) -> None:
-    rate = sequential(lm, items[: plan.sequential_requests])
+    rate = sequential(lm, items[: plan.sequential_requests]).steady_tok_s
     figures.data["sequential_tok_s"] = rate
     say(f"generate, one at a time   {rate:9.1f} tok/s")
 
@@ -289,7 +294,7 @@ def _static_batch(
     lm: LoadedModel, items: list[Item], plan: Plan, figures: Figures, say: Callable[[str], None]
 ) -> None:
     batch = min(64, max(plan.concurrency))
-    rate = static_batch(lm, items[:batch])
+    rate = static_batch(lm, items[: 3 * batch], batch).steady_tok_s
     figures.data["static_batch_tok_s"] = rate
     figures.data["static_batch_requests"] = batch
     say(f"static batch of {batch:<3}       {rate:9.1f} tok/s")
@@ -298,7 +303,7 @@ def _static_batch(
 def _hf_generate_batch(
     lm: LoadedModel, items: list[Item], plan: Plan, figures: Figures, say: Callable[[str], None]
 ) -> None:
-    rate = hf_generate_batch(lm, items[: plan.hf_batch])
+    rate = hf_generate_batch(lm, items[: 3 * plan.hf_batch], plan.hf_batch).steady_tok_s
     _release(lm)
     figures.data["hf_generate_batch_tok_s"] = rate
     figures.data["hf_generate_batch_requests"] = plan.hf_batch
