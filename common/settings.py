@@ -142,6 +142,11 @@ class Settings(BaseSettings):
         2.0, gt=0, description="First retry delay; it doubles with every failed attempt."
     )
     webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one delivery.")
+    webhook_ca_file: Path | None = Field(
+        None,
+        description="PEM file of the certificate authorities https receivers' certificates are "
+        "checked against, in place of the public ones (a private CA); unset: the public ones.",
+    )
     # Security and traffic control (gateway)
     api_keys: SecretStr | None = Field(
         None,
