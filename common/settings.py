@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+ENV_PREFIX = "GENQ_"
+# GENQ_* variables genq reads that are not settings: never reported as unknown.
+OWN_VARIABLES = frozenset(
+    {
+        "GENQ_FUZZ_SEED",  # tests/test_fuzz.py: replays a fuzz run
+    }
+)
 
 
 class Settings(BaseSettings):
     """Every knob of genq. Gateway and worker read the same class; each uses its own part."""
 
-    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", frozen=True)
+    # `extra="ignore"` is about keyword arguments; unknown GENQ_* variables are caught by
+    # `unknown_variables` (a warning at start, or a refusal with GENQ_STRICT_SETTINGS).
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    strict_settings: bool = Field(
+        False,
+        description="Refuse to start when a GENQ_* variable names no setting (a misspelling); "
+        "off, each such variable is a warning at start naming the closest setting.",
+    )
 
     # Redis
     redis_url: SecretStr = Field(
@@ -124,6 +142,11 @@ class Settings(BaseSettings):
         2.0, gt=0, description="First retry delay; it doubles with every failed attempt."
     )
     webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one delivery.")
+    webhook_ca_file: Path | None = Field(
+        None,
+        description="PEM file of the certificate authorities https receivers' certificates are "
+        "checked against, in place of the public ones (a private CA); unset: the public ones.",
+    )
     # Security and traffic control (gateway)
     api_keys: SecretStr | None = Field(
         None,
@@ -276,6 +299,40 @@ class Settings(BaseSettings):
     # Dev stack (`genq run`)
     var_dir: Path = Field(Path("var"), description="Where the embedded Redis keeps its data.")
     embedded_redis_port: int = Field(6399, ge=1, le=65535)
+
+    @classmethod
+    def variables(cls) -> frozenset[str]:
+        """Every environment variable a setting is read from, upper case. pydantic-settings
+        names them itself, so that aliases and the prefix count exactly as it reads them."""
+        source = EnvSettingsSource(cls)
+        return frozenset(
+            env_name.upper()
+            for name, field in cls.model_fields.items()
+            for _, env_name, _ in source._extract_field_info(field, name)
+        )
+
+    @classmethod
+    def unknown_variables(cls, environ: Mapping[str, str]) -> list[str]:
+        """Each GENQ_* variable of `environ` that no setting reads (nor genq itself), with the
+        closest setting's variable where one is close: `GENQ_MAX_BATCH_SZE (did you mean
+        GENQ_MAX_BATCH_SIZE?)`. Names are matched as pydantic-settings does, in any case."""
+        known = cls.variables() | OWN_VARIABLES
+        unknown = []
+        for name in sorted(environ):
+            upper = name.upper()
+            if not upper.startswith(ENV_PREFIX) or upper in known:
+                continue
+            close = difflib.get_close_matches(upper, known, n=1)
+            unknown.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        return unknown
+
+    @model_validator(mode="after")
+    def _refuse_unknown_variables(self) -> Settings:
+        if self.strict_settings and (unknown := self.unknown_variables(os.environ)):
+            raise ValueError(
+                f"GENQ_STRICT_SETTINGS: no setting reads {', '.join(unknown)}; fix or unset them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _read_secret_files(self) -> Settings:

@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
+from starlette.routing import compile_path
 
 from common.contract import ErrorCode
 from gateway import metrics
@@ -233,6 +234,20 @@ def map_exception(exc: Exception) -> ApiError:
     return ApiError("internal error")
 
 
+_HTTP_METHODS = frozenset({"delete", "get", "head", "options", "patch", "post", "put", "trace"})
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """The methods the API documents at the request's path: those of the first path template of
+    the schema that matches it, as routing picks routes in that order (`/v1/jobs/batch` before
+    `/v1/jobs/{job_id}`). None for a path the schema does not document."""
+    path = request.scope["path"]
+    for template, operations in request.app.openapi()["paths"].items():
+        if compile_path(template)[0].match(path):
+            return ", ".join(sorted(m.upper() for m in operations if m in _HTTP_METHODS))
+    return None
+
+
 def count_rejection(reason: str) -> None:
     metrics.REJECTED.labels(reason).inc()
 
@@ -276,8 +291,11 @@ def install_error_handlers(app: FastAPI) -> None:
             count_rejection("body_too_large")
             return error_response(413, PayloadTooLarge.code, message)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        # Starlette's own headers stay: a 405 must say what is allowed (`Allow`, RFC 9110).
         headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)) is not None:
+            # A 405 must say what is allowed (`Allow`, RFC 9110). Starlette names the methods of
+            # the path's first route only; a path may have several (GET and DELETE of a job).
+            headers = {**(headers or {}), "Allow": allowed}
         return error_response(exc.status_code, code, str(exc.detail), headers=headers)
 
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -116,13 +116,17 @@ class GenerationRequest(Strict):
     `services/validation.py`."""
 
     prompt: str | None = Field(
-        None, description="Raw prompt text; give this, `prompt_token_ids` or `messages`."
+        None,
+        min_length=1,
+        description="Raw prompt text; give this, `prompt_token_ids` or `messages`.",
     )
     prompt_token_ids: list[Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]] | None = Field(
         None, description="The prompt as the model's token ids, fed as they are.", min_length=1
     )
     messages: list[ChatMessage] | None = Field(
-        None, description="Chat turns; the model's chat template is applied by the worker."
+        None,
+        min_length=1,
+        description="Chat turns; the model's chat template is applied by the worker.",
     )
     tools: list[Tool] | None = Field(
         None,
@@ -231,8 +235,6 @@ class GenerationRequest(Strict):
         inputs = (self.prompt, self.prompt_token_ids, self.messages)
         if sum(given is not None for given in inputs) != 1:
             raise ValueError("give exactly one of `prompt`, `prompt_token_ids` or `messages`")
-        if self.messages is not None and not self.messages:
-            raise ValueError("`messages` must hold at least one message")
         if self.tools is not None:
             if self.messages is None:
                 raise ValueError("`tools` come with `messages`: the chat template renders them")
@@ -245,6 +247,13 @@ class GenerationRequest(Strict):
             if not (key.isascii() and key.isdigit() and int(key) < TOKEN_ID_LIMIT):
                 raise ValueError(f"`logit_bias` keys are token ids; {key[:20]!r} is not one")
         return self
+
+
+class PromptReading(GenerationRequest):
+    """A request that reads its prompt alone (the tokenizer routes, with `max_new_tokens` 0): an
+    empty prompt is one too, of no tokens (or the tokenizer's special ones)."""
+
+    prompt: str | None = None
 
 
 class SyncGenerationRequest(GenerationRequest):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pydantic import ValidationError
@@ -12,11 +13,16 @@ from common.settings import Settings
 
 def _settings() -> Settings:
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as e:
         # Fail fast, naming every bad GENQ_ variable.
         print(f"invalid genq settings:\n{e}", file=sys.stderr)
         raise SystemExit(2) from e
+    # A misspelt setting would otherwise do nothing, silently. Not a refusal by default: a
+    # variable set for the next version must not stop this one (a rollback, a rolling update).
+    for unknown in Settings.unknown_variables(os.environ):
+        print(f"genq: warning: no setting reads {unknown}", file=sys.stderr)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,6 +168,53 @@ def test_a_wrong_method_is_405_saying_which_are_allowed(client: httpx.Client) ->
     assert resp.status_code == 405
     assert resp.json()["error"]["code"] == "method_not_allowed"
     assert resp.headers["allow"] == "POST"
+    # A path of two routes allows the methods of both.
+    assert client.put("/v1/jobs/nope").headers["allow"] == "DELETE, GET"
+
+
+def schema_of(spec: dict[str, Any], model: str, field: str) -> dict[str, Any]:
+    """A field's schema without its `null` branch."""
+    found: dict[str, Any] = spec["components"]["schemas"][model]["properties"][field]
+    branches: list[dict[str, Any]] = found.get("anyOf", [found])
+    (branch,) = [b for b in branches if b.get("type") != "null"]
+    return branch
+
+
+def test_the_schema_declares_the_lengths_the_handlers_enforce(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    assert schema_of(spec, "GenerationRequest", "prompt")["minLength"] == 1
+    assert schema_of(spec, "GenerationRequest", "messages")["minItems"] == 1
+    assert schema_of(spec, "TokenizeChatRequest", "add_special_tokens")["const"] is False
+    assert schema_of(spec, "TokenizeChatRequest", "add_generation_prompt")["const"] is True
+    completion = spec["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+    assert all(b.get("minLength", b.get("minItems")) == 1 for b in completion["anyOf"])
+    # ... and the handlers refuse what the schema refuses, as invalid requests.
+    empty: list[dict[str, Any]] = [{"prompt": ""}, {"messages": []}]
+    for route in ("/v1/jobs", "/v1/generate"):
+        for body in empty:
+            resp = client.post(route, json=body)
+            assert resp.status_code == 422, (route, body)
+            assert resp.json()["error"]["code"] == "invalid_request"
+    prompts: list[object] = ["", [], [""], [[]]]
+    for prompt in prompts:
+        body = {"model": TINY_NAME, "prompt": prompt}
+        assert client.post("/v1/completions", json=body).status_code == 422, body
+
+
+def test_an_empty_last_event_id_streams_from_the_start(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    (header,) = [
+        p
+        for p in spec["paths"]["/v1/jobs/{job_id}/events"]["get"]["parameters"]
+        if p["name"] == "last-event-id"
+    ]
+    assert header["schema"]["pattern"] == r"^(\d+-\d+)?$"
+    job = submit(client, max_new_tokens=5, temperature=0)
+    everything = read_stream(client, "GET", f"/v1/jobs/{job['id']}/events")
+    again = read_stream(
+        client, "GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": ""}
+    )
+    assert [(e.id, e.data) for e in again] == [(e.id, e.data) for e in everything]
 
 
 def test_unknown_job_is_404_with_the_envelope(client: httpx.Client) -> None:

@@ -23,17 +23,77 @@ import yaml
 from httpx_sse import connect_sse
 
 from genq.redis_server import RedisServer, free_port
+from tests import keys
 from tests.otlp_sink import Sink, otlp_sink
 from tests.procs import Proc, genq_env, start_gateway, start_worker
 from tests.scrape import Scrape, documented_metrics, scrape
 
-ADMIN_TOKEN = "observability-admin"
+# The stack serves API keys; its clients use the operator's (every scope, no rate limits).
+OPERATOR = keys.bearer(keys.OPERATOR)
 MODEL = {"pool": "default", "model": "tiny@1"}
 NEVER = "\x00never"  # a stop string no generation contains: the jobs run to max_new_tokens
 # Seconds on the tiny model; two of them do not fit GENQ_MAX_BATCH_TOKENS together.
 LONG = {"model": "tiny", "max_new_tokens": 900, "temperature": 0, "stop": [NEVER]}
 # Longer than the prefix cache's shortest match (16 tokens).
 PROMPT = "The quick brown fox jumps over the lazy dog, twice over, and then rests."
+# The metrics each test shows move (or set), and checks against the docs' labels; with ELSEWHERE,
+# every documented metric. Each test checks it showed exactly its own (`showing`), so that the
+# tests may run alone or in any order.
+SHOWN = {
+    "test_startup_and_memory_metrics": {
+        "genq_worker_model_loads_total",
+        "genq_model_load_time_seconds",
+        "genq_worker_model_bytes",
+        "genq_worker_rss_bytes",
+        "genq_worker_memory_usage_bytes",
+        "genq_worker_memory_limit_bytes",
+        "genq_worker_memory_limit_exceeded",  # crossing it: tests/test_worker_metrics.py
+    },
+    "test_a_finished_job_moves_the_request_and_engine_metrics": {
+        "genq_http_requests_total",
+        "genq_http_request_duration_seconds",
+        "genq_jobs_submitted_total",
+        "genq_redis_command_duration_seconds",
+        "genq_cache_hits_total",
+        "genq_time_to_first_token_seconds",
+        "genq_inter_token_latency_seconds",
+        "genq_e2e_request_latency_seconds",
+        "genq_request_queue_time_seconds",
+        "genq_request_prefill_time_seconds",
+        "genq_request_decode_time_seconds",
+        "genq_prompt_tokens_total",
+        "genq_generation_tokens_total",
+        "genq_requests_finished_total",
+        "genq_engine_step_tokens",
+        "genq_engine_batch_size",
+        "genq_engine_step_duration_seconds",
+        "genq_prefix_cache_queries_total",
+        "genq_prefix_cache_hits_total",
+        "genq_worker_prefix_cache_bytes",
+    },
+    "test_running_and_waiting_work_shows_in_gauges_while_it_lasts": {
+        "genq_requests_finished_total",
+        "genq_sse_streams_open",
+        "genq_queue_running_jobs",
+        "genq_requests_running",
+        "genq_requests_waiting",
+        "genq_engine_rows_waiting_for_memory",
+        "genq_kv_cache_usage_ratio",
+        "genq_worker_running_jobs",
+    },
+    "test_queued_jobs_and_refusals_move_the_queue_and_rejection_metrics": {
+        "genq_queue_depth",
+        "genq_queue_ready_jobs",
+        "genq_queue_oldest_age_seconds",
+        "genq_workers_alive",
+        "genq_requests_rejected_total",
+        "genq_requests_failed_total",
+    },
+    "test_redis_outage_moves_redis_up_and_the_breaker": {
+        "genq_redis_up",
+        "genq_redis_breaker_state",
+    },
+}
 # Metrics whose events the stack cannot show here, and where they are shown instead.
 ELSEWHERE = {
     "genq_jobs_reaped_total": "tests/test_reaper.py (a worker that vanished)",
@@ -94,7 +154,7 @@ def observed(
             GENQ_MODELS_FILE=str(registry),
             GENQ_LOG_FORMAT="json",
             GENQ_WORKER_METRICS_PORT=str(metrics_port),
-            GENQ_ADMIN_TOKEN=ADMIN_TOKEN,
+            GENQ_API_KEYS=keys.keys_json(),
             GENQ_MAX_QUEUE_DEPTH="8",
             GENQ_MAX_BATCH_TOKENS="1200",
             GENQ_MEMORY_LIMIT_MB="100000",
@@ -116,12 +176,36 @@ def observed(
             server.stop()
 
 
+@pytest.fixture
+def showing(request: pytest.FixtureRequest, observed: Observed) -> Iterator[Observed]:
+    """The stack, for a test of SHOWN: afterwards, it must have shown exactly its metrics, each
+    in the processes the docs name and with the docs' labels."""
+    observed.checked = set()
+    yield observed
+    name = request.node.name
+    assert observed.checked == SHOWN[name], name
+    documented = documented_metrics()
+    scrapes = {"gateway": observed.gateway_metrics(), "worker": observed.worker_scrape()}
+    for metric in SHOWN[name]:
+        for process in documented[metric].processes:
+            got = scrapes[process]
+            base = re.sub(r"_total$", "", metric)
+            assert base in got.families, (metric, process)
+            for sample_name, labels in got.samples:
+                if re.sub(r"_(total|bucket|sum|count|created)$", "", sample_name) == base:
+                    assert {k for k, _ in labels} - {"le"} == documented[metric].labels, (
+                        sample_name,
+                        labels,
+                    )
+
+
 def rose(observed: Observed, before: Scrape, after: Scrape, name: str, **labels: str) -> None:
     assert after.value(name, **labels) > before.value(name, **labels), (name, labels)
     observed.checked.add(re.sub(r"_(bucket|sum|count)$", "", name))
 
 
-def test_startup_and_memory_metrics(observed: Observed) -> None:
+def test_startup_and_memory_metrics(showing: Observed) -> None:
+    observed = showing
     w = observed.worker_scrape()
     assert w.value("genq_worker_model_loads_total", **MODEL, outcome="loaded") == 1
     assert w.value("genq_model_load_time_seconds_count", **MODEL) == 1
@@ -145,10 +229,11 @@ def test_startup_and_memory_metrics(observed: Observed) -> None:
     }
 
 
-def test_a_finished_job_moves_the_request_and_engine_metrics(observed: Observed) -> None:
+def test_a_finished_job_moves_the_request_and_engine_metrics(showing: Observed) -> None:
+    observed = showing
     body = {"model": "tiny", "prompt": PROMPT, "max_new_tokens": 8, "temperature": 0}
     g0, w0 = observed.gateway_metrics(), observed.worker_scrape()
-    with httpx.Client(base_url=observed.base, timeout=60) as client:
+    with httpx.Client(base_url=observed.base, timeout=60, headers=OPERATOR) as client:
         assert client.post("/v1/generate", json=body).status_code == 200
         g1, w1 = observed.gateway_metrics(), observed.worker_scrape()
         # Its twin is answered by it; a sampled request with the same prompt runs, on the
@@ -188,8 +273,9 @@ def test_a_finished_job_moves_the_request_and_engine_metrics(observed: Observed)
     observed.checked.add("genq_worker_prefix_cache_bytes")
 
 
-def test_running_and_waiting_work_shows_in_gauges_while_it_lasts(observed: Observed) -> None:
-    with httpx.Client(base_url=observed.base, timeout=60) as client:
+def test_running_and_waiting_work_shows_in_gauges_while_it_lasts(showing: Observed) -> None:
+    observed = showing
+    with httpx.Client(base_url=observed.base, timeout=60, headers=OPERATOR) as client:
         first = client.post("/v1/jobs", json={**LONG, "prompt": "Once"}).json()["id"]
         second = client.post("/v1/jobs", json={**LONG, "prompt": "Hello"}).json()["id"]
         streamed: list[str] = []
@@ -241,12 +327,13 @@ def test_running_and_waiting_work_shows_in_gauges_while_it_lasts(observed: Obser
 
 
 def test_queued_jobs_and_refusals_move_the_queue_and_rejection_metrics(
-    observed: Observed,
+    showing: Observed,
 ) -> None:
+    observed = showing
     parked = {"pool": "parked"}
     g0 = observed.gateway_metrics()
     assert g0.value("genq_workers_alive", pool="default") == 1
-    with httpx.Client(base_url=observed.base, timeout=60) as client:
+    with httpx.Client(base_url=observed.base, timeout=60, headers=OPERATOR) as client:
         job = client.post("/v1/jobs", json={"model": "parked", "prompt": "x"}).json()["id"]
         time.sleep(0.05)
         g1 = observed.gateway_metrics()
@@ -259,6 +346,14 @@ def test_queued_jobs_and_refusals_move_the_queue_and_rejection_metrics(
             "/v1/jobs", content=b"x" * 1_100_000, headers={"content-type": "application/json"}
         )
         assert big.status_code == 413
+        # The operator's key holds the admin scope: its alias switch is served, and refused
+        # to a key without that scope (403) and to a key the stack does not know (401).
+        alias = {"target": "tiny"}
+        assert client.put("/v1/admin/aliases/observed", json=alias).status_code == 204
+        as_alice = keys.bearer(keys.ALICE)
+        assert client.put("/v1/admin/aliases/x", json=alias, headers=as_alice).status_code == 403
+        unknown = {"Authorization": "Bearer no"}
+        assert client.put("/v1/admin/aliases/x", json=alias, headers=unknown).status_code == 401
         too_long = {"model": "tiny", "prompt": PROMPT * 4, "max_new_tokens": 1000}
         failed = client.post("/v1/generate", json=too_long).json()
         assert failed["error"]["code"] == "context_length_exceeded"
@@ -270,14 +365,15 @@ def test_queued_jobs_and_refusals_move_the_queue_and_rejection_metrics(
     assert g2.value("genq_queue_depth", **parked) == 0  # and back, once cancelled
     assert g1.value("genq_workers_alive", **parked) == 0
     observed.checked.add("genq_workers_alive")
-    # Key and rate-limit refusals: tests/test_security.py (this stack serves without keys).
-    for reason in ("queue_full", "validation", "body_too_large"):
+    # Rate-limit refusals: tests/test_security.py and tests/test_ratelimit.py.
+    for reason in ("queue_full", "validation", "body_too_large", "forbidden", "unauthorized"):
         rose(observed, g0, g2, "genq_requests_rejected_total", reason=reason)
     assert w2.value("genq_requests_failed_total", **MODEL, code="context_length_exceeded") >= 1
     observed.checked.add("genq_requests_failed_total")
 
 
-def test_redis_outage_moves_redis_up_and_the_breaker(observed: Observed) -> None:
+def test_redis_outage_moves_redis_up_and_the_breaker(showing: Observed) -> None:
+    observed = showing
     assert observed.gateway_metrics().value("genq_redis_up") == 1
     observed.redis.pause()
     try:
@@ -295,19 +391,10 @@ def test_redis_outage_moves_redis_up_and_the_breaker(observed: Observed) -> None
     observed.checked |= {"genq_redis_up", "genq_redis_breaker_state"}
 
 
-def test_every_documented_metric_was_shown_with_its_labels(observed: Observed) -> None:
-    """Runs after the tests above, which record what they showed move."""
-    documented = documented_metrics()
-    assert observed.checked | set(ELSEWHERE) == set(documented)
-    scrapes = {"gateway": observed.gateway_metrics(), "worker": observed.worker_scrape()}
-    for name, doc in documented.items():
-        for process in doc.processes:
-            got = scrapes[process]
-            base = re.sub(r"_total$", "", name)
-            assert base in got.families, (name, process)
-            for sample_name, labels in got.samples:
-                if re.sub(r"_(total|bucket|sum|count|created)$", "", sample_name) == base:
-                    assert {k for k, _ in labels} - {"le"} == doc.labels, (sample_name, labels)
+def test_every_documented_metric_is_shown_by_a_test() -> None:
+    shown = set().union(*SHOWN.values())
+    assert shown.isdisjoint(ELSEWHERE)
+    assert shown | set(ELSEWHERE) == set(documented_metrics())
 
 
 def log_lines(proc: Proc) -> list[dict[str, Any]]:
@@ -326,7 +413,7 @@ def test_one_job_s_log_lines_and_spans_share_its_request_and_trace_ids(
     secret = f"Observability secret {uuid.uuid4().hex}"
     headers = {"X-Request-ID": request_id, "traceparent": f"00-{trace_id}-{'1' * 16}-01"}
     body = {"model": "tiny", "prompt": secret, "max_new_tokens": 6, "temperature": 0}
-    with httpx.Client(base_url=observed.base, timeout=60) as client:
+    with httpx.Client(base_url=observed.base, timeout=60, headers=OPERATOR) as client:
         resp = client.post("/v1/generate", json=body, headers=headers)
     assert resp.status_code == 200
     assert resp.headers["x-request-id"] == request_id

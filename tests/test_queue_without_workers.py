@@ -1,4 +1,6 @@
-"""The queue as clients see it while no worker is up (a pool scaled to zero, say)."""
+"""The queue as clients see it while no worker is up (a pool scaled to zero, say). The tests
+share one stack; each leaves its queue as it found it, empty, so that any may run alone or in
+any order."""
 
 from __future__ import annotations
 
@@ -112,13 +114,24 @@ def test_positions_stats_priorities_and_admission(client: httpx.Client) -> None:
     assert full.json()["error"]["code"] == "queue_full"
     assert "GENQ_MAX_QUEUE_DEPTH" in full.json()["error"]["message"]
     assert int(full.headers["retry-after"]) > 0
+    for job_id in [*normal, low, high, waited.json()["id"]]:
+        client.delete(f"/v1/jobs/{job_id}")
 
 
 def test_a_retry_after_queue_full_is_not_blocked_by_its_idempotency_key(
     client: httpx.Client,
 ) -> None:
-    # The queue is full after the test above.
+    queued = []
+    while (resp := client.post("/v1/jobs", json={"prompt": "hi"})).status_code == 202:
+        queued.append(resp.json()["id"])
+    assert resp.status_code == 429
+    assert len(queued) == MAX_DEPTH  # filled by this test, from empty
     key = {"Idempotency-Key": "after-429"}
     assert client.post("/v1/jobs", json={"prompt": "x"}, headers=key).status_code == 429
     assert client.post("/v1/jobs", json={"prompt": "x"}, headers=key).status_code == 429
     assert client.post("/v1/jobs", json={"prompt": "y"}, headers=key).status_code == 429
+    client.delete(f"/v1/jobs/{queued.pop()}")  # room for one
+    retried = client.post("/v1/jobs", json={"prompt": "y"}, headers=key)
+    assert retried.status_code == 202
+    for job_id in [*queued, retried.json()["id"]]:
+        client.delete(f"/v1/jobs/{job_id}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -9,14 +10,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import trustme
+from arq.worker import Retry
+from pydantic import SecretStr
+from redis.asyncio import Redis
 
+from common.jobs import Job, JobStatus, WebhookDelivery
+from common.jobstore import JobStore
+from common.settings import Settings
 from common.webhooks import WebhookPolicy, WebhookRefused, sign, verify_signature
 from tests.conftest import WEBHOOK_RECEIVER_HOST, WEBHOOK_SECRET, Stack
+from worker.webhooks import WebhookSender, deliver_webhook, resolve
 
 
 @dataclass
@@ -29,8 +39,11 @@ class Receiver:
 
 
 @contextmanager
-def receiving(host: str) -> Iterator[Receiver]:
-    state = Receiver(failures=1)
+def receiving(
+    host: str, tls: ssl.SSLContext | None = None, failures: int = 1
+) -> Iterator[Receiver]:
+    """A receiver on `host`, over https with the certificate of `tls` if given."""
+    state = Receiver(failures=failures)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -44,7 +57,10 @@ def receiving(host: str) -> Iterator[Receiver]:
             pass
 
     server = ThreadingHTTPServer((host, 0), Handler)
-    state.url = f"http://{host}:{server.server_address[1]}/hook"
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    scheme = "http" if tls is None else "https"
+    state.url = f"{scheme}://{host}:{server.server_address[1]}/hook"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -105,6 +121,72 @@ def test_a_name_that_resolves_to_a_private_address_is_not_delivered_to(stack: St
     # The job shows no reason: a refused target looks like one that did not answer.
     assert first == {"attempt": 1, "at": first["at"], "delivered": False, "status_code": None}
     assert (second["delivered"], second["status_code"]) == (False, None)
+    assert receiver.received == []
+
+
+def serving_as(ca: trustme.CA, name: str) -> ssl.SSLContext:
+    """A server's TLS context, with a certificate of `ca` for `name` alone."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(context)
+    return context
+
+
+async def https_delivery(redis: Redis, tmp_path: Path, certified: str) -> tuple[str, Job, Receiver]:
+    """One attempt of a worker's delivery to `https://localhost:<port>/hook`, whose receiver
+    holds a certificate for `certified` from a CA the worker is told to trust; `localhost`
+    resolves to loopback, so only the addresses it resolves to are allowed (which the worker
+    pins the connection to). Returns the attempt's outcome (`retried` if it failed), the job as
+    recorded after it, and the receiver."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    addresses = await resolve("localhost", 443)
+    settings = Settings(
+        webhook_allowed_hosts=["localhost:*", *(str(a) for a in addresses)],
+        webhook_secret=SecretStr(WEBHOOK_SECRET),
+        webhook_ca_file=ca_file,
+    )
+    store = JobStore(redis, ttl_s=60, events_maxlen=100)
+    job = Job(id="hook-tls", status=JobStatus.succeeded, model="m", created_at=time.time())
+    await store.create(job, pool="p", owner="o")
+    sender = WebhookSender(store, settings)
+    try:
+        with receiving(str(addresses[0]), serving_as(ca, certified), failures=0) as receiver:
+            port = receiver.url.rsplit(":", 1)[1].split("/")[0]
+            receiver.url = f"https://localhost:{port}/hook"
+            context = {"webhooks": sender, "job_try": 1}
+            try:
+                outcome = await deliver_webhook(context, job.id, receiver.url)
+            except Retry:
+                outcome = "retried"
+    finally:
+        await sender.close()
+    recorded = await store.load(job.id)
+    assert recorded is not None
+    return outcome, recorded, receiver
+
+
+async def test_an_https_webhook_is_pinned_and_its_certificate_checked_by_name(
+    redis: Redis, tmp_path: Path
+) -> None:
+    outcome, job, receiver = await https_delivery(redis, tmp_path, "localhost")
+    assert outcome == "delivered"
+    (delivery,) = job.webhook_deliveries
+    assert delivery == WebhookDelivery(attempt=1, at=delivery.at, delivered=True, status_code=204)
+    ((headers, payload),) = receiver.received
+    assert headers["host"] == receiver.url.split("/")[2]
+    assert orjson.loads(payload)["id"] == job.id
+
+
+@pytest.mark.parametrize("other", ["hooks.example.com", "127.0.0.1"])
+async def test_an_https_webhook_to_a_certificate_of_another_name_is_not_delivered(
+    redis: Redis, tmp_path: Path, other: str
+) -> None:
+    # The pinned address (127.0.0.1) is no better than another name: the URL named localhost.
+    outcome, job, receiver = await https_delivery(redis, tmp_path, other)
+    assert outcome == "retried"
+    (delivery,) = job.webhook_deliveries
+    assert delivery == WebhookDelivery(attempt=1, at=delivery.at, delivered=False, status_code=None)
     assert receiver.received == []
 
 

@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -62,9 +63,16 @@ class WebhookSender:
         self.settings = settings
         self.policy = WebhookPolicy.from_settings(settings)
         # No redirects: a redirect could lead a signed body outside the allow-list. No proxies
-        # from the environment: a proxy would resolve the name itself, past the check.
+        # from the environment: a proxy would resolve the name itself, past the check; so
+        # SSL_CERT_FILE is not read either, and a private CA comes from GENQ_WEBHOOK_CA_FILE.
+        verify: ssl.SSLContext | bool = True
+        if settings.webhook_ca_file is not None:
+            verify = ssl.create_default_context(cafile=settings.webhook_ca_file)
         self.http = httpx.AsyncClient(
-            timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False
+            timeout=settings.webhook_timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+            verify=verify,
         )
 
     async def close(self) -> None:

@@ -10,7 +10,6 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    field_validator,
     model_validator,
 )
 
@@ -19,6 +18,9 @@ from gateway.schemas import MAX_LOGPROBS, TOKEN_ID_LIMIT, Strict, StructuredOutp
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
+# Limits declared in the schema, so that a client (or a schema-driven fuzzer) knows them.
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class StreamOptions(Strict):
@@ -164,7 +166,12 @@ Prompt = str | list[TokenId]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    ) = Field(
         description="A prompt (text or token ids), or a list of them: one choice each (times "
         "`n`), in order."
     )
@@ -179,15 +186,6 @@ class CompletionRequest(SamplingFields):
         description="Each token's logprob with this many likeliest tokens (and the chosen one).",
     )
     add_special_tokens: bool = Field(True, description="Add the tokenizer's BOS (vLLM's).")
-
-    @field_validator("prompt")
-    @classmethod
-    def _some_prompt(
-        cls, prompt: str | list[str] | list[int] | list[list[int]]
-    ) -> str | list[str] | list[int] | list[list[int]]:
-        if isinstance(prompt, list) and (not prompt or any(p == [] for p in prompt)):
-            raise ValueError("a prompt list must hold at least one prompt, and none empty")
-        return prompt
 
     @model_validator(mode="after")
     def _echo_whole(self) -> CompletionRequest:
@@ -475,7 +473,7 @@ OpenAIRequest = CompletionRequest | ChatCompletionRequest
 # field keeps vLLM's name and default.
 class TokenizeCompletionRequest(Strict):
     model: str | None = Field(None, description="Served model name; unset means the default.")
-    prompt: str
+    prompt: str = Field(description="The text; empty is no tokens (or the special ones alone).")
     add_special_tokens: bool = Field(
         True, description="Whether the tokenizer adds its special tokens (BOS) to `prompt`."
     )
@@ -492,32 +490,17 @@ class TokenizeCompletionRequest(Strict):
 class TokenizeChatRequest(Strict):
     model: str | None = Field(None, description="Served model name; unset means the default.")
     messages: list[ChatMessageIn] = Field(min_length=1)
-    add_generation_prompt: bool = Field(
+    # vLLM's fields, each with the one value genq serves: declared, so the schema says so.
+    add_generation_prompt: Literal[True] = Field(
         True,
         description="The chat template ends with the assistant's turn opened; the worker "
         "applies it so for every request, so only `true` is taken.",
     )
-    add_special_tokens: bool = Field(
+    add_special_tokens: Literal[False] = Field(
         False,
         description="The chat template places the special tokens; the tokenizer adds none of "
         "its own, so only `false` is taken.",
     )
-
-    @field_validator("add_generation_prompt")
-    @classmethod
-    def _generation_prompt(cls, value: bool) -> bool:
-        if not value:
-            raise ValueError("only true is supported: the chat template is applied with it")
-        return value
-
-    @field_validator("add_special_tokens")
-    @classmethod
-    def _special_tokens(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "only false is supported with `messages`: the chat template places them"
-            )
-        return value
 
     def generation(self) -> dict[str, object]:
         """The prompt fields of the native request this asks for."""

@@ -50,10 +50,12 @@ def _error(code: str, message: str) -> ServerSentEvent:
     )
 
 
-def native_requests(fields: list[dict[str, object]]) -> list[GenerationRequest]:
+def native_requests(
+    fields: list[dict[str, object]], kind: type[GenerationRequest] = GenerationRequest
+) -> list[GenerationRequest]:
     """The native requests of an OpenAI body's fields; one the native limits refuse is a 422."""
     try:
-        return [GenerationRequest.model_validate(each) for each in fields]
+        return [kind.model_validate(each) for each in fields]
     except ValidationError as e:
         raise BadRequest(describe_validation(e)) from e
 

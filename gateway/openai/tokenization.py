@@ -16,6 +16,7 @@ from gateway.openai.protocol import (
     TokenizeResponse,
 )
 from gateway.openai.serving import OpenAIServing, native_requests
+from gateway.schemas import PromptReading
 from gateway.services.listing import ModelListing
 
 # How a tokenizer request runs: its prompt read alone, ahead of generations (it costs the worker
@@ -55,6 +56,6 @@ class TokenizationServing:
     async def _read(
         self, fields: dict[str, object], caller: Caller, listener: Redis
     ) -> tuple[Job, JobResult]:
-        requests = native_requests([{**fields, **_PROMPT_ONLY}])
+        requests = native_requests([{**fields, **_PROMPT_ONLY}], PromptReading)
         (job,), (result,) = await self.openai.run(requests, 1, caller, None, listener)
         return job, result

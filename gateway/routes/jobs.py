@@ -11,6 +11,7 @@ from common.jobs import Job
 from gateway.deps import CallerDep, GeneratorDep, JobsDep, ListenerDep, ServicesDep
 from gateway.routes.common import ERRORS, IdempotencyKey, StrictJSONRoute
 from gateway.schemas import BatchRequest, BatchResponse, GenerationRequest
+from gateway.services.events import EVENT_ID_PATTERN
 from gateway.services.sse import job_event_stream, sse_response
 
 router = APIRouter(route_class=StrictJSONRoute, prefix="/v1/jobs", tags=["jobs"])
@@ -60,7 +61,14 @@ async def job_events(
     services: ServicesDep,
     caller: CallerDep,
     listener: ListenerDep,
-    last_event_id: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[
+        str,
+        Header(
+            description="Resume after this event id; empty or unset: from the start.",
+            # Declared for clients; the service refuses any other id with its own message.
+            json_schema_extra={"pattern": EVENT_ID_PATTERN},
+        ),
+    ] = "",
 ) -> EventSourceResponse:
     """`token` events, then `done` (data: the Job) or `error`. Resume with `Last-Event-ID`."""
     owner = caller.principal.id

@@ -20,7 +20,10 @@ from gateway.drain import Drain
 from gateway.errors import JobExpired, ShuttingDown
 from gateway.redisclient import STREAM_BLOCK_S, Listeners
 
-STREAM_ID = re.compile(r"^\d+-\d+$")
+# A resume point: an event's id (its Redis stream entry id), or empty for "from the start", as
+# an EventSource sends it before any event had an id.
+EVENT_ID_PATTERN = r"^(\d+-\d+)?$"
+STREAM_ID = re.compile(EVENT_ID_PATTERN)
 
 # Entries fetched per XREAD; a slow client reads a long stream in several round trips.
 _READ_COUNT = 512
