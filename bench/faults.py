@@ -479,8 +479,9 @@ def unhealthy_worker(fault: str) -> Inject:
 def _tripped(worker: Proc) -> str:
     """Why the worker's watchdog tripped, as its log says (text or JSON)."""
     for line in worker.log.read_text(errors="replace").splitlines():
-        if (start := line.find("watchdog: ")) >= 0:
-            return line[start : line.find("; the worker exits", start)]
+        if (end := line.find("; the worker exits")) >= 0:
+            # The last "watchdog: " before it: a text log's logger name ends so too.
+            return line[line.rfind("watchdog: ", 0, end) : end]
     return "no watchdog"
 
 
@@ -521,7 +522,10 @@ FAULTS: dict[str, Fault] = {
     "worker-kill": Fault("worker SIGKILL mid-job", kill_worker),
     "worker-term": Fault("worker SIGTERM mid-job", term_worker),
     "engine-dies": Fault("engine thread dies", unhealthy_worker("engine-dies")),
-    "step-hangs": Fault("an engine step never returns", unhealthy_worker("step-hangs")),
+    "step-hangs": Fault(
+        f"an engine step never returns (watchdog {HANG_TIMEOUT_S} s)",
+        unhealthy_worker("step-hangs"),
+    ),
     "loop-blocks": Fault(
         f"the event loop blocks (watchdog {HANG_TIMEOUT_S} s)", unhealthy_worker("loop-blocks")
     ),
