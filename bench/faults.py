@@ -13,8 +13,8 @@ and injects one fault after another (or those --only names), each time while job
   would);
 - `worker-term`: a worker stopped with SIGTERM mid-job (it drains and hands its jobs back);
 - `engine-dies`, `step-hangs`, `loop-blocks`: a worker whose engine thread dies, whose engine
-  step never returns, or whose event loop blocks (its watchdog exits it with status 3 after
-  `HANG_TIMEOUT_S`; the harness restarts it);
+  step never returns, or whose event loop blocks (its watchdog exits it with status 3, a hang
+  after `HANG_TIMEOUT_S`; the harness restarts it);
 - `redis-pause`: Redis paused for 8 s (SIGSTOP, then SIGCONT);
 - `redis-restart`: Redis killed with SIGKILL and restarted on its append-only file;
 - `gateway-term`: a gateway stopped with SIGTERM while streams are open (clients move to the
