@@ -1,25 +1,35 @@
 """Faults injected into a running genq stack, and what its clients see.
 
-    python -m bench.faults [--model PATH] [--clients 4] [--max-new-tokens 24] [--json]
+    python -m bench.faults [--model PATH] [--clients 4] [--max-new-tokens 24]
+                           [--only NAME,...] [--json]
 
 It starts a stack of its own (a Redis with an append-only file, two gateways, one worker; the
 default model unless --model names another), puts it under a steady load of careful clients,
-and injects one fault after another, each time while jobs are running:
+and injects one fault after another (or those --only names), each time while jobs are running:
 
-- a poisoned request (`temperature: 1e-40`) among running jobs;
-- a worker killed with SIGKILL mid-job (the harness restarts it, as a supervisor would);
-- a worker stopped with SIGTERM mid-job (it drains and hands its jobs back);
-- a worker whose engine thread dies (its watchdog exits it; the harness restarts it);
-- Redis paused for 8 s (SIGSTOP, then SIGCONT);
-- Redis killed with SIGKILL and restarted on its append-only file;
-- a gateway stopped with SIGTERM while streams are open (clients move to the other one).
+- `poison`: a poisoned request among running jobs (its row's scores turn NaN mid-decode, in a
+  batch with others: `bench.fault_worker`'s poison trap);
+- `worker-kill`: a worker killed with SIGKILL mid-job (the harness restarts it, as a supervisor
+  would);
+- `worker-term`: a worker stopped with SIGTERM mid-job (it drains and hands its jobs back);
+- `engine-dies`, `step-hangs`, `loop-blocks`: a worker whose engine thread dies, whose engine
+  step never returns, or whose event loop blocks (its watchdog exits it with status 3, a hang
+  after `HANG_TIMEOUT_S`; the harness restarts it);
+- `redis-pause`: Redis paused for 8 s (SIGSTOP, then SIGCONT);
+- `redis-restart`: Redis killed with SIGKILL and restarted on its append-only file;
+- `gateway-term`: a gateway stopped with SIGTERM while streams are open (clients move to the
+  other one).
 
 A client submits a job (retrying a refused submission with the same Idempotency-Key), follows
 its event stream to the end (resuming with Last-Event-ID wherever it breaks off, on either
-gateway), and then checks the job: one closing event, token indexes without gap or repeat,
-streamed text equal to the result. For each fault the table shows what the clients saw, the
-time until tokens flowed again after the fault ended, jobs lost (accepted, never finished) and
-jobs with two results. Both must be 0.
+gateway), and then reads the whole stream again and checks it: one closing event, token indexes
+without gap or repeat, streamed text (and logprobs) equal to the result. For each fault the
+table (or, with --json, one JSON object a line, as each fault ends) shows what the clients saw,
+the jobs accepted and how they ended: succeeded, failed (by error code), lost (accepted, never
+ended), doubled (other than one closing event), and whether each job's stream equals its
+result; the time until tokens flowed again after the fault ended and the longest stall. Only the
+poisoned job may fail; nothing may be lost or doubled, and every stream must equal its result:
+the exit status is 1 otherwise.
 """
 
 from __future__ import annotations
@@ -33,8 +43,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +58,11 @@ from tests.procs import Proc, genq_env, start_gateway, start_worker
 
 # How long a client keeps trying before it calls a job lost.
 JOB_DEADLINE_S = 180
-_FINISHED = ("succeeded", "failed", "cancelled")
+# The watchdog timeout of a worker with a hang to inject: a hang is found this long after it
+# began (the default, 300 s, leaves room for a slow step of a big model).
+HANG_TIMEOUT_S = 5
+# A prompt that holds it is poisoned by the fault workers' trap (`bench.fault_worker`).
+POISON_MARKER = "<poison>"
 
 
 @dataclass
@@ -59,8 +73,11 @@ class Observed:
     answers: Counter[str] = field(default_factory=Counter)  # "503", "resumed", ...
     token_times: list[float] = field(default_factory=list)
     accepted: dict[str, float] = field(default_factory=dict)  # job id -> when
-    finished: dict[str, dict[str, object]] = field(default_factory=dict)  # job id -> final job
-    doubled: set[str] = field(default_factory=set)  # jobs with other than one result
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # job id -> final job
+    doubled: set[str] = field(default_factory=set)  # jobs with other than one closing event
+    # Jobs whose stream has a gap or a repeat, or, for one that succeeded, differs from its
+    # result.
+    stream_differs: set[str] = field(default_factory=set)
     longest_refusal_s: float = 0.0
     longest_stall_s: float = 0.0  # the longest a job's stream went without a token
 
@@ -190,17 +207,19 @@ class Client(threading.Thread):
         closing = [e for e in events if e.event != "token"]
         tokens = [orjson.loads(e.data) for e in events if e.event == "token"]
         final = orjson.loads(closing[-1].data) if closing else {}
-        text = "".join(t["text"] for t in tokens)
         result = final.get("result")
-        whole = (
-            len(closing) == 1
-            and [t["index"] for t in tokens] == list(range(len(tokens)))
-            and (result is None or result["text"] == text)
-            and (result is None or _same_logprobs(result, tokens))
+        same = [t["index"] for t in tokens] == list(range(len(tokens))) and (
+            result is None
+            or (
+                result["text"] == "".join(t["text"] for t in tokens)
+                and _same_logprobs(result, tokens)
+            )
         )
         with self.seen.lock:
-            if not whole or job_id in self.seen.finished:
+            if len(closing) != 1 or job_id in self.seen.finished:
                 self.seen.doubled.add(job_id)
+            if not same:
+                self.seen.stream_differs.add(job_id)
             self.seen.finished[job_id] = final
 
 
@@ -244,8 +263,15 @@ class Stack:
             self.close()
             raise
 
-    def start_worker(self, module: str = "genq") -> Proc:
-        proc = start_worker(self.env, self.log_dir, self.bases[0], self.model, module=module)
+    def start_worker(self, fault: str | None = None) -> Proc:
+        """A worker with the poison trap (`bench.fault_worker`), and `fault` armed if given,
+        under a watchdog timeout of HANG_TIMEOUT_S."""
+        env = self.env
+        if fault is not None:
+            env = {**env, "FAULT": fault, "GENQ_WORKER_WATCHDOG_TIMEOUT_S": str(HANG_TIMEOUT_S)}
+        proc = start_worker(
+            env, self.log_dir, self.bases[0], self.model, module="bench.fault_worker"
+        )
         self.workers.append(proc)
         return proc
 
@@ -287,14 +313,82 @@ class Stack:
 
 @dataclass
 class Outcome:
-    fault: str
+    """How one fault went, as the clients saw it."""
+
+    fault: str  # its short name (FAULTS' key)
+    description: str
     clients_saw: str
+    accepted: int
+    succeeded: int
+    failed: dict[str, int]  # error code (or the status, for a job that ended otherwise) -> jobs
+    lost: int  # accepted, never ended
+    doubled: int  # other than one closing event
+    stream_equal: int  # succeeded, and the stream equals the result
+    stream_differs: int  # a gap or repeat in the stream, or a stream unlike the result
+    rerun: int  # ended on a later attempt than their first: ran again, on another worker
     recovery_s: float | None  # from the end of the fault to the next token any client got
     stall_s: float  # the longest any job's stream went without a token
-    accepted: int
-    lost: int
-    doubled: int
-    exited: list[str]
+    exited: list[str]  # genq processes that exited, other than by the fault itself
+
+    def problems(self, expected_failed: Mapping[str, int]) -> list[str]:
+        """What went wrong, given the failures the fault itself causes."""
+        return [
+            what
+            for what, wrong in (
+                (f"failed {self.failed}", self.failed != expected_failed),
+                (f"lost {self.lost}", self.lost > 0),
+                (f"doubled {self.doubled}", self.doubled > 0),
+                (f"stream differs {self.stream_differs}", self.stream_differs > 0),
+                (f"exited {self.exited}", bool(self.exited)),
+                ("no tokens after the fault", self.recovery_s is None),
+            )
+            if wrong
+        ]
+
+
+def outcome(
+    seen: Observed, fault: str, description: str, note: str, ended: float, exited: list[str]
+) -> Outcome:
+    """The tally of what `seen` saw; `ended`: when the fault ended (time.monotonic())."""
+    with seen.lock:
+        after = [t for t in seen.token_times if t > ended]
+        statuses = [seen.finished.get(job_id) for job_id in seen.accepted]
+        saw: dict[str, object] = dict(seen.answers)
+        if seen.longest_refusal_s:
+            saw["503 slowest (ms)"] = round(seen.longest_refusal_s * 1000)
+        succeeded = [
+            job_id
+            for job_id in seen.accepted
+            if seen.finished.get(job_id, {}).get("status") == "succeeded"
+        ]
+        failed = Counter(
+            (final.get("error") or {}).get("code") or str(final.get("status"))
+            for final in statuses
+            if final is not None and final.get("status") != "succeeded"
+        )
+        equal = [job_id for job_id in succeeded if job_id not in seen.stream_differs]
+        rerun = sum(1 for final in statuses if final is not None and final.get("attempt", 1) > 1)
+        if rerun:
+            saw["ran again"] = rerun
+        return Outcome(
+            fault=fault,
+            description=description,
+            clients_saw="; ".join(
+                filter(None, [", ".join(f"{k}: {v}" for k, v in sorted(saw.items())), note])
+            )
+            or "nothing unusual",
+            accepted=len(seen.accepted),
+            succeeded=len(succeeded),
+            failed=dict(sorted(failed.items())),
+            lost=statuses.count(None),
+            doubled=len(seen.doubled),
+            stream_equal=len(equal),
+            stream_differs=len(seen.stream_differs),
+            rerun=rerun,
+            recovery_s=round(after[0] - ended, 2) if after else None,
+            stall_s=round(seen.longest_stall_s, 2),
+            exited=exited,
+        )
 
 
 @contextlib.contextmanager
@@ -317,30 +411,14 @@ def run_fault(
 ) -> Outcome:
     """Load the stack, let jobs run for a moment, inject the fault (it returns a note on what
     it did), keep the load on until tokens flow again, then let every accepted job finish."""
+    fault = FAULTS[name]
     with load(stack, clients, body) as seen:
         _wait_for(lambda: len(seen.token_times) >= clients * 3, 120, "tokens before the fault")
-        note = FAULTS[name](stack, body)
+        note = fault.inject(stack, body, seen)
         ended = time.monotonic()
         _wait_for(lambda: any(t > ended for t in seen.token_times), 120, "tokens after the fault")
         time.sleep(settle_s)
-    after = [t for t in seen.token_times if t > ended]
-    lost = [j for j in seen.accepted if j not in seen.finished]
-    saw = dict(seen.answers)
-    if seen.longest_refusal_s:
-        saw["503 slowest (ms)"] = round(seen.longest_refusal_s * 1000)
-    return Outcome(
-        fault=name,
-        clients_saw="; ".join(
-            filter(None, [", ".join(f"{k}: {v}" for k, v in sorted(saw.items())), note])
-        )
-        or "nothing unusual",
-        recovery_s=round(after[0] - ended, 2) if after else None,
-        stall_s=round(seen.longest_stall_s, 2),
-        accepted=len(seen.accepted),
-        lost=len(lost),
-        doubled=len(seen.doubled),
-        exited=stack.genq_exited(),
-    )
+    return outcome(seen, name, fault.description, note, ended, stack.genq_exited())
 
 
 def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -351,42 +429,73 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> Non
         time.sleep(0.05)
 
 
-def poison(stack: Stack, body: dict[str, object]) -> str:
-    with httpx.Client(base_url=stack.bases[0], timeout=60) as http:
-        job = http.post("/v1/generate", json={**body, "temperature": 1e-40, "timeout_s": 55}).json()
-    return f"the poisoned job ended {job['status']}"
+def poison(stack: Stack, body: dict[str, object], seen: Observed) -> str:
+    """A job whose prompt holds the poison trap's marker, submitted and checked as the clients
+    do theirs (so it counts among the fault's jobs): its row is poisoned only in a batch with
+    other rows, so it must fail while they succeed. `ignore_eos` keeps it running until the
+    trap strikes."""
+    poisoned = {**body, "prompt": f"{body['prompt']} {POISON_MARKER}", "ignore_eos": True}
+    client = Client(stack.bases, poisoned, seen, threading.Event())
+    with client.http:
+        job_id = client.submit()
+        assert job_id is not None, "submitted until accepted: no stop was set"
+        if client.follow(job_id):
+            client.check(job_id)
+    final = seen.finished.get(job_id)
+    if final is None:
+        return "the poisoned job never ended"
+    code = (final.get("error") or {}).get("code")
+    return f"the poisoned job ended {final['status']}" + (f" ({code})" if code else "")
 
 
-def kill_worker(stack: Stack, body: dict[str, object]) -> str:
+def kill_worker(stack: Stack, body: dict[str, object], seen: Observed) -> str:
     status, _ = stack.replace_worker(signal.SIGKILL)
     return f"worker exit {status}"
 
 
-def term_worker(stack: Stack, body: dict[str, object]) -> str:
+def term_worker(stack: Stack, body: dict[str, object], seen: Observed) -> str:
     status, took = stack.replace_worker(signal.SIGTERM)
     return f"worker exit {status} after {took:.1f} s"
 
 
-def engine_dies(stack: Stack, body: dict[str, object]) -> str:
-    stack.workers.pop().stop()
-    dying = stack.start_worker(module="bench.fault_worker")
-    status = dying.popen.wait(timeout=120)
-    stack.workers.remove(dying)
-    stack.start_worker()
-    return f"worker exit {status}"
+def unhealthy_worker(fault: str) -> Inject:
+    """The worker is replaced by one with `fault` armed (`bench.fault_worker`), which takes
+    the jobs over and strikes a few steps in; once its watchdog has exited it, a healthy worker
+    takes its place and runs the jobs again."""
+
+    def inject(stack: Stack, body: dict[str, object], seen: Observed) -> str:
+        stack.workers.pop().stop()
+        failing = stack.start_worker(fault)
+        started = time.monotonic()
+        status = failing.popen.wait(timeout=120)
+        took = time.monotonic() - started
+        stack.workers.remove(failing)
+        stack.start_worker()
+        return f"worker exit {status} {took:.1f} s after it served ({_tripped(failing)})"
+
+    return inject
 
 
-def pause_redis(stack: Stack, body: dict[str, object]) -> str:
+def _tripped(worker: Proc) -> str:
+    """Why the worker's watchdog tripped, as its log says (text or JSON)."""
+    for line in worker.log.read_text(errors="replace").splitlines():
+        if (end := line.find("; the worker exits")) >= 0:
+            # The last "watchdog: " before it: a text log's logger name ends so too.
+            return line[line.rfind("watchdog: ", 0, end) : end]
+    return "no watchdog"
+
+
+def pause_redis(stack: Stack, body: dict[str, object], seen: Observed) -> str:
     stack.pause_redis(8)
     return ""
 
 
-def restart_redis(stack: Stack, body: dict[str, object]) -> str:
+def restart_redis(stack: Stack, body: dict[str, object], seen: Observed) -> str:
     stack.restart_redis()
     return ""
 
 
-def term_gateway(stack: Stack, body: dict[str, object]) -> str:
+def term_gateway(stack: Stack, body: dict[str, object], seen: Observed) -> str:
     gateway = stack.gateways[0]
     started = time.monotonic()
     gateway.popen.send_signal(signal.SIGTERM)
@@ -396,30 +505,50 @@ def term_gateway(stack: Stack, body: dict[str, object]) -> str:
     return f"gateway exit {status} after {took:.1f} s"
 
 
-Fault = Callable[[Stack, dict[str, object]], str]
+# Injects a fault into the stack under load; returns a note on what it did.
+Inject = Callable[[Stack, dict[str, object], Observed], str]
+
+
+@dataclass(frozen=True)
+class Fault:
+    description: str
+    inject: Inject
+    # The jobs the fault itself fails, by error code; any other failure is the service's.
+    fails: Mapping[str, int] = field(default_factory=dict)
+
 
 FAULTS: dict[str, Fault] = {
-    "poisoned request among running jobs": poison,
-    "worker SIGKILL mid-job": kill_worker,
-    "worker SIGTERM mid-job": term_worker,
-    "engine thread dies": engine_dies,
-    "Redis paused 8 s": pause_redis,
-    "Redis SIGKILL + restart (AOF)": restart_redis,
-    "gateway SIGTERM with open streams": term_gateway,
+    "poison": Fault("a poisoned request among running jobs", poison, fails={"numerical_error": 1}),
+    "worker-kill": Fault("worker SIGKILL mid-job", kill_worker),
+    "worker-term": Fault("worker SIGTERM mid-job", term_worker),
+    "engine-dies": Fault("engine thread dies", unhealthy_worker("engine-dies")),
+    "step-hangs": Fault(
+        f"an engine step never returns (watchdog {HANG_TIMEOUT_S} s)",
+        unhealthy_worker("step-hangs"),
+    ),
+    "loop-blocks": Fault(
+        f"the event loop blocks (watchdog {HANG_TIMEOUT_S} s)", unhealthy_worker("loop-blocks")
+    ),
+    "redis-pause": Fault("Redis paused 8 s", pause_redis),
+    "redis-restart": Fault("Redis SIGKILL + restart (AOF)", restart_redis),
+    "gateway-term": Fault("gateway SIGTERM with open streams", term_gateway),
 }
 
 
 def table(outcomes: list[Outcome]) -> str:
     rows = [
-        "| fault | what the clients saw | recovery (s) | longest stall (s) | jobs accepted | lost "
-        "| two results |",
-        "|---|---|---|---|---|---|---|",
+        "| fault | what the clients saw | accepted | succeeded | failed | lost | doubled "
+        "| stream = result | recovery (s) | longest stall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         recovery = "n/a" if o.recovery_s is None else f"{o.recovery_s:.2f}"
+        failed = sum(o.failed.values())
+        codes = ", ".join(f"{code}: {n}" for code, n in o.failed.items())
         rows.append(
-            f"| {o.fault} | {o.clients_saw} | {recovery} | {o.stall_s:.2f} | {o.accepted} "
-            f"| {o.lost} | {o.doubled} |"
+            f"| {o.description} (`{o.fault}`) | {o.clients_saw} | {o.accepted} | {o.succeeded} "
+            f"| {failed}{f' ({codes})' if codes else ''} | {o.lost} | {o.doubled} "
+            f"| {o.stream_equal} yes, {o.stream_differs} no | {recovery} | {o.stall_s:.2f} |"
         )
     return "\n".join(rows)
 
@@ -429,7 +558,10 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the default model)")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--only", type=_names, default=list(FAULTS), help=f"of {','.join(FAULTS)} (default: all)"
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object a fault")
     parser.add_argument("--data-dir", type=Path, default=Path("var/bench-faults"))
     args = parser.parse_args()
 
@@ -450,17 +582,30 @@ def main() -> None:
     stack = Stack(args.data_dir / f"run-{uuid.uuid4().hex[:8]}", log_dir, **settings)
     outcomes = []
     try:
-        for name in FAULTS:
+        for name in args.only:
             print(f"{name}...", file=sys.stderr, flush=True)
             outcomes.append(run_fault(stack, name, clients=args.clients, body=body))
+            if args.json:
+                print(orjson.dumps(asdict(outcomes[-1])).decode(), flush=True)
     finally:
         stack.close()
-    if args.json:
-        print(orjson.dumps([o.__dict__ for o in outcomes]).decode())
-    else:
+    if not args.json:
         print(table(outcomes))
-    if any(o.lost or o.doubled or o.exited for o in outcomes):
+    problems = [
+        f"{o.fault}: {', '.join(wrong)}"
+        for o in outcomes
+        if (wrong := o.problems(FAULTS[o.fault].fails))
+    ]
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
         raise SystemExit(1)
+
+
+def _names(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if unknown := [name for name in names if name not in FAULTS]:
+        raise argparse.ArgumentTypeError(f"no fault {', '.join(unknown)}; of {', '.join(FAULTS)}")
+    return names
 
 
 if __name__ == "__main__":
