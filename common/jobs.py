@@ -148,6 +148,12 @@ class TokenEvent(BaseModel):
     logprobs: list[TokenLogprob] | None = Field(
         None, description="With `logprobs`: those of the tokens this event's text came from."
     )
+    ids: list[int] | None = Field(
+        None,
+        description="The ids of the tokens generated since the previous event (this event's "
+        "text comes from them, and from earlier ones whose text was held back). A re-run of "
+        "the job goes on from them.",
+    )
 
     def encoded(self) -> str:
         """The stream entry's data: fields left unset take no room in Redis."""

@@ -244,10 +244,21 @@ class JobStore:
         lost = await self._append(keys=keys_, args=args)
         return [ids[int(n) - 1] for n in lost]
 
-    async def published_tokens(self, job_id: str) -> int:
-        """Token events already published: what an earlier, interrupted attempt streamed."""
-        raw = await cast("Awaitable[bytes | None]", self.redis.hget(keys.job(job_id), "tokens"))
-        return 0 if raw is None else int(raw)
+    async def published(self, job_id: str) -> list[TokenEvent] | None:
+        """The token events earlier, interrupted attempts published, in order; None where the
+        stream no longer holds them all (trimmed at `events_maxlen`, or expired)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(keys.job(job_id), "tokens")
+            pipe.xrange(keys.events(job_id))
+            count, entries = await pipe.execute()
+        published = [
+            TokenEvent.model_validate_json(event.data)
+            for event in (events.decode(entry_id, fields) for entry_id, fields in entries)
+            if event.type is events.EventType.token
+        ]
+        if [token.index for token in published] != list(range(int(count or 0))):
+            return None
+        return published
 
     async def finish(self, job: Job, *, pool: str, orphan: bool = False) -> Fenced:
         """Store the final record and close the event stream, atomically and once: refused if

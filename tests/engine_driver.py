@@ -9,7 +9,7 @@ import torch
 
 from gateway.schemas import ChatMessage, GenerationRequest
 from worker import metrics
-from worker.engine import Engine, EngineLimits, EngineRequest, RowOutput
+from worker.engine import Engine, EngineLimits, EngineRequest, Resume, RowOutput
 from worker.engine.config import DecodeConfig, DecodeMode
 from worker.engine.generation import Generation, GenerationError, build_prompt_ids
 from worker.engine.model import LoadedModel
@@ -30,9 +30,11 @@ class Collector:
     done: dict[str, Generation] = field(default_factory=dict)
     errors: dict[str, GenerationError] = field(default_factory=dict)
     batch_sizes: list[int] = field(default_factory=list)
+    outputs: list[RowOutput] = field(default_factory=list)  # all of them, in order
     mode: DecodeMode | None = None  # how the engine decoded, at the end
 
     def __call__(self, outputs: list[RowOutput]) -> None:
+        self.outputs += outputs
         for out in outputs:
             ended = out.request_id in self.done or out.request_id in self.errors
             assert not ended, f"{out.request_id} was answered twice"
@@ -50,6 +52,7 @@ class Job:
     params: SamplingParams
     at_step: int = 0  # the step before which it is submitted
     chat: bool = False
+    resume: Resume | None = None  # what an earlier attempt of it published
 
 
 def run(
@@ -89,7 +92,11 @@ def drive(
                     if job.chat
                     else GenerationRequest(prompt=job.prompt)
                 )
-                engine.submit(EngineRequest(job.id, request, job.params, deadline=float("inf")))
+                engine.submit(
+                    EngineRequest(
+                        job.id, request, job.params, deadline=float("inf"), resume=job.resume
+                    )
+                )
         if cancel and step in cancel:
             engine.cancel(cancel[step])
         if before_step:

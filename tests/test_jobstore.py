@@ -57,7 +57,7 @@ async def test_finish_writes_record_and_closing_event_with_ttl(redis: Redis) -> 
     await store.create(job, pool=POOL, owner=OWNER)
     assert await start(store, "j1", 1) is Fenced.ok
     assert await store.append_step({"j1": tokens("a", "b")}, {"j1": 1}) == []
-    assert await store.published_tokens("j1") == 2
+    assert [t.text for t in await store.published("j1") or []] == ["a", "b"]
     final = succeeded(job, "ab", attempt=1)
     assert await store.finish(final, pool=POOL) is Fenced.ok
     loaded = await store.load("j1")
@@ -71,9 +71,19 @@ async def test_finish_writes_record_and_closing_event_with_ttl(redis: Redis) -> 
     assert await store.started(POOL) == []
 
 
-async def test_published_tokens_is_zero_for_a_new_job(redis: Redis) -> None:
+async def test_a_new_job_has_published_nothing(redis: Redis) -> None:
     store = JobStore(redis, ttl_s=100, events_maxlen=1000)
-    assert await store.published_tokens("fresh") == 0
+    assert await store.published("fresh") == []
+
+
+async def test_published_is_none_once_the_stream_lost_its_start(redis: Redis) -> None:
+    """A re-run cannot go on from a stream trimmed past its first events."""
+    store = JobStore(redis, ttl_s=100, events_maxlen=1000)
+    await store.create(new_job(), pool=POOL, owner=OWNER)
+    await start(store, "j1", 1)
+    await store.append_step({"j1": tokens("a", "b", "c")}, {"j1": 1})
+    await redis.xtrim(keys.events("j1"), maxlen=2, approximate=False)
+    assert await store.published("j1") is None
 
 
 async def test_a_superseded_attempt_writes_nothing(redis: Redis) -> None:
@@ -176,7 +186,7 @@ async def test_a_replayed_write_repeats_nothing(redis: Redis) -> None:
     await store.append_step({"j1": tokens("a", "b")}, {"j1": 1})
     await store.append_step({"j1": tokens("a", "b")}, {"j1": 1})
     await store.append_step({"j1": tokens("b", "c", first=1)}, {"j1": 1})
-    assert await store.published_tokens("j1") == 3
+    assert [t.index for t in await store.published("j1") or []] == [0, 1, 2]
     final = succeeded(job, "abc", attempt=1)
     assert await store.finish(final, pool=POOL) is Fenced.ok
     assert await store.finish(final, pool=POOL) is Fenced.ok

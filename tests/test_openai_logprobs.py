@@ -278,6 +278,11 @@ def test_native_token_events_carry_their_logprobs_and_counts_and_the_result_hold
     assert streamed == [TokenLogprob.model_validate(entry) for entry in result["logprobs"]]
     assert result["prompt_token_ids"] == ids
     assert result["token_ids"] == reference(tiny_lm, PROMPT, 6)
+    # Each event's ids are those of the tokens its logprobs are of.
+    assert [event["ids"] for event in tokens] == [
+        [e["id"] for e in event["logprobs"]] for event in tokens
+    ]
+    assert [i for event in tokens for i in event["ids"]] == result["token_ids"]
     assert result["prompt_text"] == PROMPT
     expected = log_softmax(tiny_lm, ids + result["token_ids"])
     for i, entry in enumerate(result["logprobs"]):

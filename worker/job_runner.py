@@ -35,6 +35,7 @@ from worker.engine import (
     EngineRequest,
     Generation,
     GenerationError,
+    Resume,
     RowOutput,
     SamplingParams,
 )
@@ -84,9 +85,8 @@ class LostAttempt(Exception):
 class _Pending:
     future: asyncio.Future[Generation]
     attempt: int
-    skip: int  # token events an earlier attempt already published
     engine: Engine
-    next_index: int = 0
+    next_index: int  # of the job's next token event
 
 
 @dataclass
@@ -256,14 +256,19 @@ class JobRunner:
         assert held.engine is not None
         engine = held.engine
         # Only a re-run can find tokens of an earlier attempt: spare first runs the round trip.
-        skip = await _persist(self.store.published_tokens, job.id) if job.attempt > 1 else 0
-        pending = _Pending(self._loop.create_future(), job.attempt, skip, engine)
+        published = await self._published(job.id) if job.attempt > 1 else []
+        pending = _Pending(self._loop.create_future(), job.attempt, engine, len(published))
         self._pending[job.id] = pending
         metrics.JOBS_HELD.labels(self.settings.pool).inc()
         params = sampling_params(item)
-        scope = item.cache_scope or ""
         request = EngineRequest(
-            job.id, item.request, params, deadline, cache_scope=scope, echo=item.request.echo
+            job.id,
+            item.request,
+            params,
+            deadline,
+            cache_scope=item.cache_scope or "",
+            echo=item.request.echo,
+            resume=_resume(published) if published else None,
         )
         engine.submit(request)
         try:
@@ -277,6 +282,16 @@ class JobRunner:
         finally:
             del self._pending[job.id]
             metrics.JOBS_HELD.labels(self.settings.pool).dec()
+
+    async def _published(self, job_id: str) -> list[TokenEvent]:
+        """What earlier attempts of the job streamed, for this one to go on from."""
+        published = await _persist(self.store.published, job_id)
+        if published is None:
+            raise GenerationError(
+                "the job was interrupted, and its event stream no longer holds all the text it "
+                "sent (GENQ_EVENTS_MAXLEN): it cannot be continued"
+            )
+        return published
 
     def cancel(self, job_id: str) -> None:
         """Stop a job this worker is running (a no-op for any other job)."""
@@ -324,15 +339,15 @@ class JobRunner:
                 continue
             index = pending.next_index
             pending.next_index += 1
-            if index >= pending.skip:
-                event = TokenEvent(
-                    index=index,
-                    text=out.text,
-                    tokens=out.tokens,
-                    prompt_tokens=out.prompt_tokens if index == 0 else None,
-                    logprobs=out.logprobs or None,
-                )
-                tokens.setdefault(out.request_id, []).append(event)
+            event = TokenEvent(
+                index=index,
+                text=out.text,
+                tokens=out.tokens,
+                prompt_tokens=out.prompt_tokens if index == 0 else None,
+                logprobs=out.logprobs or None,
+                ids=out.ids or None,
+            )
+            tokens.setdefault(out.request_id, []).append(event)
         if tokens:
             attempts = {job_id: self._pending[job_id].attempt for job_id in tokens}
             async for attempt in _while_redis_is_away():
@@ -432,6 +447,15 @@ class JobRunner:
                 "timings": timings,
             }
         )
+
+
+def _resume(published: list[TokenEvent]) -> Resume:
+    """Where a re-run goes on from: the tokens, text and log-probabilities already streamed."""
+    return Resume(
+        token_ids=[token for event in published for token in event.ids or ()],
+        text="".join(event.text for event in published),
+        logprobs=[entry for event in published for entry in event.logprobs or ()],
+    )
 
 
 def _prompt(item: WorkItem) -> object:

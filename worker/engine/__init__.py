@@ -9,6 +9,7 @@ from worker.engine.engine import Engine, EngineHealth, EngineRequest
 from worker.engine.generation import Generation, GenerationError, RowOutput
 from worker.engine.memory import MemoryMonitor
 from worker.engine.model import LoadedModel
+from worker.engine.resume import Resume
 from worker.engine.sampling import SamplingParams
 from worker.engine.stats import StatsCallback, StepStats
 
@@ -23,6 +24,7 @@ __all__ = [
     "GenerationError",
     "LoadedModel",
     "MemoryMonitor",
+    "Resume",
     "RowOutput",
     "SamplingParams",
     "StatsCallback",

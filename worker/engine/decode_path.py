@@ -182,8 +182,8 @@ class DecodePath(ABC, Generic[B]):
             return
         try:
             for i, row in enumerate(batch.rows):
-                if not cache.covers(row.prompt_ids, row.cache_scope):
-                    cache.store(row.prompt_ids, batch.prompt_kv(i), row.cache_scope)
+                if not cache.covers(row.prefill_ids, row.cache_scope):
+                    cache.store(row.prefill_ids, batch.prompt_kv(i), row.cache_scope)
         except torch.OutOfMemoryError:
             # The cache only saves work: it gives its memory up, the rows keep theirs.
             logger.warning("out of memory caching prompts; prefix cache cleared")

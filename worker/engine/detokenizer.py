@@ -149,6 +149,7 @@ class Detokenizer:
             text,
             finished=finished,
             tokens=len(row.token_ids),
+            ids=row.take_unsent_ids(),
             prompt_tokens=len(row.prompt_ids),
             logprobs=row.take_unsent_logprobs() if row.params.logprobs is not None else None,
         )

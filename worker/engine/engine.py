@@ -48,6 +48,7 @@ from worker.engine.memory import MemoryMonitor
 from worker.engine.model import LoadedModel, vocab
 from worker.engine.paths import choose_path
 from worker.engine.prefix_cache import PrefixCache
+from worker.engine.resume import Resume, resume_row
 from worker.engine.rows import Ending, Row, Step, new_row, score
 from worker.engine.sampling import SamplingParams
 from worker.engine.stats import StatsCallback, StepStats
@@ -68,6 +69,7 @@ class EngineRequest:
     deadline: float  # time.monotonic() past which the request fails with `job_timeout`
     cache_scope: str = ""  # the prefix-cache partition its prompt may match (an API key)
     echo: bool = False  # its generation holds its prompt's text
+    resume: Resume | None = None  # what an earlier attempt published, to go on from
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +283,7 @@ class Engine:
         blocked = not admission.rows and not admission.held_back
         blocked = blocked and running < self.limits.max_batch_size
         cached = sum(hit.length for hit in admission.hits if hit is not None)
-        prompts = sum(len(row.prompt_ids) for row in admission.rows)
+        prompts = sum(len(row.prefill_ids) for row in admission.rows)
         return StepStats(
             model=self.lm.name,
             seconds=time.monotonic() - started,
@@ -357,11 +359,25 @@ class Engine:
             self._end(request.id, error=error)
             return
         self._rows[request.id] = row
+        if request.resume is not None and self._resume(row, request.resume):
+            return
         if not params.max_new_tokens:
             self._read_prompt(row)
             return
         row.queued_step = self._steps
         self._waiting.append(row)
+
+    def _resume(self, row: Row, resume: Resume) -> bool:
+        """Set `row` up to go on from `resume`; whether that answered the request (its earlier
+        tokens already ended it, or cannot be continued)."""
+        try:
+            reason = resume_row(row, resume, self.lm.eos_token_ids)
+        except GenerationError as e:
+            self._end(row.request_id, error=e)
+            return True
+        if reason is not None:
+            self._end(row.request_id, reason)
+        return reason is not None
 
     def _read_prompt(self, row: Row) -> None:
         """A request for its prompt alone (max_new_tokens 0): scored if it asks, then answered

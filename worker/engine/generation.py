@@ -131,6 +131,7 @@ class RowOutput:
     finished: Generation | None = None
     error: GenerationError | None = None
     tokens: int = 0  # generated so far
+    ids: list[int] = field(default_factory=list)  # the tokens `text` came from
     prompt_tokens: int = 0
     # Of the tokens this output's text came from (and those whose text is held back, at the end).
     logprobs: list[TokenLogprob] | None = None

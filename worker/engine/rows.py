@@ -39,6 +39,9 @@ class Row:
     prompt_ids: list[int]
     params: SamplingParams
     stream: TextStream
+    # What its prefill feeds: its prompt, then, for a request resumed after an earlier attempt
+    # died (`resume.py`), the tokens that attempt published, which count as generated.
+    prefill_ids: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     cached_prompt_tokens: int = 0
     cache_scope: str = ""  # the prefix-cache partition of its prompt (an API key)
@@ -58,13 +61,24 @@ class Row:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
+    sent: int = 0  # of token_ids, those handed on with an output
     first_token_s: float | None = None
     answered: bool = False
 
     @property
+    def resumed_ids(self) -> list[int]:
+        """The tokens an earlier attempt generated, which this row goes on from."""
+        return self.prefill_ids[len(self.prompt_ids) :]
+
+    @property
+    def budget(self) -> int:
+        """The tokens it may still generate."""
+        return self.params.max_new_tokens - (len(self.prefill_ids) - len(self.prompt_ids))
+
+    @property
     def reserved_tokens(self) -> int:
         """KV-cache tokens this row may grow to, alone."""
-        return len(self.prompt_ids) + self.params.max_new_tokens
+        return len(self.prefill_ids) + self.budget
 
     @property
     def origin(self) -> int:
@@ -73,6 +87,13 @@ class Row:
 
     def take_unsent_logprobs(self) -> list[TokenLogprob]:
         unsent, self.unsent_logprobs = self.unsent_logprobs, []
+        return unsent
+
+    def take_unsent_ids(self) -> list[int]:
+        """Its tokens since its last output, for the next: that output's text comes from them
+        (and from earlier tokens whose text was held back)."""
+        unsent = self.token_ids[self.sent :]
+        self.sent = len(self.token_ids)
         return unsent
 
     def generation(self, reason: FinishReason, texts: TokenTexts) -> Generation:
@@ -88,7 +109,8 @@ class Row:
             text=self.stream.text,
             finish_reason=reason,
             prompt_tokens=len(self.prompt_ids),
-            cached_prompt_tokens=self.cached_prompt_tokens,
+            # A resumed row's cached prefix may reach into its earlier tokens.
+            cached_prompt_tokens=min(self.cached_prompt_tokens, len(self.prompt_ids)),
             token_ids=self.token_ids,
             prompt_ids=self.prompt_ids,
             logprobs=self.logprobs if self.params.logprobs is not None else None,
@@ -113,6 +135,7 @@ def new_row(
     return Row(
         request_id=request_id,
         prompt_ids=prompt_ids,
+        prefill_ids=prompt_ids,
         params=params,
         stream=TextStream(lm.tokenizer, prompt_ids, list(params.stop), params.min_tokens),
         cache_scope=cache_scope,

@@ -26,10 +26,18 @@ class TokenHistory:
         self.prompt = prompt
 
     @classmethod
-    def of(cls, prompts: list[list[int]], vocab: int, device: torch.device) -> TokenHistory:
+    def of(
+        cls, prompts: list[list[int]], generated: list[list[int]], vocab: int, device: torch.device
+    ) -> TokenHistory:
+        """Rows whose prompts are `prompts`, having generated `generated` already (a resumed
+        request's earlier tokens)."""
         history = cls.empty(len(prompts), vocab, device)
-        for i, ids in enumerate(prompts):
+        for i, (ids, done) in enumerate(zip(prompts, generated, strict=True)):
             history.prompt[i, torch.tensor(ids, device=device).clamp(max=vocab - 1)] = True
+            if done:
+                history.counts[i].index_add_(
+                    0, torch.tensor(done, device=device), torch.ones(len(done), device=device)
+                )
         return history
 
     @classmethod
@@ -92,19 +100,23 @@ class SlotTensors:
         prompts: list[list[int]],
         vocab: int,
         device: torch.device,
+        generated: list[list[int]] | None = None,
     ) -> SlotTensors:
-        """New rows, before the pass that prefills their prompts."""
+        """New rows, before the pass that prefills their prompts and, for a resumed request,
+        the tokens it `generated` before: they count as generated, so its random stream, its
+        length and `min_tokens` go on where they were, and its penalties see them."""
+        done = generated or [[] for _ in prompts]
         ints = [
             [
                 p.top_k_cut,
                 stream_key(p.seed),
-                0,
-                n - 1,
+                len(ids),
+                len(prompt) + len(ids) - 1,
                 p.max_new_tokens - 1,
                 int(not p.ignore_eos),
                 p.min_tokens,
             ]
-            for p, n in zip(params, map(len, prompts), strict=True)
+            for p, prompt, ids in zip(params, prompts, done, strict=True)
         ]
         floats = [
             [
@@ -122,7 +134,7 @@ class SlotTensors:
             torch.tensor(ints, dtype=torch.long, device=device),
             torch.tensor(floats, dtype=torch.float32, device=device),
             len(params),
-            TokenHistory.of(prompts, vocab, device) if penalized else None,
+            TokenHistory.of(prompts, done, vocab, device) if penalized else None,
         )
 
     @classmethod

@@ -35,11 +35,13 @@ def admit(
     longest = 0
     while waiting and len(running) + len(admitted) < limits.max_batch_size:
         row = waiting[0]
-        longest_if = max(longest, len(row.prompt_ids))
+        longest_if = max(longest, len(row.prefill_ids))
         first = not admitted
         if not first and longest_if * (len(admitted) + 1) > limits.max_prefill_tokens:
             break
-        hit = prefix_cache.lookup(row.prompt_ids, row.cache_scope) if prefix_cache.enabled else None
+        hit = (
+            prefix_cache.lookup(row.prefill_ids, row.cache_scope) if prefix_cache.enabled else None
+        )
         rows, prefixes = [*admitted, row], [*hits, hit]
         peak = padded_peak([*running, *Batch.prefill_extents(rows, prefixes)])
         if peak > limits.max_batch_tokens:

@@ -62,9 +62,7 @@ class Batch(RowBook):
         """Each row's (span, steps) for `padded_peak`: the cache columns it spans at the next
         forward pass, from its first real one, and the forward passes it has left."""
         p = self.passes
-        return [
-            (row.origin + p, row.params.max_new_tokens - (p - row.first_pass)) for row in self.rows
-        ]
+        return [(row.origin + p, row.budget - (p - row.first_pass)) for row in self.rows]
 
     @classmethod
     def prefill(
@@ -75,7 +73,7 @@ class Batch(RowBook):
         hits = prefixes or [None] * len(rows)
         cached = [hit.length if hit else 0 for hit in hits]
         prefix_width = max(cached)
-        rests = [row.prompt_ids[n:] for row, n in zip(rows, cached, strict=True)]
+        rests = [row.prefill_ids[n:] for row, n in zip(rows, cached, strict=True)]
         longest = max(map(len, rests))
         pad = lm.tokenizer.pad_token_id or 0
         ids = [[pad] * (longest - len(rest)) + rest for rest in rests]
@@ -95,7 +93,11 @@ class Batch(RowBook):
         buffer = SlotBuffer()
         buffer.write([mask[:, None, :, None]])
         slots = SlotTensors.of(
-            [row.params for row in rows], [row.prompt_ids for row in rows], vocab(lm), device
+            [row.params for row in rows],
+            [row.prompt_ids for row in rows],
+            vocab(lm),
+            device,
+            [row.resumed_ids for row in rows],
         )
         input_ids = torch.tensor(ids, device=device)
         return cls(rows, input_ids, buffer, cache, slots, fused.prefill_attention(mask, longest))
@@ -105,10 +107,10 @@ class Batch(RowBook):
         """`extents` of the rows once `prefill(rows, prefixes)` has run its forward pass: a row
         spans its prompt, or, with a cached prefix, the prefix and the longest rest."""
         cached = [hit.length if hit else 0 for hit in prefixes]
-        rests = [len(row.prompt_ids) - n for row, n in zip(rows, cached, strict=True)]
+        rests = [len(row.prefill_ids) - n for row, n in zip(rows, cached, strict=True)]
         longest_rest = max(rests)
         return [
-            (n + longest_rest if n else n + rest, row.params.max_new_tokens)
+            (n + longest_rest if n else n + rest, row.budget)
             for row, n, rest in zip(rows, cached, rests, strict=True)
         ]
 
@@ -117,7 +119,7 @@ class Batch(RowBook):
         forward pass and `extend`: its prefix columns (if any) and its rest's."""
         row = self.rows[i]
         width = self.mask.width
-        rest = len(row.prompt_ids) - row.cached_prompt_tokens
+        rest = len(row.prefill_ids) - row.cached_prompt_tokens
         prefix_end = width - self.input_ids.shape[1]
         parts = [slice(width - rest, width)]
         if row.cached_prompt_tokens:

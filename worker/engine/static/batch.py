@@ -78,7 +78,7 @@ class StaticBatch(RowBook):
         row with a cached prefix has it copied into its first columns and feeds the rest."""
         cache = state.cache
         rests = [
-            row.prompt_ids[hit.length if hit else 0 :] for row, hit in zip(rows, hits, strict=True)
+            row.prefill_ids[hit.length if hit else 0 :] for row, hit in zip(rows, hits, strict=True)
         ]
         width = max(map(len, rests))
         pad = lm.tokenizer.pad_token_id or 0
@@ -88,8 +88,8 @@ class StaticBatch(RowBook):
         columns: list[int] = []
         last: list[int] = []
         for i, (row, rest, hit) in enumerate(zip(rows, rests, hits, strict=True)):
-            start, padding = len(row.prompt_ids) - len(rest), width - len(rest)
-            real = list(range(start, len(row.prompt_ids)))
+            start, padding = len(row.prefill_ids) - len(rest), width - len(rest)
+            real = list(range(start, len(row.prefill_ids)))
             tokens += rest + [pad] * padding
             positions += real + [real[-1]] * padding
             columns += real + [cache.scratch] * padding
@@ -97,10 +97,10 @@ class StaticBatch(RowBook):
             last.append(i * width + len(rest) - 1)
             row.cached_prompt_tokens = start
             row.first_pass = 0
-            row.first_span = len(row.prompt_ids)
+            row.first_span = len(row.prefill_ids)
             if hit is not None:
                 cache.load_prefix(first + i, hit)
-        longest = max(len(row.prompt_ids) for row in rows)
+        longest = max(len(row.prefill_ids) for row in rows)
         length = min(-(-longest // _COLUMN_ALIGN) * _COLUMN_ALIGN, cache.geometry.columns)
         device = lm.device
         flat = torch.tensor([tokens, positions, slots, columns], device=device)
@@ -116,14 +116,18 @@ class StaticBatch(RowBook):
             length=length,
         )
         new = SlotTensors.of(
-            [row.params for row in rows], [row.prompt_ids for row in rows], vocab(lm), device
+            [row.params for row in rows],
+            [row.prompt_ids for row in rows],
+            vocab(lm),
+            device,
+            [row.resumed_ids for row in rows],
         )
         state.slots.put(first, new)
         return cls(state, rows, first, part)
 
     def prompt_kv(self, i: int) -> KV:
         """Row `i`'s prompt keys and values, after its prefill pass (for the prefix cache)."""
-        return self.state.cache.prompt_kv(self.first + i, len(self.rows[i].prompt_ids))
+        return self.state.cache.prompt_kv(self.first + i, len(self.rows[i].prefill_ids))
 
     def extend(self, other: StaticBatch) -> StaticBatch:
         """Count in `other`'s rows, prefilled by the same pass into the slots after these."""

@@ -76,11 +76,11 @@ class StaticPath(DecodePath[StaticBatch]):
         longest = 0
         while waiting and running + len(admitted) < limits.max_batch_size:
             row = waiting[0]
-            longest_if = max(longest, len(row.prompt_ids))
+            longest_if = max(longest, len(row.prefill_ids))
             if admitted and longest_if * (len(admitted) + 1) > limits.max_prefill_tokens:
                 break
             cache = self.prefix_cache
-            hit = cache.lookup(row.prompt_ids, row.cache_scope) if cache.enabled else None
+            hit = cache.lookup(row.prefill_ids, row.cache_scope) if cache.enabled else None
             waiting.popleft()
             admitted.append(row)
             hits.append(hit)
