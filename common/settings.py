@@ -61,6 +61,18 @@ class Settings(BaseSettings):
     redis_breaker_reset_s: float = Field(
         2.0, gt=0, description="How long the open breaker answers 503 before it tries Redis again."
     )
+    redis_probe_interval_s: float = Field(
+        0.25,
+        gt=0,
+        description="Gateway: pause between two PINGs of its Redis probe, which opens the circuit "
+        "breaker when one goes unanswered and closes it when Redis answers again.",
+    )
+    redis_probe_timeout_s: float = Field(
+        0.25,
+        gt=0,
+        description="Gateway: how long the probe's PING waits for Redis's answer; past it Redis "
+        "counts as stalled.",
+    )
     redis_max_connections: int = Field(
         100, ge=1, description="Gateway connections to Redis for ordinary commands."
     )

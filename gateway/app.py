@@ -57,7 +57,9 @@ def create_app(settings: Settings, drain: Drain | None = None) -> FastAPI:
         reaping = asyncio.create_task(
             services.reaper.sweep_forever(lambda: pools().pools(), settings.worker_heartbeat_s)
         )
+        probing = asyncio.create_task(services.probe.run())
         yield
+        probing.cancel()
         reaping.cancel()
         await services.aclose()
 

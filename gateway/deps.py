@@ -21,6 +21,7 @@ from gateway.errors import Forbidden, Unauthorized
 from gateway.openai.serving import OpenAIServing
 from gateway.openai.tokenization import TokenizationServing
 from gateway.redisclient import Listeners, create_gateway_redis
+from gateway.redisprobe import RedisProbe
 from gateway.services.admin import AdminService
 from gateway.services.events import EventReader
 from gateway.services.jobs import JobService
@@ -35,6 +36,7 @@ class Services:
     settings: Settings
     redis: ArqRedis
     listeners: Listeners
+    probe: RedisProbe
     drain: Drain
     jobs: JobService
     router: ModelRouter
@@ -64,6 +66,7 @@ class Services:
             settings=settings,
             redis=redis,
             listeners=listeners,
+            probe=RedisProbe.from_settings(settings, redis.breaker),
             drain=drain,
             jobs=jobs,
             router=router,
@@ -77,6 +80,7 @@ class Services:
         )
 
     async def aclose(self) -> None:
+        await self.probe.aclose()
         await self.redis.aclose(close_connection_pool=True)
         await self.listeners.pool.disconnect()
 

@@ -63,6 +63,11 @@ BREAKER_STATE = Gauge(
     ["state"],
     multiprocess_mode="livesum",
 )
+REDIS_PROBE_FAILURES = Counter(
+    "genq_redis_probe_failures_total",
+    "PINGs of the gateway's Redis probe left unanswered for GENQ_REDIS_PROBE_TIMEOUT_S; each "
+    "opens the circuit breaker, or keeps it open",
+)
 REDIS_LATENCY = Histogram(
     "genq_redis_command_duration_seconds",
     "Redis commands and pipelines of the gateway, from sending to the reply (blocking event "

@@ -4,7 +4,8 @@ Every command the gateway sends goes through `GuardedRedis.execute_command` or a
 `GuardedPipeline`, so the breaker sees all of them. After `GENQ_REDIS_BREAKER_FAILURES`
 connection errors or timeouts in a row it opens: commands then fail at once with `CircuitOpen`,
 without touching Redis, until `GENQ_REDIS_BREAKER_RESET_S` has passed and a trial command
-finds Redis answering again.
+finds Redis answering again. The probe (`gateway.redisprobe`) opens it sooner, as soon as Redis
+leaves a PING unanswered, and closes it as soon as Redis answers again.
 
 Ordinary commands share one pool; a client waiting on a job's events (an SSE stream, a sync wait)
 holds a connection of another (`Listeners`), so blocking reads never starve the commands.
@@ -50,11 +51,8 @@ class PoolExhausted(RedisConnectionError):
 class CircuitOpen(RedisConnectionError):
     """The breaker is open: Redis was not tried."""
 
-    def __init__(self, failures: int, retry_after_s: int) -> None:
-        super().__init__(
-            f"Redis failed {failures} times in a row; the gateway tries it again in "
-            f"{retry_after_s}s"
-        )
+    def __init__(self, why: str, retry_after_s: int) -> None:
+        super().__init__(f"{why}; the gateway tries it again in {retry_after_s}s")
         self.retry_after_s = retry_after_s
 
 
@@ -89,8 +87,10 @@ class _StateLog(pybreaker.CircuitBreakerListener):
         old_state: pybreaker.CircuitBreakerState | None,
         new_state: pybreaker.CircuitBreakerState,
     ) -> None:
-        metrics.record_breaker_state(new_state.name)
         old = old_state.name if old_state is not None else None
+        if old == new_state.name:
+            return  # the probe opening it again: it was open all along
+        metrics.record_breaker_state(new_state.name)
         if new_state.name == pybreaker.STATE_OPEN:
             logger.warning("Redis circuit breaker open (%s -> open): answering 503 for now", old)
         else:
@@ -115,6 +115,13 @@ class RedisBreaker:
             name="redis",
         )
         metrics.record_breaker_state(pybreaker.STATE_CLOSED)
+        # Whether the probe's last PING went unanswered; only then may its answer close the
+        # breaker.
+        self._probe_silent = False
+        # Once Redis answers again, the probe closes the breaker within this.
+        self._probe_retry_after_s = max(
+            1, math.ceil(settings.redis_probe_interval_s + settings.redis_probe_timeout_s)
+        )
 
     @property
     def state(self) -> str:
@@ -126,7 +133,28 @@ class RedisBreaker:
             with self._breaker.calling():
                 yield
         except pybreaker.CircuitBreakerError as e:
-            raise CircuitOpen(self._breaker.fail_max, self._retry_after_s()) from e
+            if self._probe_silent:
+                raise CircuitOpen("Redis does not answer", self._probe_retry_after_s) from e
+            why = f"Redis failed {self._breaker.fail_max} times in a row"
+            raise CircuitOpen(why, self._retry_after_s()) from e
+
+    def probe_failed(self, error: BaseException) -> None:
+        """Redis left the probe's PING unanswered. The breaker opens, and opens again at each
+        unanswered PING, so that no request waits on a trial while Redis stays silent: the probe
+        is the trial."""
+        if not self._probe_silent:
+            logger.warning("Redis did not answer the gateway's probe: %r", error)
+        self._probe_silent = True
+        self._breaker.open()
+
+    def probe_answered(self) -> None:
+        """Closes the breaker if the probe had found Redis silent. One that requests opened
+        while the probe was answered waits out its reset: what failed them is not what the probe
+        sees (a refused connect from a full Redis, say), and closing it at every PING would make
+        each request find out again."""
+        if self._probe_silent:
+            self._probe_silent = False
+            self._breaker.close()
 
     def _retry_after_s(self) -> int:
         opened_at: datetime | None = self._storage.opened_at

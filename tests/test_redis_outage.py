@@ -16,6 +16,7 @@ from httpx_sse import connect_sse
 
 from genq.redis_server import RedisServer, free_port
 from tests.procs import genq_env, start_gateway
+from tests.scrape import parse
 
 
 @contextmanager
@@ -62,64 +63,109 @@ def test_readyz_and_routes_follow_redis_down_and_back(
         assert client.get("/healthz").status_code == 200  # alive, just not ready
 
         server.start()
-        # The breaker opened on those failures; it tries Redis again after its reset time.
+        # The probe found Redis gone and opened the breaker; it closes it once Redis answers.
         assert eventually(lambda: client.get("/readyz").status_code == 200, timeout_s=15)
         assert client.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202
 
 
-def test_stalled_redis_is_answered_by_the_open_breaker_which_closes_by_itself(
+def test_a_stall_is_refused_at_once_once_the_probe_saw_it_and_served_as_soon_as_it_ends(
     tmp_path_factory: pytest.TempPathFactory, log_dir: Path
 ) -> None:
-    """SIGSTOP: connects still succeed, commands never answer. A command waits 3 s for its
-    reply, while the measured requests give up after 1 s: only the open breaker, which does not
-    touch Redis, can answer them in time."""
+    """SIGSTOP: connects still succeed, commands never answer. A command would wait 2 s for its
+    reply; the probe finds Redis silent within its interval and timeout (0.5 s), and opens the
+    breaker, so that no request waits on Redis. Once Redis answers, the probe closes the breaker,
+    long before the breaker's own reset (60 s) would let a request try."""
     settings = {
-        "GENQ_REDIS_COMMAND_TIMEOUT_S": "3",
-        "GENQ_REDIS_SOCKET_TIMEOUT_S": "60",
-        "GENQ_REDIS_BREAKER_FAILURES": "2",
-        "GENQ_REDIS_BREAKER_RESET_S": "8",
+        "GENQ_REDIS_COMMAND_TIMEOUT_S": "2",
+        "GENQ_REDIS_BREAKER_RESET_S": "60",
+        "GENQ_REDIS_PROBE_INTERVAL_S": "0.25",
+        "GENQ_REDIS_PROBE_TIMEOUT_S": "0.25",
     }
     with (
         gateway_on_own_redis(tmp_path_factory, log_dir, **settings) as (server, base),
-        httpx.Client(base_url=base, timeout=1.0) as fast,
-        httpx.Client(base_url=base, timeout=15) as patient,
+        httpx.Client(base_url=base, timeout=15) as client,
     ):
-        assert patient.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202
+        assert client.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202
+        server.pause()
+        try:
+            time.sleep(1.5)  # three times the probe's interval and timeout; no request meanwhile
+            for path in ["/v1/jobs", "/v1/jobs/abc", "/readyz"] * 3:
+                started = time.perf_counter()
+                if path == "/v1/jobs":
+                    answer = client.post(path, json={"prompt": "hi"})
+                else:
+                    answer = client.get(path)
+                took_s = time.perf_counter() - started
+                assert answer.status_code == 503
+                assert answer.json()["error"]["code"] == "redis_unavailable"
+                # Not waiting the command timeout (2 s) means Redis was not asked: the first
+                # request already found the breaker open.
+                assert took_s < 0.5, (path, took_s)
+                # The probe closes the breaker within its interval and timeout of Redis's return.
+                assert answer.headers["retry-after"] == "1"
+            scraped = parse(client.get("/metrics").text)
+            assert scraped.value("genq_redis_breaker_state", state="open") == 1
+            assert scraped.value("genq_redis_probe_failures_total") >= 1
+        finally:
+            server.resume()
+
+        assert eventually(
+            lambda: client.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202,
+            timeout_s=10,
+        )
+        breaker = client.get("/metrics").text
+        assert 'genq_redis_breaker_state{state="open"} 0.0' in breaker
+        assert 'genq_redis_breaker_state{state="closed"} 1.0' in breaker
+
+
+def test_failed_requests_open_the_breaker_which_closes_after_its_reset(
+    tmp_path_factory: pytest.TempPathFactory, log_dir: Path
+) -> None:
+    """The breaker's own path, with a probe too slow to see the stall (its PING waits 60 s):
+    the two requests that wait out the command timeout (3 s) open it, and the next ones are
+    refused without waiting. Half-open after 8 s, the first request that finds Redis answering
+    closes it; the probe, never having found Redis silent, leaves the breaker to its reset."""
+    settings = {
+        "GENQ_REDIS_COMMAND_TIMEOUT_S": "3",
+        "GENQ_REDIS_BREAKER_FAILURES": "2",
+        "GENQ_REDIS_BREAKER_RESET_S": "8",
+        "GENQ_REDIS_PROBE_TIMEOUT_S": "60",
+    }
+    with (
+        gateway_on_own_redis(tmp_path_factory, log_dir, **settings) as (server, base),
+        httpx.Client(base_url=base, timeout=15) as client,
+    ):
+        assert client.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202
         server.pause()
         try:
             with ThreadPoolExecutor(2) as pool:
                 tripping = list(
-                    pool.map(lambda _: patient.post("/v1/jobs", json={"prompt": "hi"}), range(2))
+                    pool.map(lambda _: client.post("/v1/jobs", json={"prompt": "hi"}), range(2))
                 )
             assert [r.status_code for r in tripping] == [503, 503]
 
-            latencies_ms = []
-            for path in ["/v1/jobs", "/v1/jobs/abc", "/readyz"] * 7:
+            for path in ["/v1/jobs", "/v1/jobs/abc", "/readyz"] * 3:
                 started = time.perf_counter()
                 if path == "/v1/jobs":
-                    answer = fast.post(path, json={"prompt": "hi"})
+                    answer = client.post(path, json={"prompt": "hi"})
                 else:
-                    answer = fast.get(path)
-                latencies_ms.append((time.perf_counter() - started) * 1000)
+                    answer = client.get(path)
+                took_s = time.perf_counter() - started
                 assert answer.status_code == 503
                 assert answer.json()["error"]["code"] == "redis_unavailable"
+                assert took_s < 0.5, (path, took_s)  # the command timeout is 3 s
                 assert 1 <= int(answer.headers["retry-after"]) <= 8
-            assert 'genq_redis_breaker_state{state="open"} 1.0' in fast.get("/metrics").text
-            latencies_ms.sort()
-            print(
-                f"\n503 latency while Redis is stalled ({len(latencies_ms)} requests): "
-                f"min {latencies_ms[0]:.1f} ms, median {latencies_ms[len(latencies_ms) // 2]:.1f}"
-                f" ms, max {latencies_ms[-1]:.1f} ms"
-            )
+            scraped = parse(client.get("/metrics").text)
+            assert scraped.value("genq_redis_breaker_state", state="open") == 1
+            assert scraped.value("genq_redis_probe_failures_total") == 0
         finally:
             server.resume()
 
-        # Half-open after 8 s; the first command that finds Redis answering closes it.
         assert eventually(
-            lambda: patient.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202,
+            lambda: client.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202,
             timeout_s=30,
         )
-        breaker = patient.get("/metrics").text
+        breaker = client.get("/metrics").text
         assert 'genq_redis_breaker_state{state="open"} 0.0' in breaker
         assert 'genq_redis_breaker_state{state="closed"} 1.0' in breaker
 
