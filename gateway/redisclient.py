@@ -23,12 +23,15 @@ import pybreaker
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.client import Pipeline
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, Connection
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import keys
 from common.contract import deserialize_payload, serialize_payload
+from common.redisconn import connection_pool
 from common.settings import Settings
 from gateway import metrics
 
@@ -58,6 +61,18 @@ class CircuitOpen(RedisConnectionError):
         self.retry_after_s = retry_after_s
 
 
+class NotReplicated(RedisError):
+    """The primary took the writes, but fewer replicas than required confirmed them in time.
+    Redis answered: not an outage."""
+
+    def __init__(self, acked: int, needed: int, timeout_ms: int) -> None:
+        super().__init__(
+            f"{acked} of the {needed} replicas required confirmed the write within {timeout_ms} ms"
+        )
+        self.acked = acked
+        self.needed = needed
+
+
 class BoundedPool(BlockingConnectionPool):
     """At most `max_connections`; a caller waits `timeout` seconds for a free one."""
 
@@ -74,6 +89,11 @@ class BoundedPool(BlockingConnectionPool):
             if isinstance(e.__cause__, TimeoutError):
                 raise PoolExhausted(self.setting, self.max_connections) from e
             raise
+
+
+class BoundedSentinelPool(SentinelConnectionPool, BoundedPool):
+    """A `BoundedPool` whose connections go to the primary the sentinels name (redis-py's
+    Sentinel pool over the blocking one: its connection class, the blocking wait)."""
 
 
 def _is_outage(exc: BaseException) -> bool:
@@ -140,6 +160,33 @@ class GuardedPipeline(Pipeline):
     def __init__(self, breaker: RedisBreaker, *args: Any) -> None:
         super().__init__(*args)
         self.breaker = breaker
+        self._replicas: tuple[int, int] | None = None
+
+    def require_replicas(self, replicas: int, timeout_ms: int) -> None:
+        """Make the next `execute` of this transaction return only once `replicas` replicas
+        hold its writes, waiting up to `timeout_ms`; else it raises `NotReplicated`, the writes
+        made. WAIT counts what its own connection wrote, so it runs on the transaction's."""
+        self._replicas = (replicas, timeout_ms)
+
+    async def _execute_transaction(
+        self, connection: Connection, commands: Any, raise_on_error: bool
+    ) -> list[Any]:
+        replies: list[Any] = await super()._execute_transaction(
+            connection, commands, raise_on_error
+        )
+        if self._replicas is not None:
+            replicas, timeout_ms = self._replicas
+            await connection.send_command("WAIT", replicas, timeout_ms)
+            # The socket timeout bounds a reply; this one may take the whole wait first.
+            read_timeout_s = timeout_ms / 1000 + (connection.socket_timeout or 0)
+            acked = int(await connection.read_response(timeout=read_timeout_s))
+            if acked < replicas:
+                raise NotReplicated(acked, replicas, timeout_ms)
+        return replies
+
+    async def reset(self) -> None:
+        self._replicas = None
+        await super().reset()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         if not self.command_stack and not self.watching:
@@ -165,7 +212,7 @@ class GuardedRedis(ArqRedis):
             with metrics.redis_command(_command(args)):
                 return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
-    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> GuardedPipeline:
         return GuardedPipeline(
             self.breaker, self.connection_pool, self.response_callbacks, transaction, shard_hint
         )
@@ -183,8 +230,10 @@ def _blocking(args: tuple[Any, ...]) -> bool:
 
 
 def _pool(settings: Settings, *, setting: str, limit: int, read_timeout_s: float) -> BoundedPool:
-    return BoundedPool.from_url(
-        settings.redis_url.get_secret_value(),
+    return connection_pool(
+        settings,
+        BoundedPool,
+        BoundedSentinelPool,
         setting=setting,
         max_connections=limit,
         timeout=settings.redis_command_timeout_s,
