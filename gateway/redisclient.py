@@ -63,14 +63,7 @@ class CircuitOpen(RedisConnectionError):
 
 class NotReplicated(RedisError):
     """The primary took the writes, but fewer replicas than required confirmed them in time.
-    Redis answered: not an outage."""
-
-    def __init__(self, acked: int, needed: int, timeout_ms: int) -> None:
-        super().__init__(
-            f"{acked} of the {needed} replicas required confirmed the write within {timeout_ms} ms"
-        )
-        self.acked = acked
-        self.needed = needed
+    Not counted as an outage: the writes were made, and the caller must not undo them."""
 
 
 class BoundedPool(BlockingConnectionPool):
@@ -176,12 +169,19 @@ class GuardedPipeline(Pipeline):
         )
         if self._replicas is not None:
             replicas, timeout_ms = self._replicas
-            await connection.send_command("WAIT", replicas, timeout_ms)
             # The socket timeout bounds a reply; this one may take the whole wait first.
             read_timeout_s = timeout_ms / 1000 + (connection.socket_timeout or 0)
-            acked = int(await connection.read_response(timeout=read_timeout_s))
+            try:
+                await connection.send_command("WAIT", replicas, timeout_ms)
+                acked = int(await connection.read_response(timeout=read_timeout_s))
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                # After EXEC: the writes were made, whether or not a replica has them.
+                raise NotReplicated(f"the primary failed before replicas confirmed: {e}") from e
             if acked < replicas:
-                raise NotReplicated(acked, replicas, timeout_ms)
+                raise NotReplicated(
+                    f"{acked} of the {replicas} replicas required confirmed the write within "
+                    f"{timeout_ms} ms"
+                )
         return replies
 
     async def reset(self) -> None:
