@@ -3,6 +3,8 @@ once a replica holds the job (Redis WAIT)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +13,12 @@ import httpx
 import pytest
 import redis
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from common import keys
 from common.redisconn import sync_client
 from common.settings import Settings
+from gateway.redisclient import create_gateway_redis
 from genq.redis_ha import RedisHA
 from genq.redis_server import RedisServer, free_port
 from tests.conftest import TINY_NAME
@@ -64,6 +68,43 @@ def test_a_client_built_from_the_settings_finds_the_primary_and_follows_a_failov
     assert client.get("before") == b"1"  # replicated before the kill
     assert client.connection_pool.get_master_address()[1] != old  # type: ignore[attr-defined]
     client.close()
+
+
+async def test_the_gateways_pools_follow_a_failover_to_the_promoted_replica(
+    redis_ha: RedisHA,
+) -> None:
+    settings = Settings(
+        redis_url=redis_ha.url,
+        redis_sentinels=redis_ha.sentinel_addresses,
+        redis_sentinel_password=redis_ha.sentinel_password,
+    )
+    commands, listeners = create_gateway_redis(settings)
+    try:
+        await commands.set("before", "1")
+        old = redis_ha.primary.port
+        # A failover the sentinels run with the old primary alive: it stays up, demoted, and
+        # answers writes with READONLY, which must send the pools to the new primary.
+        sentinel = redis.Redis(port=redis_ha.sentinels[0].port, password=redis_ha.sentinel_password)
+        sentinel.execute_command("SENTINEL", "FAILOVER", "genq")  # type: ignore[no-untyped-call]
+        sentinel.close()
+        new = await asyncio.to_thread(redis_ha.wait_for_promotion, old)
+        pool = commands.connection_pool
+        # Until the old primary is demoted, a write may still land on it (and be lost: WAIT
+        # is what keeps such a job from being acknowledged); then READONLY, or the sentinels
+        # closing its clients, and the breaker's open spell, if it opened.
+        for _ in range(100):
+            with contextlib.suppress(RedisError):
+                await commands.set("after", "1")
+                if pool.master_address == ("127.0.0.1", new):  # type: ignore[attr-defined]
+                    break
+            await asyncio.sleep(0.1)
+        assert pool.master_address == ("127.0.0.1", new)  # type: ignore[attr-defined]
+        async with listeners.hold() as listener:
+            assert await listener.get("before") == b"1"
+            assert await listener.get("after") == b"1"
+    finally:
+        await commands.aclose()
+        await listeners.pool.aclose()
 
 
 @pytest.fixture(scope="module")
