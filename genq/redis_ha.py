@@ -189,9 +189,6 @@ class RedisHA:
         finally:
             client.close()
 
-    def node(self, port: int) -> RedisServer:
-        return self.primary if port == self.primary.port else self.replica
-
     def stop(self) -> None:
         for server in [*self.sentinels, self.replica, self.primary]:
             server.stop()
