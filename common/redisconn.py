@@ -9,6 +9,8 @@ demoted (READONLY) is dropped, so clients follow a failover as they reconnect.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import redis
@@ -47,18 +49,36 @@ def connection_pool(
     )
 
 
-def sync_client(settings: Settings, **options: Any) -> redis.Redis:
-    """A blocking client, for the few calls made off the event loop."""
+class SentinelPool(SentinelConnectionPool):
+    """redis-py's Sentinel pool, which also closes its clients of the sentinels when it closes
+    (redis-py leaves them open)."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # closing, not the sweep of idle connections on a new primary
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.aclose()
+
+
+@contextmanager
+def sync_client(settings: Settings, **options: Any) -> Iterator[redis.Redis]:
+    """A blocking client, for the few calls made off the event loop; closed on exit."""
     url = settings.redis_url.get_secret_value()
     if not settings.sentinel_addresses:
-        return redis.Redis.from_url(url, **options)
+        with redis.Redis.from_url(url, **options) as client:
+            yield client
+        return
     manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]  # untyped in redis-py
         settings.sentinel_addresses, sentinel_kwargs=_sentinel_options(settings)
     )
-    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
-        settings.redis_sentinel_service, **_data_options(url), **options
-    )
-    return client
+    try:
+        with manager.master_for(  # type: ignore[no-untyped-call]
+            settings.redis_sentinel_service, **_data_options(url), **options
+        ) as client:
+            yield client
+    finally:
+        for sentinel in manager.sentinels:
+            sentinel.close()
 
 
 def _data_options(url: str) -> dict[str, Any]:
@@ -85,7 +105,7 @@ def create_redis(settings: Settings) -> ArqRedis:
     pool = connection_pool(
         settings,
         ConnectionPool,
-        SentinelConnectionPool,
+        SentinelPool,
         socket_connect_timeout=settings.redis_connect_timeout_s,
         socket_timeout=settings.redis_socket_timeout_s,
         health_check_interval=30,

@@ -24,14 +24,13 @@ from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection, Connection
-from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import keys
 from common.contract import deserialize_payload, serialize_payload
-from common.redisconn import connection_pool
+from common.redisconn import SentinelPool, connection_pool
 from common.settings import Settings
 from gateway import metrics
 
@@ -84,7 +83,7 @@ class BoundedPool(BlockingConnectionPool):
             raise
 
 
-class BoundedSentinelPool(SentinelConnectionPool, BoundedPool):
+class BoundedSentinelPool(SentinelPool, BoundedPool):
     """A `BoundedPool` whose connections go to the primary the sentinels name (redis-py's
     Sentinel pool over the blocking one: its connection class, the blocking wait)."""
 

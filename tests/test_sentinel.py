@@ -52,22 +52,21 @@ def test_a_client_built_from_the_settings_finds_the_primary_and_follows_a_failov
         redis_sentinels=redis_ha.sentinel_addresses,
         redis_sentinel_password=redis_ha.sentinel_password,
     )
-    client = sync_client(settings, socket_timeout=1)
-    client.set("before", "1")
-    old = redis_ha.primary.port
-    redis_ha.primary.kill()
-    redis_ha.wait_for_promotion(old)
-    # The first command after the kill may meet the dead connection; the next reconnects to
-    # the primary the sentinels name now.
-    for _ in range(50):
-        try:
-            client.set("after", "1")
-            break
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    assert client.get("before") == b"1"  # replicated before the kill
-    assert client.connection_pool.get_master_address()[1] != old  # type: ignore[attr-defined]
-    client.close()
+    with sync_client(settings, socket_timeout=1) as client:
+        client.set("before", "1")
+        old = redis_ha.primary.port
+        redis_ha.primary.kill()
+        redis_ha.wait_for_promotion(old)
+        # The first command after the kill may meet the dead connection; the next reconnects
+        # to the primary the sentinels name now.
+        for _ in range(50):
+            try:
+                client.set("after", "1")
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        assert client.get("before") == b"1"  # replicated before the kill
+        assert client.connection_pool.get_master_address()[1] != old  # type: ignore[attr-defined]
 
 
 async def test_the_gateways_pools_follow_a_failover_to_the_promoted_replica(
@@ -103,7 +102,7 @@ async def test_the_gateways_pools_follow_a_failover_to_the_promoted_replica(
             assert await listener.get("before") == b"1"
             assert await listener.get("after") == b"1"
     finally:
-        await commands.aclose()
+        await commands.aclose(close_connection_pool=True)
         await listeners.pool.aclose()
 
 

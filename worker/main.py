@@ -193,10 +193,11 @@ class WorkerProcess:
         leased = list(self._leased_jobs())
         if not leased:
             return
-        client = sync_client(self.settings, socket_timeout=1, socket_connect_timeout=1)
-        with contextlib.suppress(RedisError, OSError):
+        with (
+            sync_client(self.settings, socket_timeout=1, socket_connect_timeout=1) as client,
+            contextlib.suppress(RedisError, OSError),
+        ):
             client.delete(*(keys.arq_in_progress(job_id) for job_id in leased))
-        client.close()
 
     async def _listen(self) -> None:
         """Relay cancel requests and reload commands as they are published.
