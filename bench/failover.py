@@ -2,6 +2,7 @@
 
     python -m bench.failover [--model PATH] [--clients 6] [--jobs 300] [--max-new-tokens 24]
                              [--json]
+    python -m bench.failover --ack-cost 3000 [--json]
 
 It starts a primary, a replica and three sentinels (`genq.redis_ha`), two gateways and a worker
 that reach Redis only through the sentinels (GENQ_REDIS_SENTINELS; acknowledgement waits for one
@@ -16,12 +17,17 @@ jobs were accepted. Then every accepted job must have ended exactly once and suc
 stream's text, read across its resumptions, must equal the job's result. Printed: the time from
 the kill to the promotion, to the old node serving as replica, and to the first new job accepted;
 jobs accepted, succeeded, failed, lost and doubled; streams resumed and equal to their result.
+
+`--ack-cost N` measures instead what acknowledgement costs: N submission-shaped transactions
+through the gateway's client, without and with the WAIT for one replica.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import statistics
 import sys
 import threading
 import time
@@ -36,6 +42,7 @@ from httpx_sse import connect_sse
 
 from bench.faults import JOB_DEADLINE_S, Client, Observed
 from common.settings import Settings
+from gateway.redisclient import create_gateway_redis
 from genq.redis_ha import RedisHA
 from tests.procs import Proc, genq_env, start_gateway, start_worker
 
@@ -250,6 +257,41 @@ def report(result: Drill) -> str:
     )
 
 
+def ack_cost(ha: RedisHA, writes: int) -> dict[str, float]:
+    """Median and 99th percentile (ms) of a transaction shaped like a submission's (a record and
+    a queue entry) through the gateway's client, without and with the WAIT for one replica."""
+
+    async def measure() -> dict[str, float]:
+        settings = Settings(
+            redis_url=ha.url,
+            redis_sentinels=ha.sentinel_addresses,
+            redis_sentinel_password=ha.sentinel_password,
+        )
+        commands, listeners = create_gateway_redis(settings)
+        figures: dict[str, float] = {}
+        try:
+            for wait in (False, True):
+                took = []
+                for i in range(writes):
+                    started = time.perf_counter()
+                    async with commands.pipeline(transaction=True) as pipe:
+                        if wait:
+                            pipe.require_replicas(1, settings.redis_ack_timeout_ms)
+                        pipe.hset(f"bench:{i}", mapping={"record": "x" * 500})
+                        pipe.zadd("bench:queue", {f"bench:{i}": i})
+                        await pipe.execute()
+                    took.append((time.perf_counter() - started) * 1000)
+                name = "with WAIT" if wait else "without WAIT"
+                figures[f"{name} median (ms)"] = round(statistics.median(took), 3)
+                figures[f"{name} p99 (ms)"] = round(statistics.quantiles(took, n=100)[98], 3)
+        finally:
+            await commands.aclose(close_connection_pool=True)
+            await listeners.pool.aclose()
+        return figures
+
+    return asyncio.run(measure())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="checkpoint directory (default: the default model)")
@@ -258,7 +300,22 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--data-dir", type=Path, default=Path("var/bench-failover"))
+    parser.add_argument(
+        "--ack-cost",
+        type=int,
+        metavar="WRITES",
+        help="instead of the drill: what waiting for a replica adds to a submission's write",
+    )
     args = parser.parse_args()
+    if args.ack_cost:
+        ha = RedisHA(args.data_dir / f"ack-{uuid.uuid4().hex[:8]}")
+        ha.start()
+        try:
+            figures = ack_cost(ha, args.ack_cost)
+        finally:
+            ha.stop()
+        print(orjson.dumps(figures).decode() if args.json else figures)
+        return
 
     defaults = Settings.model_fields
     settings = {
