@@ -2,7 +2,7 @@
 one place; the worker's client is here too (the gateway's, with its breaker and bounded pools,
 is in `gateway.redisclient`, over `connection_pool`).
 
-With GENQ_REDIS_SENTINELS, every pool is redis-py's `SentinelConnectionPool` (or a subclass):
+With GENQ_REDIS_SENTINELS, every pool is a `SentinelPool`, redis-py's Sentinel pool:
 each new connection asks the sentinels for the primary, and a connection that finds its node
 demoted (READONLY) is dropped, so clients follow a failover as they reconnect.
 """
@@ -24,8 +24,20 @@ from common import keys
 from common.contract import deserialize_payload, serialize_payload
 from common.settings import Settings
 
+
+class SentinelPool(SentinelConnectionPool):
+    """redis-py's Sentinel pool, which also closes its clients of the sentinels when it closes
+    (redis-py leaves them open)."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # closing, not the sweep of idle connections on a new primary
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.aclose()
+
+
 P = TypeVar("P", bound=ConnectionPool)
-S = TypeVar("S", bound=SentinelConnectionPool)
+S = TypeVar("S", bound=SentinelPool)
 
 
 def connection_pool(
@@ -47,17 +59,6 @@ def connection_pool(
         **_data_options(url),
         **options,
     )
-
-
-class SentinelPool(SentinelConnectionPool):
-    """redis-py's Sentinel pool, which also closes its clients of the sentinels when it closes
-    (redis-py leaves them open)."""
-
-    async def disconnect(self, inuse_connections: bool = True) -> None:
-        await super().disconnect(inuse_connections)
-        if inuse_connections:  # closing, not the sweep of idle connections on a new primary
-            for sentinel in self.sentinel_manager.sentinels:
-                await sentinel.aclose()
 
 
 @contextmanager
