@@ -121,6 +121,12 @@ def in_flight(owner: str) -> str:
     return f"{PREFIX}:inflight:{owner}"
 
 
+def replication_mark() -> str:
+    """String: a throwaway write whose WAIT tells a gateway that the replicas hold everything
+    written before it (they apply the primary's writes in order)."""
+    return f"{PREFIX}:replication-mark"
+
+
 def rate_limits() -> str:
     """Prefix of the `limits` library's counters (requests and tokens per key and minute)."""
     return f"{PREFIX}:ratelimit"

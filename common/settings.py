@@ -43,6 +43,30 @@ class Settings(BaseSettings):
     redis_url_file: Path | None = Field(
         None, description="File holding the Redis URL (a mounted secret); wins over GENQ_REDIS_URL."
     )
+    redis_sentinels: str = Field(
+        "",
+        description="Sentinels as comma-separated `host:port`; set, clients ask them for the "
+        "primary of GENQ_REDIS_SENTINEL_SERVICE and follow its failovers, and GENQ_REDIS_URL "
+        "gives only the data nodes' password and database. Empty: GENQ_REDIS_URL is the Redis.",
+    )
+    redis_sentinel_service: str = Field(
+        "genq", min_length=1, description="The name the sentinels monitor the primary under."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None, description="Password of the sentinels (their `requirepass`)."
+    )
+    redis_sentinel_password_file: Path | None = Field(
+        None, description="File holding the sentinels' password; wins over the variable."
+    )
+    redis_min_replicas_ack: int | None = Field(
+        None,
+        ge=0,
+        description="Replicas that must hold a new job before the gateway acknowledges it "
+        "(Redis WAIT); otherwise 503. Unset: 1 with Sentinel, 0 without.",
+    )
+    redis_ack_timeout_ms: int = Field(
+        500, ge=1, description="How long the gateway waits for those replicas before its 503."
+    )
     redis_connect_timeout_s: float = Field(1.0, gt=0)
     redis_socket_timeout_s: float = Field(
         5.0, gt=0, description="Worker: timeout of one Redis command."
@@ -354,6 +378,16 @@ class Settings(BaseSettings):
             except OSError as e:
                 raise ValueError(f"GENQ_REDIS_URL_FILE {self.redis_url_file}: {e.strerror}") from e
             object.__setattr__(self, "redis_url", SecretStr(url))
+        if self.redis_sentinel_password_file is not None:
+            try:
+                password = self.redis_sentinel_password_file.read_text().strip()
+            except OSError as e:
+                raise ValueError(
+                    f"GENQ_REDIS_SENTINEL_PASSWORD_FILE {self.redis_sentinel_password_file}: "
+                    f"{e.strerror}"
+                ) from e
+            object.__setattr__(self, "redis_sentinel_password", SecretStr(password))
+        _parse_sentinels(self.redis_sentinels)
         if self.webhook_secret_file is not None:
             try:
                 secret = self.webhook_secret_file.read_text().strip()
@@ -379,12 +413,36 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """GENQ_REDIS_SENTINELS as (host, port) pairs; empty without Sentinel."""
+        return _parse_sentinels(self.redis_sentinels)
+
+    @property
+    def replicas_ack(self) -> int:
+        """Replicas a new job must reach before it is acknowledged. With Sentinel a failover
+        promotes a replica: a job only the old primary held would be lost with it, so the
+        default then is one."""
+        if self.redis_min_replicas_ack is not None:
+            return self.redis_min_replicas_ack
+        return 1 if self.sentinel_addresses else 0
+
+    @property
     def served_model_name(self) -> str:
         if self.model_name:
             return self.model_name
         if self.model is None:
             return DEFAULT_MODEL_NAME
         return Path(self.model.rstrip("/")).stem.lower()
+
+
+def _parse_sentinels(value: str) -> list[tuple[str, int]]:
+    addresses = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"GENQ_REDIS_SENTINELS: {item!r} is not host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
 
 
 @lru_cache(maxsize=1)

@@ -127,6 +127,13 @@ class Unavailable(ApiError):
     code = "redis_unavailable"
 
 
+class NotAcknowledged(ApiError):
+    """Jobs written to the primary that fewer replicas than required confirmed in time."""
+
+    status_code = 503
+    code = "not_replicated"
+
+
 class RedisBusy(ApiError):
     status_code = 503
     code = "redis_pool_exhausted"

@@ -24,12 +24,14 @@ import pybreaker
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.client import Pipeline
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import keys
 from common.contract import deserialize_payload, serialize_payload
+from common.redisconn import SentinelPool, connection_pool
 from common.settings import Settings
 from gateway import metrics
 
@@ -56,6 +58,11 @@ class CircuitOpen(RedisConnectionError):
         self.retry_after_s = retry_after_s
 
 
+class NotReplicated(RedisError):
+    """The primary took the writes, but fewer replicas than required confirmed them in time.
+    Not counted as an outage: the writes were made, and the caller must not undo them."""
+
+
 class BoundedPool(BlockingConnectionPool):
     """At most `max_connections`; a caller waits `timeout` seconds for a free one."""
 
@@ -72,6 +79,11 @@ class BoundedPool(BlockingConnectionPool):
             if isinstance(e.__cause__, TimeoutError):
                 raise PoolExhausted(self.setting, self.max_connections) from e
             raise
+
+
+class BoundedSentinelPool(SentinelPool, BoundedPool):
+    """A `BoundedPool` whose connections go to the primary the sentinels name (redis-py's
+    Sentinel pool over the blocking one: its connection class, the blocking wait)."""
 
 
 def _is_outage(exc: BaseException) -> bool:
@@ -168,6 +180,40 @@ class GuardedPipeline(Pipeline):
     def __init__(self, breaker: RedisBreaker, *args: Any) -> None:
         super().__init__(*args)
         self.breaker = breaker
+        self._replicas: tuple[int, int] | None = None
+
+    def require_replicas(self, replicas: int, timeout_ms: int) -> None:
+        """Make the next `execute` of this transaction return only once `replicas` replicas
+        hold its writes, waiting up to `timeout_ms`; else it raises `NotReplicated`, the writes
+        made. WAIT counts what its own connection wrote, so it runs on the transaction's."""
+        self._replicas = (replicas, timeout_ms)
+
+    async def _execute_transaction(
+        self, connection: Connection, commands: Any, raise_on_error: bool
+    ) -> list[Any]:
+        replies: list[Any] = await super()._execute_transaction(
+            connection, commands, raise_on_error
+        )
+        if self._replicas is not None:
+            replicas, timeout_ms = self._replicas
+            # The socket timeout bounds a reply; this one may take the whole wait first.
+            read_timeout_s = timeout_ms / 1000 + (connection.socket_timeout or 0)
+            try:
+                await connection.send_command("WAIT", replicas, timeout_ms)
+                acked = int(await connection.read_response(timeout=read_timeout_s))
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                # After EXEC: the writes were made, whether or not a replica has them.
+                raise NotReplicated(f"the primary failed before replicas confirmed: {e}") from e
+            if acked < replicas:
+                raise NotReplicated(
+                    f"{acked} of the {replicas} replicas required confirmed the write within "
+                    f"{timeout_ms} ms"
+                )
+        return replies
+
+    async def reset(self) -> None:
+        self._replicas = None
+        await super().reset()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         if not self.command_stack and not self.watching:
@@ -193,7 +239,7 @@ class GuardedRedis(ArqRedis):
             with metrics.redis_command(_command(args)):
                 return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
-    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> GuardedPipeline:
         return GuardedPipeline(
             self.breaker, self.connection_pool, self.response_callbacks, transaction, shard_hint
         )
@@ -211,8 +257,10 @@ def _blocking(args: tuple[Any, ...]) -> bool:
 
 
 def _pool(settings: Settings, *, setting: str, limit: int, read_timeout_s: float) -> BoundedPool:
-    return BoundedPool.from_url(
-        settings.redis_url.get_secret_value(),
+    return connection_pool(
+        settings,
+        BoundedPool,
+        BoundedSentinelPool,
         setting=setting,
         max_connections=limit,
         timeout=settings.redis_command_timeout_s,

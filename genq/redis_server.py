@@ -64,11 +64,22 @@ class RedisServer:
     page reaching the port cannot use it); `persist=True` keeps an append-only file in
     `data_dir`."""
 
-    def __init__(self, data_dir: Path, port: int, *, persist: bool) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        *,
+        persist: bool,
+        password: str | None = None,
+        replica_of: int | None = None,
+    ) -> None:
+        """`replica_of`: the port of a primary on 127.0.0.1 to replicate, which must share
+        `password` (after a failover either node may be the primary a client connects to)."""
         self.data_dir = data_dir
         self.port = port
         self.persist = persist
-        self.password = secrets.token_urlsafe(24)
+        self.password = password or secrets.token_urlsafe(24)
+        self.replica_of = replica_of
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,35 +111,18 @@ class RedisServer:
         if port_taken(self.port):
             raise PortTaken(self.port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            find_redis_server(),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dir",
-            str(self.data_dir.resolve()),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.persist else "no",
-            "--logfile",
-            "redis.log",
-        ]
-        # From stdin, not the command line, which every local user can read in `ps`.
-        config = f"requirepass {self.password}\n".encode()
         log = self.data_dir / "redis.log"
         log_start = log.stat().st_size if log.exists() else 0
         # Its own session: a Ctrl-C at the terminal must not kill Redis before the processes
         # that still write to it have shut down.
         self._proc = subprocess.Popen(
-            [*args, "-"],
+            self._command(),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,  # its only line there: "Reading config from stdin"
             start_new_session=True,
         )
         assert self._proc.stdin is not None
-        self._proc.stdin.write(config)
+        self._proc.stdin.write(self._stdin_config())
         self._proc.stdin.close()
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=2)
         deadline = time.monotonic() + timeout_s
@@ -149,6 +143,32 @@ class RedisServer:
         finally:
             client.close()
 
+    def _command(self) -> list[str]:
+        return [
+            find_redis_server(),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.persist else "no",
+            "--logfile",
+            "redis.log",
+            "-",
+        ]
+
+    def _stdin_config(self) -> bytes:
+        """The secrets, from stdin rather than the command line, which every local user can
+        read in `ps`."""
+        config = f"requirepass {self.password}\n"
+        if self.replica_of is not None:
+            config += f"masterauth {self.password}\nreplicaof 127.0.0.1 {self.replica_of}\n"
+        return config.encode()
+
     def _answers(self, client: redis.Redis) -> bool:
         """True once the server on the port is the process started here (not one that took the
         port between the check and the start)."""
@@ -167,6 +187,14 @@ class RedisServer:
     def resume(self) -> None:
         assert self._proc is not None
         self._proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL: gone at once, with whatever it had not yet sent its replicas."""
+        if self._proc is None:
+            return
+        self._proc.kill()
+        self._proc.wait()
+        self._proc = None
 
     def stop(self) -> None:
         if self._proc is None:

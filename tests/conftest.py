@@ -8,6 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from common.settings import DEFAULT_MODEL_NAME, Settings
+from genq.redis_ha import RedisHA
 from genq.redis_server import RedisServer, free_port
 from tests.procs import Proc, genq_env, running_stack, start_gateway, start_worker
 from tests.tiny_model import build_tiny_model
@@ -28,6 +29,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def redis_ha(tmp_path: Path) -> Iterator[RedisHA]:
+    """A primary, a replica and three sentinels of this test alone (a test may fail it over)."""
+    ha = RedisHA(tmp_path / "redis-ha")
+    ha.start()
+    yield ha
+    ha.stop()
 
 
 @pytest.fixture

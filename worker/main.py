@@ -13,7 +13,6 @@ import uuid
 from typing import Any
 
 import orjson
-import redis
 from arq.worker import func
 from redis.exceptions import RedisError
 
@@ -28,7 +27,7 @@ from common.contract import (
 from common.jobstore import JobStore
 from common.logs import setup_logging
 from common.reaper import Reaper
-from common.redisconn import create_redis
+from common.redisconn import create_redis, sync_client
 from common.settings import Settings
 from worker import metrics
 from worker.arq_worker import ResilientWorker
@@ -194,12 +193,11 @@ class WorkerProcess:
         leased = list(self._leased_jobs())
         if not leased:
             return
-        client = redis.Redis.from_url(
-            self.settings.redis_url.get_secret_value(), socket_timeout=1, socket_connect_timeout=1
-        )
-        with contextlib.suppress(RedisError, OSError):
+        with (
+            sync_client(self.settings, socket_timeout=1, socket_connect_timeout=1) as client,
+            contextlib.suppress(RedisError, OSError),
+        ):
             client.delete(*(keys.arq_in_progress(job_id) for job_id in leased))
-        client.close()
 
     async def _listen(self) -> None:
         """Relay cancel requests and reload commands as they are published.

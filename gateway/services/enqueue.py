@@ -12,7 +12,6 @@ from typing import Any
 from arq.constants import expires_extra_ms
 from arq.jobs import serialize_job as arq_payload
 from opentelemetry.trace import Span, SpanKind
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from common import keys, logs, tracing
@@ -28,7 +27,8 @@ from common.jobstore import JobStore
 from common.settings import Settings
 from gateway import metrics
 from gateway.auth import Caller
-from gateway.errors import QueueFull
+from gateway.errors import ApiError, NotAcknowledged, QueueFull
+from gateway.redisclient import GuardedPipeline, GuardedRedis, NotReplicated
 from gateway.services.dedup import sharing_scope
 from gateway.services.queue import QueueService
 from gateway.services.ratelimit import RateLimiter
@@ -38,12 +38,15 @@ from gateway.services.validation import Validated
 # score is its enqueue time plus this, so waiting ages a job: after one step a `low` job ranks
 # with a fresh `normal` one, and nothing waits forever behind a stream of `high` work.
 _PRIORITY_STEPS = {"high": -2, "normal": -1, "low": 0}
+# A replica that missed the ack timeout is lagging, restarting, or being replaced.
+_NOT_REPLICATED_RETRY_S = 1
+_MARK_TTL_MS = 60_000
 
 
 class Enqueuer:
     def __init__(
         self,
-        redis: Redis,
+        redis: GuardedRedis,
         store: JobStore,
         queue: QueueService,
         settings: Settings,
@@ -70,6 +73,7 @@ class Enqueuer:
         try:
             with _enqueue_span(",".join(sorted(pools)), [job for job, _ in batch]):
                 async with self.redis.pipeline(transaction=True) as pipe:
+                    self._acknowledge_when_replicated(pipe)
                     for job, validated in batch:
                         _stage_job(
                             pipe,
@@ -84,13 +88,35 @@ class Enqueuer:
                     for job, validated in batch:
                         pipe.zrank(keys.queue(validated.route.pool), job.id)
                     replies = await pipe.execute()
+        except NotReplicated as e:
+            # The jobs are queued and will run: they keep their slots, and the caller's
+            # Idempotency-Key (not released) gets them back on a retry.
+            _count_submitted(batch)
+            raise _not_acknowledged(e, ids, self.settings) from e
         except BaseException:
             if counted:
                 await self.limiter.release(caller, ids)
             raise
-        for _, validated in batch:
-            metrics.SUBMITTED.labels(validated.route.pool, validated.route.model).inc()
+        _count_submitted(batch)
         return replies[-len(batch) :]
+
+    async def confirm_replicated(self, job_ids: list[str]) -> None:
+        """For an answer naming jobs written earlier (a retry with an Idempotency-Key): that the
+        replicas hold them, as the answer to a new job promises. A write after them that the
+        replicas confirm proves it, since they apply the primary's writes in order."""
+        if not self.settings.replicas_ack:
+            return
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                self._acknowledge_when_replicated(pipe)
+                pipe.set(keys.replication_mark(), b"", px=_MARK_TTL_MS)
+                await pipe.execute()
+        except NotReplicated as e:
+            raise _not_acknowledged(e, job_ids, self.settings) from e
+
+    def _acknowledge_when_replicated(self, pipe: GuardedPipeline) -> None:
+        if self.settings.replicas_ack:
+            pipe.require_replicas(self.settings.replicas_ack, self.settings.redis_ack_timeout_ms)
 
     async def _check_depth(self, pool: str, adding: int) -> None:
         if await self.queue.depth(pool) + adding > self.settings.max_queue_depth:
@@ -99,6 +125,22 @@ class Enqueuer:
                 f"({self.settings.max_queue_depth} jobs, GENQ_MAX_QUEUE_DEPTH); retry later",
                 retry_after_s=self.settings.queue_full_retry_after_s,
             )
+
+
+def _count_submitted(batch: list[tuple[Job, Validated]]) -> None:
+    for _, validated in batch:
+        metrics.SUBMITTED.labels(validated.route.pool, validated.route.model).inc()
+
+
+def _not_acknowledged(error: NotReplicated, job_ids: list[str], settings: Settings) -> ApiError:
+    jobs = f"job {job_ids[0]}" if len(job_ids) == 1 else f"{len(job_ids)} jobs"
+    return NotAcknowledged(
+        f"{jobs} queued, but {error} (GENQ_REDIS_MIN_REPLICAS_ACK="
+        f"{settings.replicas_ack}, GENQ_REDIS_ACK_TIMEOUT_MS={settings.redis_ack_timeout_ms}): a "
+        "Redis failover now could lose it. Retry with the same Idempotency-Key to get the same "
+        "job once a replica has it",
+        retry_after_s=_NOT_REPLICATED_RETRY_S,
+    )
 
 
 def _enqueue_span(pool: str, jobs: list[Job]) -> AbstractContextManager[Span]:

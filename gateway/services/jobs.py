@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 
-from arq.connections import ArqRedis
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -26,9 +25,11 @@ from gateway.errors import (
     BadRequest,
     JobNotFound,
     LimitExceeded,
+    NotAcknowledged,
     ShuttingDown,
     describe_validation,
 )
+from gateway.redisclient import GuardedRedis
 from gateway.schemas import BatchItem, BatchResponse, ErrorDetail, GenerationRequest
 from gateway.services.dedup import Dedup, Reservation
 from gateway.services.enqueue import Enqueuer
@@ -45,7 +46,7 @@ _SEEDS = 2**63
 class JobService:
     def __init__(
         self,
-        redis: ArqRedis,
+        redis: GuardedRedis,
         store: JobStore,
         router: ModelRouter,
         queue: QueueService,
@@ -119,7 +120,14 @@ class JobService:
                 else:
                     jobs.append(job)
                     new.append((job, child))
-            positions = await self.enqueuer.enqueue(new, caller) if new else []
+            if new:
+                positions = await self.enqueuer.enqueue(new, caller)
+            else:
+                positions = []
+                if idempotency_key is not None:
+                    await self.enqueuer.confirm_replicated([job.id for job in jobs])
+        except NotAcknowledged:
+            raise  # the jobs exist: their keys must lead a retry to them
         except BaseException:
             for reservation, job_id in reserved:
                 await self._unreserve(reservation, job_id, owner)

@@ -14,7 +14,9 @@ next unit `t`); a refusal is a 429 with `Retry-After`.
 
 The `limits` storage runs its commands on the gateway's bounded command pool, inside the Redis
 circuit breaker. When Redis fails, a submission answers 503, or with GENQ_RATE_LIMIT_FAIL_OPEN
-is let through unlimited.
+is let through unlimited. With Sentinel that pool is redis-py's Sentinel pool, so the counters
+follow a failover with everything else; `limits`' own `redis+sentinel://` storage would open an
+unbounded pool of its own, outside the breaker, and read the counters from replicas, which lag.
 """
 
 from __future__ import annotations
