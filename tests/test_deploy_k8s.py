@@ -4,8 +4,10 @@ every object validated against its schema, and the manifests cross-checked with 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import subprocess
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -33,6 +35,7 @@ from tests.deploy_files import (
     drain_s,
     effective_env,
     gateway_paths,
+    kubectl,
     named,
     of_kind,
     pod_spec,
@@ -641,3 +644,21 @@ def test_redis_ha_script_parses_and_compose_runs_the_same_files() -> None:
         ["sh", "-n", str(REDIS_HA / "redis-ha.sh")], capture_output=True, text=True, check=False
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_redis_ha_after_prometheus_scaling_stops_the_build(tmp_path: Path) -> None:
+    """Listed after prometheus-scaling, redis-ha would find no `redis` trigger to turn into
+    `redis-sentinel`: the build stops instead of leaving a trigger that reads a single Redis."""
+    rel = Path(os.path.relpath(K8S, tmp_path))
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        f"resources: [{rel / 'overlays' / 'prod'}]\n"
+        f"components: [{rel / 'components' / 'prometheus-scaling'}, "
+        f"{rel / 'components' / 'redis-ha'}]\n"
+    )
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode != 0
+    assert "/spec/triggers/0/type" in out.stderr
