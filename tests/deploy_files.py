@@ -30,7 +30,13 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dev": ("dev", ()),
     "prod": ("prod", ()),
     "prod+prometheus-scaling": ("prod", ("prometheus-scaling",)),
+    "prod-ha": ("prod-ha", ()),
+    "prod-ha+prometheus-scaling": ("prod-ha", ("prometheus-scaling",)),
 }
+# The variants with Redis high availability (components/redis-ha).
+HA_VARIANTS = [
+    v for v in VARIANTS if VARIANTS[v][0].endswith("-ha") or "redis-ha" in VARIANTS[v][1]
+]
 
 # Files a user deploys from: every GENQ_* name in them must be a real setting.
 DEPLOY_FILES = [
@@ -96,7 +102,8 @@ def container(workload: Obj, name: str) -> Obj:
 
 def effective_env(objs: tuple[Obj, ...], c: Obj) -> dict[str, str]:
     """The container's environment as the kubelet builds it: `envFrom` first, `env` over it.
-    Values from Secrets are `<secret name/key>`."""
+    Values from Secrets are `<secret name/key>`, from the pod's fields `<field path>`; `$(VAR)`
+    references stay as they are."""
     env: dict[str, str] = {}
     for source in c.get("envFrom", []):
         data = named(objs, "ConfigMap", source["configMapRef"]["name"]).get("data", {})
@@ -104,10 +111,24 @@ def effective_env(objs: tuple[Obj, ...], c: Obj) -> dict[str, str]:
     for var in c.get("env", []):
         if "value" in var:
             env[var["name"]] = str(var["value"])
+        elif "fieldRef" in var["valueFrom"]:
+            env[var["name"]] = f"<field {var['valueFrom']['fieldRef']['fieldPath']}>"
         else:
             ref = var["valueFrom"]["secretKeyRef"]
             env[var["name"]] = f"<secret {ref['name']}/{ref['key']}>"
     return env
+
+
+def config_file(objs: tuple[Obj, ...], workload: Obj, container_name: str, path: str) -> str:
+    """The text of the file at `path` in a container, from the ConfigMap mounted above it."""
+    c = container(workload, container_name)
+    volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+    for mount in c["volumeMounts"]:
+        volume = volumes.get(mount["name"], {})  # not there: a volume claim's
+        if "configMap" in volume and path.startswith(mount["mountPath"] + "/"):
+            data: dict[str, str] = named(objs, "ConfigMap", volume["configMap"]["name"])["data"]
+            return data[path.removeprefix(mount["mountPath"] + "/")]
+    raise AssertionError(f"no ConfigMap holds {path} in {container_name}")
 
 
 def container_port(c: Obj, port: int | str) -> int:

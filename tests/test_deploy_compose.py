@@ -1,24 +1,37 @@
-"""Static checks of compose/docker-compose.yml, against the Compose spec and the code."""
+"""Static checks of compose/docker-compose.yml and compose/ha.yaml (the Sentinel setup used on top
+of it), against the Compose spec and the code; Prometheus's and Alertmanager's configurations."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import urllib.request
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 import yaml
 
 from common.settings import Settings
+from genq.redis_server import free_port
 from tests.deploy_files import ROOT, SCHEMAS, drain_s, gateway_paths
 from worker.main import SHUTDOWN_MARGIN_S
 
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
+HA = ROOT / "compose" / "ha.yaml"
+PROMETHEUS = ROOT / "compose" / "prometheus" / "prometheus.yml"
+ALERTMANAGER = ROOT / "compose" / "alertmanager" / "alertmanager.yml"
+ALERT_SINK = ROOT / "compose" / "alertmanager" / "alert_sink.py"
 DRAIN_MARGIN_S = SHUTDOWN_MARGIN_S
+GENQ_SERVICES = ("gateway", "worker-cpu", "worker-gpu")
+# Sequences that Compose merges across files instead of replacing (its merge rules).
+_MERGED_SEQUENCES = {"secrets", "configs", "volumes", "ports", "expose", "tmpfs"}
 
 
 @cache
@@ -30,6 +43,37 @@ def compose() -> dict[str, Any]:
 def service(name: str) -> dict[str, Any]:
     svc: dict[str, Any] = compose()["services"][name]
     return svc
+
+
+def merge(base: Any, override: Any, key: str = "") -> Any:
+    """`docker compose -f base -f override`: mappings merge key by key; secrets, configs,
+    volumes, ports, expose and tmpfs add up; anything else of the override replaces the base's."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = merge(base[k], v, k) if k in base else v
+        return out
+    if isinstance(base, list) and isinstance(override, list) and key in _MERGED_SEQUENCES:
+        return base + [item for item in override if item not in base]
+    return override
+
+
+@cache
+def ha_file() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(HA.read_text())
+    return data
+
+
+@cache
+def compose_ha() -> dict[str, Any]:
+    """The project as compose sees it with compose/ha.yaml on top."""
+    merged: dict[str, Any] = merge(compose(), ha_file())
+    return merged
+
+
+def env_of(project: dict[str, Any], name: str) -> dict[str, str]:
+    env: dict[str, str] = project["services"][name]["environment"]
+    return env
 
 
 def seconds(duration: str) -> float:
@@ -46,10 +90,19 @@ def healthcheck_url(name: str) -> tuple[int, str]:
     return int(match.group(1)), match.group(2)
 
 
-def test_compose_file_follows_the_compose_spec() -> None:
+@pytest.mark.parametrize("project", [compose, ha_file, compose_ha])
+def test_compose_files_follow_the_compose_spec(project: Any) -> None:
     schema = json.loads((SCHEMAS / "compose" / "compose-spec.json").read_text())
-    errors = list(jsonschema.Draft7Validator(schema).iter_errors(compose()))
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(project()))
     assert [f"{list(e.path)}: {e.message}" for e in errors] == []
+
+
+def test_the_merge_rules_of_the_checks_are_compose_s() -> None:
+    base = {"s": {"command": ["a"], "secrets": ["x"], "environment": {"A": "1"}}}
+    over = {"s": {"command": ["b"], "secrets": ["x", "y"], "environment": {"B": "2"}}}
+    assert merge(base, over) == {
+        "s": {"command": ["b"], "secrets": ["x", "y"], "environment": {"A": "1", "B": "2"}}
+    }
 
 
 def test_workers_come_in_a_gpu_and_a_cpu_profile() -> None:
@@ -65,7 +118,7 @@ def test_workers_come_in_a_gpu_and_a_cpu_profile() -> None:
 
 
 def test_every_long_running_service_has_a_health_check_and_a_restart_policy() -> None:
-    for name, svc in compose()["services"].items():
+    for name, svc in compose_ha()["services"].items():
         if name == "model-fetch":  # a one-shot job
             assert svc["restart"] == "no"
             continue
@@ -167,5 +220,162 @@ def test_make_secrets_creates_a_redis_url_that_carries_the_password(tmp_path: Pa
     subprocess.run(["sh", str(script)], check=True, capture_output=True)
     assert {p.name: p.read_text() for p in secrets.iterdir()} == before  # kept, not replaced
     assert set(before) == {
-        s["file"].removeprefix("./secrets/") for s in compose()["secrets"].values()
+        s["file"].removeprefix("./secrets/") for s in compose_ha()["secrets"].values()
     }
+
+
+def test_prometheus_sends_its_alerts_to_alertmanager_which_delivers_them_to_the_sink() -> None:
+    prometheus = yaml.safe_load(PROMETHEUS.read_text())
+    (manager,) = prometheus["alerting"]["alertmanagers"]
+    (target,) = manager["static_configs"][0]["targets"]
+    host, port = target.split(":")
+    alertmanager = service(host)
+    assert f"127.0.0.1:{port}:{port}" in alertmanager["ports"]
+    mounts = dict(v.split(":")[:2] for v in alertmanager["volumes"])
+    config = next(a for a in alertmanager["command"] if a.startswith("--config.file="))
+    mounted = {target: source for source, target in mounts.items()}
+    assert (COMPOSE.parent / mounted[config.split("=", 1)[1]]).resolve() == ALERTMANAGER
+    routes = yaml.safe_load(ALERTMANAGER.read_text())
+    receivers = {r["name"]: r for r in routes["receivers"]}
+    used = [routes["route"]["receiver"], *(r["receiver"] for r in routes["route"]["routes"])]
+    assert set(used) <= set(receivers)
+    for name in used:
+        (hook,) = receivers[name]["webhook_configs"]
+        sink_host, sink_port = hook["url"].removeprefix("http://").rstrip("/").split(":")
+        assert sink_port in service(sink_host)["expose"]
+        assert healthcheck_url(sink_host)[0] == int(sink_port)
+        assert hook["send_resolved"] is True
+    # The rules Prometheus evaluates are the ones in the repository.
+    (rules_glob,) = prometheus["rule_files"]
+    volume = next(v for v in service("prometheus")["volumes"] if v.startswith("./"))
+    source, target = volume.split(":")[:2]
+    local = (COMPOSE.parent / source).resolve() / Path(rules_glob).relative_to(target)
+    assert [p.name for p in local.parent.glob(local.name)] == ["genq.yml"]
+
+
+def test_the_monitoring_files_name_only_files_that_exist() -> None:
+    """Paths named in the comments of Prometheus's and Alertmanager's files exist (one named a
+    generator that never was)."""
+    for path in (PROMETHEUS, ALERTMANAGER, PROMETHEUS.parent / "rules" / "genq.yml"):
+        comments = "\n".join(
+            line for line in path.read_text().splitlines() if line.lstrip().startswith("#")
+        )
+        for name in re.findall(r"[\w.-]*/[\w./-]+\.(?:ya?ml|md|py|json)\b", comments):
+            assert (ROOT / name).exists() or (path.parent / name).exists(), (path.name, name)
+
+
+def test_promtool_and_amtool_accept_the_configurations(tmp_path: Path) -> None:
+    promtool, amtool = shutil.which("promtool"), shutil.which("amtool")
+    if promtool is None or amtool is None:
+        pytest.skip(
+            "promtool or amtool is not installed here (Debian: apt-get install prometheus "
+            "prometheus-alertmanager); the files' shapes were checked above"
+        )
+    out = subprocess.run(
+        [amtool, "check-config", str(ALERTMANAGER)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    # Prometheus's file with its rules where this checkout has them, so both are checked.
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    config["rule_files"] = [str(PROMETHEUS.parent / "rules" / "*.yml")]
+    checked = tmp_path / "prometheus.yml"
+    checked.write_text(yaml.safe_dump(config))
+    out = subprocess.run(
+        [promtool, "check", "config", str(checked)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS: 9 rules found" in out.stdout
+
+
+def test_the_alert_sink_prints_each_alert_it_receives() -> None:
+    port = free_port()
+    env = {**os.environ, "ALERT_SINK_HOST": "127.0.0.1", "ALERT_SINK_PORT": str(port)}
+    sink = subprocess.Popen(
+        [sys.executable, str(ALERT_SINK)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert sink.stdout is not None
+        assert "listening" in sink.stdout.readline()
+        notification = {
+            "version": "4",
+            "status": "firing",
+            "alerts": [
+                {
+                    "status": "firing",
+                    "labels": {"alertname": "GenqQueueGrowing", "severity": "warning", "pool": "a"},
+                    "annotations": {"summary": "the queue of pool a grows"},
+                },
+                {"status": "resolved", "labels": {"alertname": "GenqNoLiveWorker"}},
+            ],
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/",
+            data=json.dumps(notification).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+        assert sink.stdout.readline() == (
+            "FIRING GenqQueueGrowing [warning] pool=a: the queue of pool a grows\n"
+        )
+        assert sink.stdout.readline() == "RESOLVED GenqNoLiveWorker [-]\n"
+    finally:
+        sink.terminate()
+        sink.wait(timeout=5)
+
+
+def test_ha_runs_a_primary_a_replica_and_three_sentinels_on_volumes_of_their_own() -> None:
+    project = compose_ha()
+    nodes = env_of(project, "redis")["REDIS_NODES"].split()
+    sentinels = env_of(project, "redis")["SENTINELS"].split()
+    assert nodes == ["redis:6379", "redis-replica:6379"]  # the first: the primary at first
+    assert len(sentinels) == 3
+    data_volumes = set()
+    for name, svc in project["services"].items():
+        env = svc.get("environment", {})
+        if "ANNOUNCE" not in env:
+            continue
+        assert env["ANNOUNCE"].split(":")[0] == name
+        assert env["ANNOUNCE"] in nodes + sentinels
+        assert env["REDIS_NODES"].split() == nodes
+        assert env["SENTINELS"].split() == sentinels
+        assert svc["image"] == service("redis")["image"]
+        role = "redis" if env["ANNOUNCE"] in nodes else "sentinel"
+        assert svc["command"] == ["sh", "/usr/local/etc/redis/redis-ha.sh", role]
+        files = {c["target"]: c["source"] for c in svc["configs"]}
+        for var in ("REDIS_CONF", "SENTINEL_CONF"):
+            for path in env[var].split():
+                assert path in files, (name, path)
+        for var in ("REDIS_PASSWORD_FILE", "SENTINEL_PASSWORD_FILE"):
+            assert env[var].removeprefix("/run/secrets/") in svc["secrets"], (name, var)
+        if role == "redis":
+            (volume,) = [v for v in svc["volumes"] if v.endswith(":/data")]
+            data_volumes.add(volume)
+    assert len(data_volumes) == len(nodes)
+    for source in ("redis_ha_conf", "redis_ha_sh", "sentinel_conf"):
+        path = (COMPOSE.parent / project["configs"][source]["file"]).resolve()
+        assert path == ROOT / "compose" / "redis-ha" / path.name
+
+
+def test_ha_points_every_genq_process_at_the_sentinels() -> None:
+    project = compose_ha()
+    sentinels = env_of(project, "redis")["SENTINELS"].split()
+    (monitor,) = re.findall(
+        r"^sentinel monitor (\S+) ",
+        (ROOT / "compose" / "redis-ha" / "sentinel.conf").read_text(),
+        re.M,
+    )
+    for name in GENQ_SERVICES:
+        env, svc = env_of(project, name), project["services"][name]
+        assert env["GENQ_REDIS_SENTINELS"].split(",") == sentinels
+        assert env["GENQ_REDIS_SENTINEL_SERVICE"] == monitor
+        secret = env["GENQ_REDIS_SENTINEL_PASSWORD_FILE"].removeprefix("/run/secrets/")
+        assert secret in svc["secrets"]
+        assert env["GENQ_REDIS_URL_FILE"] == "/run/secrets/redis_url"  # its password
+        assert int(env["GENQ_REDIS_MIN_REPLICAS_ACK"]) == 1  # one replica here
+        for sentinel in sentinels:
+            assert svc["depends_on"][sentinel.split(":")[0]]["condition"] == "service_healthy"
+        assert svc.get("profiles") == service(name).get("profiles")  # still the same profiles
+    # Without ha.yaml nothing asks for sentinels.
+    for name in GENQ_SERVICES:
+        assert "GENQ_REDIS_SENTINELS" not in service(name)["environment"]

@@ -4,7 +4,10 @@ every object validated against its schema, and the manifests cross-checked with 
 from __future__ import annotations
 
 import copy
+import os
 import re
+import subprocess
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -20,16 +23,19 @@ from common import keys
 from common.catalog import parse_catalog
 from common.settings import Settings
 from tests.deploy_files import (
+    HA_VARIANTS,
     K8S,
     ROOT,
     VARIANTS,
     Obj,
+    config_file,
     container,
     container_port,
     crd_schema,
     drain_s,
     effective_env,
     gateway_paths,
+    kubectl,
     named,
     of_kind,
     pod_spec,
@@ -47,6 +53,9 @@ SECRET_TEMPLATE = K8S / "secret.template.yaml"
 DEFAULTS = Settings()
 
 variants = pytest.mark.parametrize("variant", list(VARIANTS))
+ha_variants = pytest.mark.parametrize("variant", HA_VARIANTS)
+REDIS_HA = K8S / "components" / "redis-ha"
+HA_SCRIPT = "/etc/redis/redis-ha.sh"
 
 
 def workloads(objs: tuple[Obj, ...]) -> list[Obj]:
@@ -71,6 +80,28 @@ def worker_pools(objs: tuple[Obj, ...]) -> dict[str, tuple[Obj, Obj]]:
         env = effective_env(objs, container(deployment, "worker"))
         pools[env.get("GENQ_POOL", DEFAULTS.pool)] = (deployment, scaled)
     return pools
+
+
+def redis_ha_nodes(objs: tuple[Obj, ...]) -> tuple[list[str], list[str]]:
+    """The Redis data nodes' and the sentinels' host:port, as the StatefulSet's pods are named in
+    DNS through its headless Service."""
+    redis = named(objs, "StatefulSet", "genq-redis")
+    service = named(objs, "Service", redis["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    domain = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    hosts = [f"{redis['metadata']['name']}-{i}.{domain}" for i in range(redis["spec"]["replicas"])]
+    return [f"{h}:{ports['redis']}" for h in hosts], [f"{h}:{ports['sentinel']}" for h in hosts]
+
+
+def pull_policy(c: Obj) -> str:
+    """The image pull policy Kubernetes applies: the container's own, else Always for an image
+    tagged `latest` or not tagged, else IfNotPresent."""
+    if "imagePullPolicy" in c:
+        return str(c["imagePullPolicy"])
+    name = c["image"].split("@")[0].rsplit("/", 1)[-1]
+    tag = name.split(":", 1)[1] if ":" in name else "latest"
+    return "Always" if tag == "latest" else "IfNotPresent"
 
 
 def secret_template() -> Obj:
@@ -123,7 +154,7 @@ def test_each_scaledobject_reads_the_queue_key_of_its_workers_pool(variant: str)
         batch = int(env.get("GENQ_MAX_BATCH_SIZE", DEFAULTS.max_batch_size))
         for trigger in scaled["spec"]["triggers"]:
             meta = trigger["metadata"]
-            if trigger["type"] == "redis":
+            if trigger["type"] in ("redis", "redis-sentinel"):
                 assert meta["listName"] == keys.queue(pool)
                 assert int(meta["listLength"]) == batch  # one worker's rows at once
                 assert meta["activationListLength"] == "0"  # one queued job wakes the pool
@@ -158,19 +189,32 @@ def test_redis_trigger_authenticates_against_the_redis_the_workers_use(variant: 
     objs = render(variant)
     url = urlsplit(secret_template()["stringData"]["redis-url"])
     service = named(objs, "Service", "genq-redis")
-    (port,) = service["spec"]["ports"]
-    address = f"genq-redis.{service['metadata']['namespace']}.svc.cluster.local:{port['port']}"
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "redis")
+    address = f"genq-redis.{service['metadata']['namespace']}.svc.cluster.local:{port}"
     assert f"{url.hostname}:{url.port}" == address
-    for _, scaled in worker_pools(objs).values():
+    checked = 0
+    for deployment, scaled in worker_pools(objs).values():
+        env = effective_env(objs, container(deployment, "worker"))
         for trigger in scaled["spec"]["triggers"]:
-            if trigger["type"] != "redis":
+            meta = trigger["metadata"]
+            expected = {"password": "redis-password"}
+            if trigger["type"] == "redis":
+                assert "GENQ_REDIS_SENTINELS" not in env
+                assert meta["address"] == address
+            elif trigger["type"] == "redis-sentinel":
+                # The sentinels genq's processes ask, for the primary they ask for.
+                assert meta["addresses"] == env["GENQ_REDIS_SENTINELS"]
+                assert meta["addresses"].split(",") == redis_ha_nodes(objs)[1]
+                assert meta["sentinelMaster"] == env["GENQ_REDIS_SENTINEL_SERVICE"]
+                expected["sentinelPassword"] = "redis-sentinel-password"
+            else:
                 continue
-            assert trigger["metadata"]["address"] == address
-            assert trigger["metadata"]["databaseIndex"] == url.path.strip("/")
+            assert meta["databaseIndex"] == url.path.strip("/")
             auth = named(objs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
-            (ref,) = auth["spec"]["secretTargetRef"]
-            assert ref["parameter"] == "password"
-            assert ref["key"] == "redis-password"
+            refs = {r["parameter"]: r["key"] for r in auth["spec"]["secretTargetRef"]}
+            assert refs == expected
+            checked += 1
+    assert checked or variant.endswith("prometheus-scaling")
 
 
 def test_prometheus_trigger_queries_only_metrics_that_exist() -> None:
@@ -195,7 +239,7 @@ def test_no_secret_is_rendered_and_every_secret_key_used_is_in_the_template(vari
     for w in workloads(objs):
         for c in pod_spec(w)["containers"]:
             for var in c.get("env", []):
-                if "valueFrom" in var:
+                if "secretKeyRef" in var.get("valueFrom", {}):
                     used.add(
                         (
                             var["valueFrom"]["secretKeyRef"]["name"],
@@ -229,7 +273,10 @@ def test_secret_and_registry_files_are_mounted_where_the_settings_point(variant:
             if "configMap" in volume:
                 data = named(objs, "ConfigMap", volume["configMap"]["name"])["data"]
                 files |= {f"{mount['mountPath']}/{key}": key for key in data}
-        for var in ("GENQ_REDIS_URL_FILE", "GENQ_WEBHOOK_SECRET_FILE", "GENQ_MODELS_FILE"):
+        needed = ["GENQ_REDIS_URL_FILE", "GENQ_WEBHOOK_SECRET_FILE", "GENQ_MODELS_FILE"]
+        if variant in HA_VARIANTS:
+            needed.append("GENQ_REDIS_SENTINEL_PASSWORD_FILE")
+        for var in needed:
             assert env[var] in files, (w["metadata"]["name"], var)
         assert "GENQ_REDIS_URL" not in env
 
@@ -373,9 +420,7 @@ def test_redis_persists_its_append_only_file_within_its_memory_limit(variant: st
     (claim,) = redis["spec"]["volumeClaimTemplates"]
     c = container(redis, "redis")
     assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in c["volumeMounts"]
-    conf = named(objs, "ConfigMap", pod_spec(redis)["volumes"][0]["configMap"]["name"])["data"][
-        "redis.conf"
-    ]
+    conf = config_file(objs, redis, "redis", "/etc/redis/redis.conf")
     assert re.search(r"^appendonly yes$", conf, re.M)
     assert re.search(r"^maxmemory-policy noeviction$", conf, re.M)
     (maxmemory_mb,) = re.findall(r"^maxmemory (\d+)mb$", conf, re.M)
@@ -393,15 +438,21 @@ def test_only_genq_pods_and_keda_reach_redis(variant: str) -> None:
     (rule,) = policy["spec"]["ingress"]
     peers = [p for p in rule["from"] if "namespaceSelector" not in p]
     (keda,) = [p for p in rule["from"] if "namespaceSelector" in p]
-    for w in of_kind(objs, "Deployment"):
+    clients = of_kind(objs, "Deployment")
+    if redis["spec"]["replicas"] > 1:
+        clients.append(redis)  # replication, and the sentinels among themselves
+    for w in clients:
         labels = w["spec"]["template"]["metadata"]["labels"]
         assert any(selects(p["podSelector"], labels) for p in peers), w["metadata"]["name"]
     stranger = {"app.kubernetes.io/part-of": "genq", "app.kubernetes.io/component": "debug"}
     assert not any(selects(p["podSelector"], stranger) for p in peers)
     assert keda["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
-    assert rule["ports"] == [
-        {"protocol": "TCP", "port": container_port(container(redis, "redis"), "redis")}
+    served = [
+        {"protocol": "TCP", "port": p["containerPort"]}
+        for c in pod_spec(redis)["containers"]
+        for p in c["ports"]
     ]
+    assert sorted(rule["ports"], key=str) == sorted(served, key=str)
 
 
 @variants
@@ -458,3 +509,156 @@ def test_deployment_alert_rules_are_complete() -> None:
         assert rule["annotations"]["description"]
         for name in re.findall(r"\bgenq_\w+", rule["expr"]):
             assert known_metric(name), name
+
+
+@variants
+def test_every_object_lands_in_genq_s_namespace(variant: str) -> None:
+    """Objects an overlay or a component adds get the namespace too (else `kubectl apply -k`
+    puts them in the current one, where the workers would not find the models' volume claim)."""
+    misplaced = [
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in render(variant)
+        if o["kind"] != "Namespace" and o["metadata"].get("namespace") != "genq"
+    ]
+    assert misplaced == []
+
+
+def test_dev_runs_the_images_kind_load_put_on_the_node() -> None:
+    assert pull_policy({"image": "genq-gateway:latest"}) == "Always"  # what dev had before
+    assert pull_policy({"image": "registry.example.com:5000/genq/worker"}) == "Always"
+    objs = render("dev")
+    containers = genq_containers(objs)
+    assert {c["name"] for _, c in containers} == {"gateway", "worker"}
+    for _, c in containers:
+        assert c["imagePullPolicy"] == "IfNotPresent", c["name"]
+    for w in workloads(objs):
+        for c in pod_spec(w)["containers"]:
+            assert pull_policy(c) != "Always", (w["metadata"]["name"], c["name"], c["image"])
+
+
+@ha_variants
+def test_redis_ha_runs_three_data_nodes_each_with_a_sentinel_on_its_own_node(variant: str) -> None:
+    objs = render(variant)
+    redis = named(objs, "StatefulSet", "genq-redis")
+    spec, labels = pod_spec(redis), redis["spec"]["template"]["metadata"]["labels"]
+    assert redis["spec"]["replicas"] == 3
+    assert redis["spec"]["volumeClaimTemplates"]  # each node its own append-only file
+    containers = {c["name"]: c for c in spec["containers"]}
+    assert set(containers) == {"redis", "sentinel"}
+    assert containers["redis"]["image"] == containers["sentinel"]["image"]
+    assert containers["redis"]["command"] == ["sh", HA_SCRIPT, "redis"]
+    assert containers["sentinel"]["command"] == ["sh", HA_SCRIPT, "sentinel"]
+    assert containers["redis"]["readinessProbe"]["exec"]["command"] == ["sh", HA_SCRIPT, "ready"]
+    required = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert any(
+        term["topologyKey"] == "kubernetes.io/hostname" and selects(term["labelSelector"], labels)
+        for term in required
+    )
+    budget = named(objs, "PodDisruptionBudget", "genq-redis")
+    assert selects(budget["spec"]["selector"], labels)
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert named(objs, "Service", "genq-redis")["spec"]["publishNotReadyAddresses"] is True
+    # The sentinels fail over on a majority's word, which one lost node leaves.
+    sentinel_conf = config_file(objs, redis, "sentinel", "/etc/redis/sentinel.conf")
+    ((service, quorum),) = re.findall(
+        r"^sentinel monitor (\S+) @PRIMARY@ (\d+)$", sentinel_conf, re.M
+    )
+    assert int(quorum) == redis["spec"]["replicas"] // 2 + 1
+    assert (
+        service
+        == re.findall(r"^SERVICE=(\S+)$", config_file(objs, redis, "redis", HA_SCRIPT), re.M)[0]
+    )
+
+
+@ha_variants
+def test_redis_ha_nodes_sentinels_genq_and_keda_name_the_same_pods(variant: str) -> None:
+    objs = render(variant)
+    redis = named(objs, "StatefulSet", "genq-redis")
+    nodes, sentinels = redis_ha_nodes(objs)
+    pods = [f"{redis['metadata']['name']}-{i}" for i in range(redis["spec"]["replicas"])]
+    for name, addresses in (("redis", nodes), ("sentinel", sentinels)):
+        c = container(redis, name)
+        env = effective_env(objs, c)
+        assert env["POD_NAME"] == "<field metadata.name>"
+        assert [env["ANNOUNCE"].replace("$(POD_NAME)", pod) for pod in pods] == addresses
+        assert env["REDIS_NODES"].split() == nodes
+        assert env["SENTINELS"].split() == sentinels
+        for var in ("REDIS_CONF", "SENTINEL_CONF"):
+            for path in env[var].split():
+                config_file(objs, redis, name, path)
+        mounted = {m["mountPath"] for m in c["volumeMounts"]}
+        for var in ("REDIS_PASSWORD_FILE", "SENTINEL_PASSWORD_FILE"):
+            assert env[var].rsplit("/", 1)[0] in mounted, var
+    sentinel_conf = config_file(objs, redis, "sentinel", "/etc/redis/sentinel.conf")
+    (service,) = re.findall(r"^sentinel monitor (\S+) ", sentinel_conf, re.M)
+    for _, c in genq_containers(objs):
+        env = effective_env(objs, c)
+        assert env["GENQ_REDIS_SENTINELS"].split(",") == sentinels
+        assert env["GENQ_REDIS_SENTINEL_SERVICE"] == service
+
+
+@ha_variants
+def test_redis_ha_acknowledges_what_a_replica_has_and_writes_with_a_node_down(variant: str) -> None:
+    """A job is acknowledged once a replica has it (WAIT), and the primary refuses writes that
+    no replica takes (min-replicas-to-write), yet one data node down leaves enough replicas for
+    both."""
+    objs = render(variant)
+    redis = named(objs, "StatefulSet", "genq-redis")
+    ha_conf = config_file(objs, redis, "redis", "/etc/redis/redis-ha.conf")
+    (min_to_write,) = re.findall(r"^min-replicas-to-write (\d+)$", ha_conf, re.M)
+    replicas_with_one_down = redis["spec"]["replicas"] - 1 - 1
+    for _, c in genq_containers(objs):
+        env = effective_env(objs, c)
+        ack = int(env["GENQ_REDIS_MIN_REPLICAS_ACK"])
+        assert 1 <= ack <= replicas_with_one_down
+        assert 1 <= int(min_to_write) <= replicas_with_one_down
+        # WAIT holds a gateway's connection that long: it must answer within a command's timeout.
+        command_timeout_s = float(
+            env.get("GENQ_REDIS_COMMAND_TIMEOUT_S", DEFAULTS.redis_command_timeout_s)
+        )
+        assert 0 < int(env["GENQ_REDIS_ACK_TIMEOUT_MS"]) < command_timeout_s * 1000
+
+
+@ha_variants
+def test_redis_ha_primary_hands_over_within_its_grace_period(variant: str) -> None:
+    objs = render(variant)
+    redis = named(objs, "StatefulSet", "genq-redis")
+    c = container(redis, "redis")
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sh", HA_SCRIPT, "handover"]
+    script = config_file(objs, redis, "redis", HA_SCRIPT)
+    (wait_s,) = {int(s) for s in re.findall(r"\$\{HANDOVER_WAIT_S:-(\d+)\}", script)}
+    (ask_s,) = {int(s) for s in re.findall(r"timeout (\d+) \\$", script, re.M)}
+    asked = len(redis_ha_nodes(objs)[1]) - 1  # every sentinel but its own
+    # Asking the sentinels, waiting for the promotion, then Redis's own shutdown (its AOF).
+    needed = asked * ask_s + wait_s + 10
+    assert pod_spec(redis)["terminationGracePeriodSeconds"] >= needed
+
+
+def test_redis_ha_script_parses_and_compose_runs_the_same_files() -> None:
+    for name in ("redis-ha.sh", "redis-ha.conf", "sentinel.conf"):
+        ours = (REDIS_HA / name).read_text()
+        assert (ROOT / "compose" / "redis-ha" / name).read_text() == ours, (
+            f"compose/redis-ha/{name} must equal k8s/components/redis-ha/{name}: copy it over"
+        )
+    out = subprocess.run(
+        ["sh", "-n", str(REDIS_HA / "redis-ha.sh")], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_redis_ha_after_prometheus_scaling_stops_the_build(tmp_path: Path) -> None:
+    """Listed after prometheus-scaling, redis-ha would find no `redis` trigger to turn into
+    `redis-sentinel`: the build stops instead of leaving a trigger that reads a single Redis."""
+    rel = Path(os.path.relpath(K8S, tmp_path))
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        f"resources: [{rel / 'overlays' / 'prod'}]\n"
+        f"components: [{rel / 'components' / 'prometheus-scaling'}, "
+        f"{rel / 'components' / 'redis-ha'}]\n"
+    )
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode != 0
+    assert "/spec/triggers/0/type" in out.stderr
