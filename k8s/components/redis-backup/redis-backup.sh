@@ -1,8 +1,8 @@
 #!/bin/sh
 # Snapshots of genq's Redis and their restore, run from the Redis image (redis-cli and
 # redis-server) by the backup CronJob, the restore Job and compose's redis-backup and
-# redis-restore services. docs/operations.md, "Backup and restore", has the procedure;
-# `genq backup` and `genq restore` are the same steps for `genq run`.
+# redis-restore services. The procedure: docs/operations.md, "Redis: persistence, backup and
+# restore". `genq backup` and `genq restore` are the same steps for `genq run`.
 #
 #   redis-backup.sh backup            one snapshot into BACKUP_DIR, then keep the newest KEEP
 #   redis-backup.sh every SECONDS     a backup every SECONDS (compose's service)
@@ -12,7 +12,7 @@
 #   redis-backup.sh fresh SECONDS     succeeds if the newest is younger than twice SECONDS
 #
 # Settings: REDIS_HOST (genq-redis), REDIS_PORT (6379), REDIS_PASSWORD_FILE or REDISCLI_AUTH,
-# BACKUP_DIR (/backups), KEEP (48), DATA_DIR (/data), RESTORE_SNAPSHOT (a NAME, for the Job).
+# BACKUP_DIR (/backups), KEEP (24), DATA_DIR (/data), RESTORE_SNAPSHOT (a NAME, for the Job).
 set -eu
 
 BACKUP_DIR=${BACKUP_DIR:-/backups}
@@ -32,7 +32,7 @@ backup() {
     REDISCLI_AUTH=$(cat "$REDIS_PASSWORD_FILE")
     export REDISCLI_AUTH
   fi
-  keep=${KEEP:-48}
+  keep=${KEEP:-24}
   [ "$keep" -ge 1 ] || die "KEEP must be 1 or more"
   mkdir -p "$BACKUP_DIR"
   name="genq-$(date -u +%Y%m%dT%H%M%SZ).rdb"
@@ -118,12 +118,14 @@ restore() {
   expected=$(persistent_keys)
   cli config set appendonly yes >/dev/null
   wait_for rewritten
-  [ "$(field aof_last_bgrewrite_status)" = ok ] || die "no append-only file written: $(cat "$tmp/redis.log")"
+  [ "$(field aof_last_bgrewrite_status)" = ok ] \
+    || die "no append-only file written: $(cat "$tmp/redis.log")"
   stop_local
   start_local yes
   found=$(persistent_keys)
   stop_local
-  [ "$found" = "$expected" ] || die "the append-only file holds $found keys without a TTL, not $expected"
+  [ "$found" = "$expected" ] \
+    || die "the append-only file holds $found keys without a TTL, not $expected"
   say "restored $name ($expected keys without a TTL); start Redis"
   [ ! -d "$aside" ] || say "what it replaced is in $aside"
 }
