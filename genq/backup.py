@@ -5,10 +5,10 @@ its replication protocol, so it needs only the network and the password, not Red
 
 A restore cannot just put the snapshot in place as `dump.rdb`. With `appendonly yes` (genq's
 setting everywhere) Redis loads its append-only file and ignores `dump.rdb`; with no append-only
-file it starts empty (Redis 6.2, measured: DBSIZE 0). So the restore loads the snapshot into a
-redis-server that runs with append-only off, turns it on (`CONFIG SET appendonly yes` rewrites
-the append-only file from memory), and stops it: the next Redis start loads that file. Then it
-starts Redis once more as `genq run` does, to check that the data comes back.
+file it starts empty (measured on Redis 6.2 and 7.0: DBSIZE 0). So the restore loads the
+snapshot into a redis-server that runs with append-only off, turns it on (`CONFIG SET appendonly
+yes` rewrites the append-only file from memory), and stops it: the next Redis start loads that
+file. Then it starts Redis once more as `genq run` does, to check that the data comes back.
 
 The Kubernetes and compose deployments run the same steps from the Redis image
 (k8s/components/redis-backup/redis-backup.sh); docs/operations.md has the procedure.

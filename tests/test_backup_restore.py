@@ -173,7 +173,8 @@ def test_a_restore_sets_aside_what_it_replaces(redis_server: RedisServer, tmp_pa
 
     assert restored.keys == 1
     assert restored.set_aside is not None
-    assert (restored.set_aside / "appendonly.aof").exists()
+    # Redis 6's append-only file, or Redis 7's directory of them.
+    assert {p.name for p in restored.set_aside.iterdir()} & {"appendonly.aof", "appendonlydir"}
     server.start()
     try:
         assert redis.Redis.from_url(server.url).keys("genq:test:*") == [b"genq:test:kept"]
@@ -196,6 +197,7 @@ def test_the_deployments_script_backs_up_prunes_and_restores(
         (bin_dir / Path(tool).name).symlink_to(tool)
     backups, data = tmp_path / "backups", tmp_path / "data"
     env = {
+        **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "REDIS_HOST": "127.0.0.1",
         "REDIS_PORT": str(redis_server.port),
@@ -223,6 +225,7 @@ def test_the_deployments_script_backs_up_prunes_and_restores(
 
     # An earlier life of the volume: the restore sets it aside, not in its way.
     (data / "appendonlydir").mkdir(parents=True)
+    (data / "appendonlydir" / "earlier").touch()
     script("restore", newest.path.name)
 
     # Redis as the deployments start it (appendonly yes) loads what the script left.
@@ -238,8 +241,8 @@ def test_the_deployments_script_backs_up_prunes_and_restores(
         assert cast(int, restored.ttl("genq:test:lease")) > 3000
     finally:
         server.stop()
-    assert not (data / "appendonlydir").exists()
-    assert list(data.glob("before-restore-*/appendonlydir"))
+    assert not (data / "appendonlydir" / "earlier").exists()
+    assert list(data.glob("before-restore-*/appendonlydir/earlier"))
 
 
 @pytest.mark.parametrize(
