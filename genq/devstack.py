@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import FrameType
 
 from common.settings import Settings
@@ -27,6 +28,7 @@ MAX_DELAY_S = 30.0
 STABLE_AFTER_S = 60.0
 CONFIG_ERROR = 2
 _TICK_S = 0.2
+_PASSWORD_FILE = "password"
 
 
 # A worker heartbeats once its preloaded models are loaded.
@@ -155,6 +157,30 @@ class _Supervised:
         return True
 
 
+def embedded_redis_dir(settings: Settings) -> Path:
+    return settings.var_dir / "redis"
+
+
+def save_password(redis: RedisServer) -> Path:
+    """Write the embedded Redis's generated password beside its data, for the operator's
+    `redis-cli` and for `genq backup`."""
+    password_file = redis.data_dir / _PASSWORD_FILE
+    password_file.touch(mode=0o600)
+    password_file.chmod(0o600)  # an older file may have been readable
+    password_file.write_text(redis.password + "\n")
+    return password_file
+
+
+def embedded_redis_url(settings: Settings) -> str:
+    """The URL of the Redis that a running `genq run` started (its password changes each time)."""
+    password_file = embedded_redis_dir(settings) / _PASSWORD_FILE
+    try:
+        password = password_file.read_text().strip()
+    except FileNotFoundError as e:
+        raise RedisServerError(f"no {password_file}: has `genq run` ever started here?") from e
+    return f"redis://:{password}@127.0.0.1:{settings.embedded_redis_port}/0"
+
+
 def run_stack(settings: Settings) -> int:
     started = time.monotonic()
     if settings.model is None:
@@ -166,7 +192,7 @@ def run_stack(settings: Settings) -> int:
             "`genq run` (or gateway) still running? Stop it, or choose another port with GENQ_PORT"
         )
         return 1
-    redis = RedisServer(settings.var_dir / "redis", settings.embedded_redis_port, persist=True)
+    redis = RedisServer(embedded_redis_dir(settings), settings.embedded_redis_port, persist=True)
     try:
         redis.start()
     except PortTaken as e:
@@ -178,10 +204,7 @@ def run_stack(settings: Settings) -> int:
     except RedisServerError as e:
         _say(str(e))
         return 1
-    password_file = redis.data_dir / "password"
-    password_file.touch(mode=0o600)
-    password_file.chmod(0o600)  # an older file may have been readable
-    password_file.write_text(redis.password + "\n")
+    password_file = save_password(redis)
     print(
         f"embedded Redis on {redis.address} (pid {redis.pid}; data in {redis.data_dir}; its "
         f"generated password is in {password_file})",
