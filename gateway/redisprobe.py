@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from common.redisconn import SentinelPool, connection_pool
 from common.settings import Settings
 from gateway import metrics
 from gateway.redisclient import RedisBreaker
@@ -40,10 +41,10 @@ class RedisProbe:
     def from_settings(cls, settings: Settings, breaker: RedisBreaker) -> RedisProbe:
         # Its own connection, outside the bounded pools: a full pool is not a stall, and a stall
         # must not hold a connection that requests need. redis-py's default of no retries is
-        # what it needs: the next PING is the retry.
-        client = Redis.from_url(
-            settings.redis_url.get_secret_value(), single_connection_client=True
-        )
+        # what it needs: the next PING is the retry. With Sentinel it PINGs the primary the
+        # sentinels name: a connection dropped by a timeout asks them again, so the probe opens
+        # the breaker while a failover runs and closes it once the promoted replica answers.
+        client = Redis.from_pool(connection_pool(settings, ConnectionPool, SentinelPool))
         return cls(
             client,
             breaker,

@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from common.settings import Settings
 from gateway.redisclient import CircuitOpen, GuardedRedis, create_gateway_redis
 from gateway.redisprobe import RedisProbe
+from genq.redis_ha import RedisHA
 from genq.redis_server import RedisServer, free_port
 
 
@@ -87,3 +88,26 @@ async def test_the_probe_leaves_a_breaker_that_requests_opened_to_its_reset(
         finally:
             await admin.config_set("maxclients", 10000)
             await admin.aclose()
+
+
+async def test_with_sentinel_the_probe_pings_the_primary_the_sentinels_name(
+    redis_ha: RedisHA,
+) -> None:
+    # The URL names a port nothing listens on: with Sentinel only its password counts.
+    settings = Settings(
+        redis_url=SecretStr(f"redis://:{redis_ha.password}@127.0.0.1:{free_port()}/0"),
+        redis_sentinels=redis_ha.sentinel_addresses,
+        redis_sentinel_password=redis_ha.sentinel_password,
+        redis_breaker_reset_s=60,
+    )
+    async with gateway_redis(settings) as (redis, probe):
+        await probe.check()
+        assert redis.breaker.state == "closed"
+        old = redis_ha.primary.port
+        redis_ha.primary.kill()
+        await probe.check()
+        assert redis.breaker.state == "open"
+        redis_ha.wait_for_promotion(old)
+        await probe.check()  # may still meet the dead primary's connection
+        await probe.check()
+        assert redis.breaker.state == "closed"
