@@ -84,6 +84,7 @@ class LostAttempt(Exception):
 @dataclass(eq=False)
 class _Pending:
     future: asyncio.Future[Generation]
+    job_id: str
     attempt: int
     engine: Engine
     next_index: int  # of the job's next token event
@@ -107,8 +108,8 @@ class JobRunner:
     on_models_changed: Callable[[], None]
     worker_id: str
     draining: Callable[[], bool]  # the worker is shutting down
-    _pending: dict[str, _Pending] = field(default_factory=dict)
-    _attempts: dict[str, int] = field(default_factory=dict)  # started jobs, by id
+    _pending: dict[str, _Pending] = field(default_factory=dict)  # by engine request id
+    _attempts: dict[str, int] = field(default_factory=dict)  # the attempt of each started job
     _steps: asyncio.Queue[list[RowOutput]] = field(default_factory=asyncio.Queue)
     _loop: asyncio.AbstractEventLoop | None = None
     _publisher: asyncio.Task[None] | None = None
@@ -185,12 +186,27 @@ class JobRunner:
                 "started_at": started_at,
             }
         )
-        self._attempts[job.id] = attempt
+        self._take_over(job.id, attempt)
         metrics.observe_start(spec.key, started_at - job.created_at)
         try:
             return await self._run_attempt(job, item, spec)
         finally:
-            del self._attempts[job.id]
+            if self._attempts.get(job.id) == attempt:
+                del self._attempts[job.id]
+
+    def _take_over(self, job_id: str, attempt: int) -> None:
+        """Make `attempt` the attempt of the job this worker runs. arq can start a job again on
+        a worker that still runs an earlier attempt of it (its lease lapsed during a Redis
+        stall, and the reaper queued it again): the later start fenced the earlier attempt,
+        which stops here and writes nothing more. The two never share a key: the engine's
+        request ids and `_pending` are per attempt."""
+        earlier = self._attempts.get(job_id)
+        if earlier is None:
+            self._attempts[job_id] = attempt
+            return
+        logger.warning("job %s: attempt %d started beside attempt %d", job_id, attempt, earlier)
+        self._attempts[job_id] = max(earlier, attempt)
+        self._lose(job_id, min(earlier, attempt))
 
     async def _run_attempt(self, job: Job, item: WorkItem, spec: ModelSpec) -> str:
         deadline = time.monotonic() + self.settings.job_timeout_s
@@ -257,12 +273,15 @@ class JobRunner:
         engine = held.engine
         # Only a re-run can find tokens of an earlier attempt: spare first runs the round trip.
         published = await self._published(job.id) if job.attempt > 1 else []
-        pending = _Pending(self._loop.create_future(), job.attempt, engine, len(published))
-        self._pending[job.id] = pending
+        if self.attempt_of(job.id) != job.attempt:
+            raise LostAttempt(job.id)  # a later attempt started on this worker meanwhile
+        request_id = _request_id(job.id, job.attempt)
+        pending = _Pending(self._loop.create_future(), job.id, job.attempt, engine, len(published))
+        self._pending[request_id] = pending
         metrics.JOBS_HELD.labels(self.settings.pool).inc()
         params = sampling_params(item)
         request = EngineRequest(
-            job.id,
+            request_id,
             item.request,
             params,
             deadline,
@@ -273,14 +292,14 @@ class JobRunner:
         engine.submit(request)
         try:
             if await _persist(self.store.cancel_requested, job.id):
-                engine.cancel(job.id)  # asked for while the job was being picked up
+                engine.cancel(request_id)  # asked for while the job was being picked up
             return await pending.future
         except BaseException:
             # Cancelled, timed out or lost: free the row at the next step.
-            engine.cancel(job.id)
+            engine.cancel(request_id)
             raise
         finally:
-            del self._pending[job.id]
+            del self._pending[request_id]
             metrics.JOBS_HELD.labels(self.settings.pool).dec()
 
     async def _published(self, job_id: str) -> list[TokenEvent]:
@@ -295,19 +314,27 @@ class JobRunner:
 
     def cancel(self, job_id: str) -> None:
         """Stop a job this worker is running (a no-op for any other job)."""
-        if (pending := self._pending.get(job_id)) is not None:
-            pending.engine.cancel(job_id)
+        if (attempt := self.attempt_of(job_id)) is None:
+            return
+        request_id = _request_id(job_id, attempt)
+        if (pending := self._pending.get(request_id)) is not None:
+            pending.engine.cancel(request_id)
 
     def lose(self, job_id: str) -> None:
         """Another attempt owns the job: stop generating it and write nothing more."""
-        if (pending := self._pending.get(job_id)) is not None:
-            pending.engine.cancel(job_id)
-            self._settle(job_id, LostAttempt(job_id))
+        if (attempt := self.attempt_of(job_id)) is not None:
+            self._lose(job_id, attempt)
+
+    def _lose(self, job_id: str, attempt: int) -> None:
+        request_id = _request_id(job_id, attempt)
+        if (pending := self._pending.get(request_id)) is not None:
+            pending.engine.cancel(request_id)
+            self._settle(request_id, LostAttempt(job_id))
 
     async def sweep_cancel_flags(self) -> None:
         """Cancel running jobs whose records carry a cancel flag: the safety net for requests
         whose pub/sub message was missed."""
-        running = list(self._pending)
+        running = [pending.job_id for pending in self._pending.values()]
         if running:
             for job_id, flagged in zip(
                 running, await self.store.cancel_flags(running), strict=True
@@ -333,10 +360,13 @@ class JobRunner:
         a job's `done` event must follow its last token. While Redis is away the steps wait
         (the engine goes on) and go out together once it is back."""
         tokens: dict[str, list[TokenEvent]] = {}
+        attempts: dict[str, int] = {}
         for out in outputs:
             pending = self._pending.get(out.request_id)
             if pending is None or not (out.text or out.logprobs):
                 continue
+            if self.attempt_of(pending.job_id) != pending.attempt:
+                continue  # a later attempt of the job started here: its fence refuses these
             index = pending.next_index
             pending.next_index += 1
             event = TokenEvent(
@@ -347,9 +377,9 @@ class JobRunner:
                 logprobs=out.logprobs or None,
                 ids=out.ids or None,
             )
-            tokens.setdefault(out.request_id, []).append(event)
+            tokens.setdefault(pending.job_id, []).append(event)
+            attempts[pending.job_id] = pending.attempt
         if tokens:
-            attempts = {job_id: self._pending[job_id].attempt for job_id in tokens}
             async for attempt in _while_redis_is_away():
                 with attempt:
                     lost = await self.store.append_step(tokens, attempts)
@@ -447,6 +477,11 @@ class JobRunner:
                 "timings": timings,
             }
         )
+
+
+def _request_id(job_id: str, attempt: int) -> str:
+    """The engine's id of an attempt's request: an attempt's row is never taken for another's."""
+    return f"{job_id}/{attempt}"
 
 
 def _resume(published: list[TokenEvent]) -> Resume:
