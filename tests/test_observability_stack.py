@@ -98,6 +98,7 @@ SHOWN = {
 ELSEWHERE = {
     "genq_jobs_reaped_total": "tests/test_reaper.py (a worker that vanished)",
     "genq_rate_limiter_bypassed_total": "tests/test_ratelimit.py (a limiter that fails open)",
+    "genq_redis_probe_failures_total": "tests/test_redis_outage.py (a Redis stalled by SIGSTOP)",
     "genq_worker_cuda_allocated_bytes": "CUDA workers only: absent here",
     "genq_worker_cuda_reserved_bytes": "CUDA workers only: absent here",
 }

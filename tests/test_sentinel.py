@@ -90,8 +90,9 @@ async def test_the_gateways_pools_follow_a_failover_to_the_promoted_replica(
         pool = commands.connection_pool
         # Until the old primary is demoted, a write may still land on it (and be lost: WAIT
         # is what keeps such a job from being acknowledged); then READONLY, or the sentinels
-        # closing its clients, and the breaker's open spell, if it opened.
-        for _ in range(100):
+        # closing its clients, and the breaker's open spell, if it opened. The sentinels demote
+        # the old primary on their next look at it: seconds on a loaded machine, hence 30 s.
+        for _ in range(300):
             with contextlib.suppress(RedisError):
                 await commands.set("after", "1")
                 if pool.master_address == ("127.0.0.1", new):  # type: ignore[attr-defined]
