@@ -264,29 +264,6 @@ def test_the_monitoring_files_name_only_files_that_exist() -> None:
             assert (ROOT / name).exists() or (path.parent / name).exists(), (path.name, name)
 
 
-def test_promtool_and_amtool_accept_the_configurations(tmp_path: Path) -> None:
-    promtool, amtool = shutil.which("promtool"), shutil.which("amtool")
-    if promtool is None or amtool is None:
-        pytest.skip(
-            "promtool or amtool is not installed here (Debian: apt-get install prometheus "
-            "prometheus-alertmanager); the files' shapes were checked above"
-        )
-    out = subprocess.run(
-        [amtool, "check-config", str(ALERTMANAGER)], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    # Prometheus's file with its rules where this checkout has them, so both are checked.
-    config = yaml.safe_load(PROMETHEUS.read_text())
-    config["rule_files"] = [str(PROMETHEUS.parent / "rules" / "*.yml")]
-    checked = tmp_path / "prometheus.yml"
-    checked.write_text(yaml.safe_dump(config))
-    out = subprocess.run(
-        [promtool, "check", "config", str(checked)], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 9 rules found" in out.stdout
-
-
 def test_the_alert_sink_prints_each_alert_it_receives() -> None:
     port = free_port()
     env = {**os.environ, "ALERT_SINK_HOST": "127.0.0.1", "ALERT_SINK_PORT": str(port)}
