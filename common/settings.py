@@ -239,7 +239,11 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(
         86_400, gt=0, description="How long finished jobs and events are kept."
     )
-    events_maxlen: int = Field(10_000, gt=0, description="Approximate cap of a job's event stream.")
+    events_maxlen: int = Field(
+        10_000,
+        gt=0,
+        description="Approximate cap of a job's event stream; above GENQ_MAX_NEW_TOKENS_LIMIT.",
+    )
     job_timeout_s: int = Field(600, gt=0)
     max_tries: int = Field(3, ge=1)
 
@@ -409,6 +413,14 @@ class Settings(BaseSettings):
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(
                 "GENQ_DEFAULT_MAX_NEW_TOKENS must not exceed GENQ_MAX_NEW_TOKENS_LIMIT"
+            )
+        # A re-run goes on from every token event its job published (an event carries one token
+        # or more, plus the closing one): a stream trimmed below that fails the re-run.
+        if self.events_maxlen <= self.max_new_tokens_limit:
+            raise ValueError(
+                f"GENQ_EVENTS_MAXLEN ({self.events_maxlen}) must exceed GENQ_MAX_NEW_TOKENS_LIMIT "
+                f"({self.max_new_tokens_limit}): a job whose worker dies goes on from all its "
+                "events"
             )
         return self
 

@@ -1,5 +1,6 @@
 """Settings from the environment: a `GENQ_*` variable that no setting reads (a misspelling) is
-named at start with the closest setting, and refused with GENQ_STRICT_SETTINGS."""
+named at start with the closest setting, and refused with GENQ_STRICT_SETTINGS; settings that
+contradict each other are refused."""
 
 from __future__ import annotations
 
@@ -93,3 +94,10 @@ def test_a_strict_gateway_does_not_start_with_a_misspelt_setting() -> None:
     assert done.returncode == 2
     assert "invalid genq settings" in done.stderr
     assert NAMED in done.stderr
+
+
+def test_an_event_stream_shorter_than_a_job_s_tokens_is_refused() -> None:
+    # A re-run goes on from every event its job published: a trimmed stream would fail it.
+    with pytest.raises(ValidationError, match=r"GENQ_EVENTS_MAXLEN \(2048\) must exceed"):
+        Settings(events_maxlen=2048, max_new_tokens_limit=2048)
+    assert Settings(events_maxlen=2049, max_new_tokens_limit=2048).events_maxlen == 2049
