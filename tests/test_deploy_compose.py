@@ -331,7 +331,7 @@ def test_ha_runs_a_primary_a_replica_and_three_sentinels_on_volumes_of_their_own
     assert len(data_volumes) == len(nodes)
     for source in ("redis_ha_conf", "redis_ha_sh", "sentinel_conf"):
         path = (COMPOSE.parent / project["configs"][source]["file"]).resolve()
-        assert path == ROOT / "compose" / "redis-ha" / path.name
+        assert path == ROOT / "k8s" / "components" / "redis-ha" / path.name
 
 
 def test_ha_points_every_genq_process_at_the_sentinels() -> None:
@@ -339,7 +339,7 @@ def test_ha_points_every_genq_process_at_the_sentinels() -> None:
     sentinels = env_of(project, "redis")["SENTINELS"].split()
     (monitor,) = re.findall(
         r"^sentinel monitor (\S+) ",
-        (ROOT / "compose" / "redis-ha" / "sentinel.conf").read_text(),
+        (ROOT / "k8s" / "components" / "redis-ha" / "sentinel.conf").read_text(),
         re.M,
     )
     for name in GENQ_SERVICES:
