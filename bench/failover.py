@@ -40,7 +40,7 @@ import httpx
 import orjson
 from httpx_sse import connect_sse
 
-from bench.faults import JOB_DEADLINE_S, Client, Observed
+from bench.faults import JOB_DEADLINE_S, Client, Observed, bench_run
 from common.settings import Settings
 from gateway.redisclient import create_gateway_redis
 from genq.redis_ha import RedisHA
@@ -317,21 +317,9 @@ def main() -> None:
         print(orjson.dumps(figures).decode() if args.json else figures)
         return
 
-    defaults = Settings.model_fields
-    settings = {
-        "GENQ_LOG_FORMAT": "json",
-        "GENQ_CACHE_ENABLED": "false",
-        "GENQ_WORKER_HEARTBEAT_S": str(defaults["worker_heartbeat_s"].default),
-        "GENQ_WORKER_JOB_COMPLETION_WAIT_S": str(defaults["worker_job_completion_wait_s"].default),
-    }
-    if args.model:
-        settings |= {"GENQ_MODEL": args.model, "GENQ_MODEL_NAME": "bench"}
-    args.data_dir.mkdir(parents=True, exist_ok=True)
-    log_dir = args.data_dir / f"logs-{time.strftime('%Y%m%d-%H%M%S')}"
-    log_dir.mkdir()
-    body = {"prompt": "Tell me about", "max_new_tokens": args.max_new_tokens, "temperature": 1.0}
+    run_dir, log_dir, settings, body = bench_run(args.data_dir, args.model, args.max_new_tokens)
     print("starting the stack...", file=sys.stderr, flush=True)
-    stack = FailoverStack(args.data_dir / f"run-{uuid.uuid4().hex[:8]}", log_dir, **settings)
+    stack = FailoverStack(run_dir, log_dir, **settings)
     try:
         result = drill(stack, jobs=args.jobs, clients=args.clients, body=body)
     finally:

@@ -565,21 +565,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("var/bench-faults"))
     args = parser.parse_args()
 
-    defaults = Settings.model_fields
-    settings = {
-        "GENQ_LOG_FORMAT": "json",
-        "GENQ_CACHE_ENABLED": "false",
-        # The production timings, not the short ones of the test suite's processes.
-        "GENQ_WORKER_HEARTBEAT_S": str(defaults["worker_heartbeat_s"].default),
-        "GENQ_WORKER_JOB_COMPLETION_WAIT_S": str(defaults["worker_job_completion_wait_s"].default),
-    }
-    if args.model:
-        settings |= {"GENQ_MODEL": args.model, "GENQ_MODEL_NAME": "bench"}
-    args.data_dir.mkdir(parents=True, exist_ok=True)
-    log_dir = args.data_dir / f"logs-{time.strftime('%Y%m%d-%H%M%S')}"
-    log_dir.mkdir()
-    body = {"prompt": "Tell me about", "max_new_tokens": args.max_new_tokens, "temperature": 1.0}
-    stack = Stack(args.data_dir / f"run-{uuid.uuid4().hex[:8]}", log_dir, **settings)
+    run_dir, log_dir, settings, body = bench_run(args.data_dir, args.model, args.max_new_tokens)
+    stack = Stack(run_dir, log_dir, **settings)
     outcomes = []
     try:
         for name in args.only:
@@ -599,6 +586,32 @@ def main() -> None:
     if problems:
         print("\n".join(problems), file=sys.stderr)
         raise SystemExit(1)
+
+
+def bench_run(
+    data_dir: Path, model: str | None, max_new_tokens: int
+) -> tuple[Path, Path, dict[str, str], dict[str, object]]:
+    """A benchmark's stack directory, its log directory, its processes' settings and its jobs'
+    body: the default model unless `model` names a checkpoint, and production timings."""
+    defaults = Settings.model_fields
+    settings = {
+        "GENQ_LOG_FORMAT": "json",
+        "GENQ_CACHE_ENABLED": "false",
+        # The production timings, not the short ones of the test suite's processes.
+        "GENQ_WORKER_HEARTBEAT_S": str(defaults["worker_heartbeat_s"].default),
+        "GENQ_WORKER_JOB_COMPLETION_WAIT_S": str(defaults["worker_job_completion_wait_s"].default),
+    }
+    if model:
+        settings |= {"GENQ_MODEL": model, "GENQ_MODEL_NAME": "bench"}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = data_dir / f"logs-{time.strftime('%Y%m%d-%H%M%S')}"
+    log_dir.mkdir()
+    body: dict[str, object] = {
+        "prompt": "Tell me about",
+        "max_new_tokens": max_new_tokens,
+        "temperature": 1.0,
+    }
+    return data_dir / f"run-{uuid.uuid4().hex[:8]}", log_dir, settings, body
 
 
 def _names(value: str) -> list[str]:
