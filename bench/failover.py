@@ -26,99 +26,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
 import orjson
-from httpx_sse import connect_sse
 
 from bench.faults import JOB_DEADLINE_S, Client, Observed, bench_run
 from common.settings import Settings
 from gateway.redisclient import create_gateway_redis
 from genq.redis_ha import RedisHA
 from tests.procs import Proc, genq_env, start_gateway, start_worker
-
-
-@dataclass
-class Streams:
-    """What the clients read of each job's stream as it ran, across its resumptions."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    text: dict[str, str] = field(default_factory=dict)
-    resumed: set[str] = field(default_factory=set)
-    open: int = 0  # streams being read right now
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        with self.lock:
-            self.open += 1
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.open -= 1
-
-
-class FollowingClient(Client):
-    """`bench.faults.Client`, keeping the text each stream delivered as it was followed."""
-
-    def __init__(
-        self,
-        bases: list[str],
-        body: dict[str, object],
-        seen: Observed,
-        stop: threading.Event,
-        streams: Streams,
-    ) -> None:
-        super().__init__(bases, body, seen, stop)
-        self.streams = streams
-
-    def follow(self, job_id: str) -> bool:
-        last: str | None = None
-        text: list[str] = []
-        deadline = time.monotonic() + JOB_DEADLINE_S
-        previous = self.seen.accepted[job_id]
-        while time.monotonic() < deadline:
-            headers = {"Last-Event-ID": last} if last else {}
-            try:
-                url = f"{self.base()}/v1/jobs/{job_id}/events"
-                with connect_sse(self.http, "GET", url, headers=headers) as source:
-                    if source.response.status_code != 200:
-                        self.seen.saw(str(source.response.status_code))
-                        self.other()
-                        time.sleep(0.25)
-                        continue
-                    with self.streams.reading():
-                        for event in source.iter_sse():
-                            if not event.data:
-                                continue
-                            data = orjson.loads(event.data)
-                            if event.event == "error" and "status" not in data:
-                                self.seen.saw(f"stream {data['error']['code']}")
-                                break
-                            last = event.id
-                            if event.event != "token":
-                                with self.streams.lock:
-                                    self.streams.text[job_id] = "".join(text)
-                                return True
-                            text.append(data["text"])
-                            previous = self.seen.token(previous)
-            except httpx.TransportError:
-                self.seen.saw("stream cut")
-                self.other()
-                time.sleep(0.25)
-            if last is not None:
-                with self.streams.lock:
-                    self.streams.resumed.add(job_id)
-        return False
 
 
 class FailoverStack:
@@ -181,14 +104,16 @@ class Drill:
 def drill(stack: FailoverStack, *, jobs: int, clients: int, body: dict[str, object]) -> Drill:
     """Load, SIGKILL the primary once half of `jobs` are accepted, bring the old node back as
     a replica after the promotion, go on until `jobs` are accepted, and account for them all."""
-    seen, streams, stop = Observed(), Streams(), threading.Event()
-    threads = [FollowingClient(stack.bases, body, seen, stop, streams) for _ in range(clients)]
+    seen, stop = Observed(), threading.Event()
+    threads = [Client(stack.bases, body, seen, stop) for _ in range(clients)]
     for thread in threads:
         thread.start()
     try:
         # Killed with streams open mid-job: half the clients at least.
         open_streams = max(1, clients // 2)
-        _wait_for(lambda: len(seen.accepted) >= jobs // 2 and streams.open >= open_streams, "load")
+        _wait_for(
+            lambda: len(seen.accepted) >= jobs // 2 and seen.open_streams >= open_streams, "load"
+        )
         old = stack.ha.primary
         killed = time.monotonic()
         old.kill()
@@ -208,7 +133,7 @@ def drill(stack: FailoverStack, *, jobs: int, clients: int, body: dict[str, obje
     equal = [
         j
         for j in succeeded
-        if streams.text.get(j) == _result_text(ended[j]) and j not in seen.doubled
+        if seen.followed.get(j) == _result_text(ended[j]) and j not in seen.doubled
     ]
     return Drill(
         promoted_s=round(promoted - killed, 2),
@@ -219,7 +144,7 @@ def drill(stack: FailoverStack, *, jobs: int, clients: int, body: dict[str, obje
         failed=len(ended) - len(succeeded),
         lost=len(seen.accepted) - len(ended),
         doubled=len(seen.doubled),
-        streams_resumed=len(streams.resumed),
+        streams_resumed=len(seen.resumed),
         streams_equal=len(equal),
         clients_saw=dict(seen.answers),
         exited=stack.exited(),

@@ -78,6 +78,9 @@ class Observed:
     # Jobs whose stream has a gap or a repeat, or, for one that succeeded, differs from its
     # result.
     stream_differs: set[str] = field(default_factory=set)
+    followed: dict[str, str] = field(default_factory=dict)  # job id -> the text read live
+    resumed: set[str] = field(default_factory=set)  # jobs whose stream resumed with Last-Event-ID
+    open_streams: int = 0  # streams being read right now
     longest_refusal_s: float = 0.0
     longest_stall_s: float = 0.0  # the longest a job's stream went without a token
 
@@ -86,6 +89,17 @@ class Observed:
             self.answers[what] += 1
             if what == "503":
                 self.longest_refusal_s = max(self.longest_refusal_s, took_s)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """While a client reads a stream."""
+        with self.lock:
+            self.open_streams += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.open_streams -= 1
 
     def token(self, since: float) -> float:
         """A token came; `since`: when the job's previous one did (or it was accepted)."""
@@ -149,9 +163,10 @@ class Client(threading.Thread):
         return None
 
     def follow(self, job_id: str) -> bool:
-        """Read the stream to its closing event, resuming wherever it breaks off; False if it
-        never came."""
+        """Read the stream to its closing event, resuming wherever it breaks off, and keep the
+        text it delivered; False if the closing event never came."""
         last: str | None = None
+        text: list[str] = []
         deadline = time.monotonic() + JOB_DEADLINE_S
         previous = self.seen.accepted[job_id]
         while time.monotonic() < deadline:
@@ -165,25 +180,31 @@ class Client(threading.Thread):
                         self.other()
                         time.sleep(0.25)
                         continue
-                    for event in source.iter_sse():
-                        if not event.data:  # a keep-alive
-                            continue
-                        data = orjson.loads(event.data)
-                        if event.event == "error" and "status" not in data:
-                            # A resumable break (no id: the last one still stands), not the
-                            # job's end, whose data is the failed job.
-                            self.seen.saw(f"stream {data['error']['code']}")
-                            break
-                        last = event.id
-                        if event.event != "token":
-                            return True
-                        previous = self.seen.token(previous)
+                    with self.seen.reading():
+                        for event in source.iter_sse():
+                            if not event.data:  # a keep-alive
+                                continue
+                            data = orjson.loads(event.data)
+                            if event.event == "error" and "status" not in data:
+                                # A resumable break (no id: the last one still stands), not the
+                                # job's end, whose data is the failed job.
+                                self.seen.saw(f"stream {data['error']['code']}")
+                                break
+                            last = event.id
+                            if event.event != "token":
+                                with self.seen.lock:
+                                    self.seen.followed[job_id] = "".join(text)
+                                return True
+                            text.append(data["text"])
+                            previous = self.seen.token(previous)
             except httpx.TransportError:
                 self.seen.saw("stream cut")
                 self.other()
                 time.sleep(0.25)
             if last is not None:
                 self.seen.saw("resumed")
+                with self.seen.lock:
+                    self.seen.resumed.add(job_id)
         return False
 
     def check(self, job_id: str) -> None:
@@ -212,6 +233,8 @@ class Client(threading.Thread):
             result is None
             or (
                 result["text"] == "".join(t["text"] for t in tokens)
+                # and what the client read live, across its resumptions
+                and self.seen.followed.get(job_id) == result["text"]
                 and _same_logprobs(result, tokens)
             )
         )
